@@ -1,0 +1,1 @@
+"""Triton kernels, installed as lowrank.kernels. Importing a submodule imports triton."""

@@ -1,0 +1,5 @@
+"""Functional ops. Each is a torch.library custom op with torch/cpu/triton/cuda backends."""
+
+from lowrank.ops.lora_linear import lora_linear, lora_linear_reference
+
+__all__ = ["lora_linear", "lora_linear_reference"]

@@ -1,0 +1,265 @@
+"""Fused LoRA linear: y = x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ.
+
+x [..., K], W [N, K], b [N] or None, A [r, K], B [N, r].
+
+The op is `torch.ops.lowrank.lora_linear` (custom op with fake and autograd
+registrations, so opcheck and torch.compile(fullgraph=True) work). It dispatches
+to one of four backends, each implementing the same two functions:
+
+    forward(x, W, b, A, B, s, p, seed)  -> (y, xa)            xa = dropout(x)·Aᵀ  [M, r]
+    backward(dy, x, xa, W, A, B, s, p, seed, needs_dx, needs_dweight, needs_dbias)
+                                        -> (dx, dW, db, dA, dB)
+
+    dyB = dy·B                  dx = dy·W + D⊙(s·dyB·A)       (D: dropout keep mask / (1-p))
+    dA  = s·dyBᵀ·(D⊙x)          dB = s·dyᵀ·xa     dW = dyᵀ·x    db = Σ_rows dy
+
+Only x and xa are saved for backward; the dropout mask is rebuilt from `seed`
+(see hash_dropout). Gradients that are not needed may come back as None.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lowrank import _backends
+from lowrank.ops import hash_dropout
+
+
+def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=None):
+    """Plain autograd formula: the oracle for tests (any leading dims)."""
+    x_lora = x
+    if dropout_p > 0.0:
+        x2d = x.reshape(-1, x.shape[-1])
+        x_lora = hash_dropout.apply(x2d, seed, dropout_p).reshape(x.shape)
+    y = torch.nn.functional.linear(x, weight, bias)
+    return y + scaling * ((x_lora @ lora_A.t()) @ lora_B.t())
+
+
+# ---------------------------------------------------------------- torch backend
+
+
+def _torch_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    x_lora = hash_dropout.apply(x, seed, dropout_p) if dropout_p > 0.0 else x
+    xa = x_lora @ lora_A.t()
+    y = torch.nn.functional.linear(x, weight, bias)
+    y = y.addmm_(xa, lora_B.t(), alpha=scaling)
+    return y, xa
+
+
+def _torch_backward(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs_dx, needs_dweight, needs_dbias):
+    dyB = grad_y @ lora_B
+    dx = dW = db = None
+    if dropout_p > 0.0:
+        keep = hash_dropout.keep_mask(seed, x.shape[0], x.shape[1], dropout_p)
+        keep_scale = keep.to(x.dtype) * (1.0 / (1.0 - dropout_p))
+        dA = (dyB.t() @ (x * keep_scale)).mul_(scaling)
+        if needs_dx:
+            dx = (grad_y @ weight).add_((dyB @ lora_A).mul_(keep_scale), alpha=scaling)
+    else:
+        dA = (dyB.t() @ x).mul_(scaling)
+        if needs_dx:
+            dx = (grad_y @ weight).addmm_(dyB, lora_A, alpha=scaling)
+    dB = (grad_y.t() @ xa).mul_(scaling)
+    if needs_dweight:
+        dW = grad_y.t() @ x
+    if needs_dbias:
+        db = grad_y.sum(0)
+    return dx, dW, db, dA, dB
+
+
+class _TorchBackend:
+    forward = staticmethod(_torch_forward)
+    backward = staticmethod(_torch_backward)
+
+
+class _NativeBackend:
+    """The C++ extension: one schema, CPU and CUDA kernels behind the dispatcher."""
+
+    @staticmethod
+    def forward(*args):
+        return torch.ops.lowrank.lora_linear_forward_native(*args)
+
+    @staticmethod
+    def backward(*args):
+        return torch.ops.lowrank.lora_linear_backward_native(*args)
+
+
+def _implementation(backend: str):
+    if backend == "torch":
+        return _TorchBackend
+    if backend in ("cpu", "cuda"):
+        return _NativeBackend
+    from lowrank.kernels import lora_linear as triton_lora  # imports triton: only when asked for
+
+    return triton_lora
+
+
+# ---------------------------------------------------------------- custom op
+
+
+@torch.library.custom_op("lowrank::lora_linear", mutates_args=())
+def _lora_linear_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: Optional[Tensor],
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    y, xa = _implementation(backend).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return y, xa
+
+
+@_lora_linear_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@torch.library.custom_op("lowrank::lora_linear_backward", mutates_args=())
+def _lora_linear_backward_op(
+    grad_y: Tensor,
+    x: Tensor,
+    xa: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: Optional[Tensor],
+    backend: str,
+    needs_dx: bool,
+    needs_dweight: bool,
+    needs_dbias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _implementation(backend).backward(
+        grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs_dx, needs_dweight, needs_dbias
+    )
+    needed = (needs_dx, needs_dweight, needs_dbias, True, True)
+    # Custom ops cannot return None: a skipped gradient travels as an empty tensor.
+    return tuple(g if need else grad_y.new_empty(0) for g, need in zip(grads, needed))
+
+
+@_lora_linear_backward_op.register_fake
+def _(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, backend, needs_dx, needs_dweight, needs_dbias):
+    def grad_like(t, need):
+        return t.new_empty(t.shape) if need else grad_y.new_empty(0)
+
+    return (
+        grad_like(x, needs_dx),
+        grad_like(weight, needs_dweight),
+        grad_y.new_empty(weight.shape[0]) if needs_dbias else grad_y.new_empty(0),
+        lora_A.new_empty(lora_A.shape),
+        lora_B.new_empty(lora_B.shape),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
+    _, xa = output
+    ctx.mark_non_differentiable(xa)
+    ctx.save_for_backward(x, xa, weight, lora_A, lora_B, seed)
+    ctx.hyper = (scaling, dropout_p, backend)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_y, _grad_xa):
+    x, xa, weight, lora_A, lora_B, seed = ctx.saved_tensors
+    scaling, dropout_p, backend = ctx.hyper
+    needs = ctx.needs_input_grad
+    needs_dbias = ctx.has_bias and needs[2]
+    dx, dW, db, dA, dB = _lora_linear_backward_op(
+        grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, backend, needs[0], needs[1], needs_dbias
+    )
+    return (
+        dx if needs[0] else None,
+        dW if needs[1] else None,
+        db if needs_dbias else None,
+        dA if needs[3] else None,
+        dB if needs[4] else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- public API
+
+
+def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        named["bias"] = bias
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"lora_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"lora_linear: {name} must be a floating-point tensor, got dtype {t.dtype}")
+    if x.dim() < 1:
+        raise ValueError("lora_linear: x must have at least one dimension [..., in_features], got a 0-dim tensor")
+    for name in ("weight", "lora_A", "lora_B"):
+        if named[name].dim() != 2:
+            raise ValueError(f"lora_linear: {name} must be 2-D, got shape {tuple(named[name].shape)}")
+    in_features, out_features, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
+    expected = {
+        "weight": (out_features, in_features),
+        "lora_A": (r, in_features),
+        "lora_B": (out_features, r),
+    }
+    if weight.shape[1] != in_features:
+        raise ValueError(
+            f"lora_linear: x has {in_features} input features (shape {tuple(x.shape)}) but weight expects "
+            f"{weight.shape[1]} (weight shape {tuple(weight.shape)} = [out_features, in_features])"
+        )
+    for name, shape in expected.items():
+        if tuple(named[name].shape) != shape:
+            raise ValueError(f"lora_linear: {name} must have shape {shape}, got {tuple(named[name].shape)}")
+    if r == 0:
+        raise ValueError("lora_linear: lora_A has rank r=0; r must be >= 1")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"lora_linear: bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    for name, t in named.items():
+        if t.dtype != x.dtype:
+            raise TypeError(f"lora_linear: {name} has dtype {t.dtype} but x has {x.dtype}; all tensors must share one dtype")
+        if t.device != x.device:
+            raise ValueError(f"lora_linear: {name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
+    if not isinstance(scaling, (int, float)):
+        raise TypeError(f"lora_linear: scaling must be a Python number, got {type(scaling).__name__}")
+
+
+def _autocast(x, weight, bias, lora_A, lora_B):
+    """Under torch.autocast, run in the autocast dtype like nn.Linear does."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, weight, bias, lora_A, lora_B
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = [t if t is None else t.to(dtype) for t in (x, weight, bias, lora_A, lora_B)]
+    return tuple(cast)
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, backend=None):
+    """y = x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ through the chosen backend.
+
+    backend: "torch", "cpu", "triton", "cuda", or None/"auto" (LOWRANK_BACKEND, else the
+    fastest available for the device). Pass dropout_p=0 at inference.
+    """
+    x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
+    _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    backend = _backends.resolve(backend, x.device)
+    seed = torch.randint(0, 2**31 - 1, (), device=x.device) if dropout_p > 0.0 else None
+    lead_shape = x.shape[:-1]
+    y, _ = _lora_linear_op(
+        x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed, backend
+    )
+    return y.reshape(*lead_shape, weight.shape[0])
