@@ -116,9 +116,13 @@ def _lora_linear_op(
     return y, xa
 
 
+def _forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
 @_lora_linear_op.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+    return _forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
 @torch.library.custom_op("lowrank::lora_linear_backward", mutates_args=())
@@ -145,8 +149,7 @@ def _lora_linear_backward_op(
     return tuple(g if need else grad_y.new_empty(0) for g, need in zip(grads, needed))
 
 
-@_lora_linear_backward_op.register_fake
-def _(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, backend, needs_dx, needs_dweight, needs_dbias):
+def _backward_fake(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs_dx, needs_dweight, needs_dbias):
     def grad_like(t, need):
         return t.new_empty(t.shape) if need else grad_y.new_empty(0)
 
@@ -157,6 +160,17 @@ def _(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, backend, 
         lora_A.new_empty(lora_A.shape),
         lora_B.new_empty(lora_B.shape),
     )
+
+
+@_lora_linear_backward_op.register_fake
+def _(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, backend, needs_dx, needs_dweight, needs_dbias):
+    return _backward_fake(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs_dx, needs_dweight, needs_dbias)
+
+
+if _backends.EXTENSION is not None:
+    # The C++ ops share the public op's shapes; their fakes let opcheck and compile trace them.
+    torch.library.register_fake("lowrank::lora_linear_forward_native", _forward_fake)
+    torch.library.register_fake("lowrank::lora_linear_backward_native", _backward_fake)
 
 
 def _setup_context(ctx, inputs, output):

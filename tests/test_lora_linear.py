@@ -1,0 +1,287 @@
+"""lowrank.ops.lora_linear: every available backend against the float64 autograd reference."""
+
+import pytest
+import torch
+
+import lowrank
+from lowrank.ops import hash_dropout, lora_linear, lora_linear_reference
+
+AVAILABLE = lowrank.backends()
+
+
+def _backend_param(name):
+    status = AVAILABLE[name]
+    return pytest.param(name, marks=pytest.mark.skipif(not status.available, reason=status.reason), id=name)
+
+
+BACKENDS = [_backend_param(name) for name in ("torch", "cpu", "triton", "cuda")]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (lead shape of x, K, N, r): block-size-unfriendly sizes, M=1, M=0, 3-D inputs, r=1.
+SHAPES = [
+    ((1,), 5, 7, 3),
+    ((0,), 8, 6, 4),
+    ((37,), 70, 45, 16),
+    ((65,), 33, 129, 1),
+    ((2, 3), 17, 19, 5),
+]
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def make_inputs(lead, K, N, r, dtype, bias=True, weight_grad=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, requires_grad=True):
+        t = torch.randn(*shape, generator=gen, dtype=torch.float64) / max(shape[-1], 1) ** 0.5
+        return t.to(device=DEVICE, dtype=dtype).requires_grad_(requires_grad)
+
+    x = rand(*lead, K)
+    weight = rand(N, K, requires_grad=weight_grad)
+    b = rand(N) if bias else None
+    return x, weight, b, rand(r, K), rand(N, r)
+
+
+def grads_of(y, inputs, grad_y):
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    return torch.autograd.grad(y, wanted, grad_y, allow_unused=False)
+
+
+def run_and_reference(backend, inputs, scaling=0.7, dropout_p=0.0, grad_y=None):
+    """Our op (through backend) and the float64 reference with the same dropout seed."""
+    torch.manual_seed(1234)
+    y = lora_linear(*inputs, scaling, dropout_p, backend=backend)
+    torch.manual_seed(1234)
+    seed = torch.randint(0, 2**31 - 1, (), device=DEVICE) if dropout_p > 0 else None
+    ref_inputs = [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+    y_ref = lora_linear_reference(*ref_inputs, scaling, dropout_p, seed)
+    if grad_y is None:
+        grad_y = torch.randn_like(y_ref)
+    return (y, grads_of(y, inputs, grad_y.to(y.dtype))), (y_ref, grads_of(y_ref, ref_inputs, grad_y))
+
+
+def assert_close(ours, ref, dtype):
+    tol = TOLERANCE[dtype]
+    scale = max(ref.abs().max().item(), 1.0) if ref.numel() else 1.0
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol * scale)
+
+
+def check_against_reference(backend, inputs, dtype, **kwargs):
+    (y, grads), (y_ref, grads_ref) = run_and_reference(backend, inputs, **kwargs)
+    assert y.dtype == dtype
+    assert_close(y, y_ref, dtype)
+    for g, g_ref in zip(grads, grads_ref):
+        assert g.dtype == dtype
+        assert_close(g, g_ref, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead,K,N,r", SHAPES)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_float64_matches_reference(backend, lead, K, N, r, dropout_p):
+    check_against_reference(backend, make_inputs(lead, K, N, r, torch.float64), torch.float64, dropout_p=dropout_p)
+
+
+def _supports(backend, dtype):
+    # The Triton interpreter does not model half precision faithfully: those run on the GPU.
+    return not (backend == "triton" and DEVICE == "cpu" and dtype in (torch.float16, torch.bfloat16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+def test_low_precision_matches_reference(backend, dtype):
+    if not _supports(backend, dtype):
+        pytest.skip("half precision in the Triton interpreter is not faithful; tested on the GPU")
+    check_against_reference(backend, make_inputs((3, 11), 40, 24, 8, dtype), dtype, dropout_p=0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_weight_no_bias(backend):
+    inputs = make_inputs((9,), 12, 10, 4, torch.float64, bias=False, weight_grad=False)
+    check_against_reference(backend, inputs, torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    def strided(*shape):
+        return torch.randn(*shape, dtype=torch.float64, device=DEVICE)
+
+    x = strided(13, 12)[:, ::2].t()  # [6, 13] with strides (2, 12)
+    weight = strided(13, 15).t()  # [15, 13] transposed view: what GPT-2's Conv1D passes
+    A = strided(4, 26)[:, ::2]
+    B = strided(15, 8)[:, ::2]
+    b = strided(30)[::2]
+    inputs = tuple(t.requires_grad_() for t in (x, weight, b, A, B))
+    assert not any(t.is_contiguous() for t in inputs)
+    check_against_reference(backend, inputs, torch.float64, dropout_p=0.2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expanded_grad_output(backend):
+    """y.sum().backward() hands the backward a stride-0 gradient."""
+    inputs = make_inputs((7,), 9, 11, 3, torch.float64)
+    expanded = torch.ones((), dtype=torch.float64, device=DEVICE).expand(7, 11)
+    check_against_reference(backend, inputs, torch.float64, dropout_p=0.3, grad_y=expanded)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck(backend):
+    x, weight, b, A, B = make_inputs((4,), 6, 5, 2, torch.float64)
+
+    def fn(x, weight, b, A, B):
+        return lora_linear(x, weight, b, A, B, 0.8, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (x, weight, b, A, B))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_opcheck(backend, dropout_p):
+    x, weight, b, A, B = make_inputs((5,), 6, 7, 3, torch.float64)
+    seed = torch.tensor(17, device=DEVICE) if dropout_p else None
+    torch.library.opcheck(torch.ops.lowrank.lora_linear.default, (x, weight, b, A, B, 0.5, dropout_p, seed, backend))
+    grad_y = torch.randn(5, 7, dtype=torch.float64, device=DEVICE)
+    xa = (x.detach() @ A.detach().t())
+    args = (grad_y, x.detach(), xa, weight.detach(), A.detach(), B.detach(), 0.5, dropout_p, seed, backend)
+    torch.library.opcheck(torch.ops.lowrank.lora_linear_backward.default, args + (True, False, True))
+
+
+@pytest.mark.skipif(lowrank._backends.EXTENSION is None, reason="C++ extension not built")
+def test_opcheck_native_ops():
+    x, weight, b, A, B = (t.detach() for t in make_inputs((5,), 6, 7, 3, torch.float64))
+    seed = torch.tensor(3, device=DEVICE)
+    torch.library.opcheck(torch.ops.lowrank.lora_linear_forward_native.default, (x, weight, b, A, B, 0.5, 0.2, seed))
+    grad_y, xa = torch.randn(5, 7, dtype=torch.float64, device=DEVICE), x @ A.t()
+    torch.library.opcheck(
+        torch.ops.lowrank.lora_linear_backward_native.default,
+        (grad_y, x, xa, weight, A, B, 0.5, 0.2, seed, True, True, False),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    x, weight, b, A, B = make_inputs((2, 5), 8, 6, 4, torch.float64)
+
+    def step(x):
+        y = lora_linear(x, weight, b, A, B, 0.5, 0.1, backend=backend)
+        return torch.nn.functional.gelu(y).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(0)
+    loss = compiled(x)
+    grads = torch.autograd.grad(loss, (x, A, B))
+    torch.manual_seed(0)
+    loss_eager = step(x)
+    grads_eager = torch.autograd.grad(loss_eager, (x, A, B))
+    torch.testing.assert_close(loss, loss_eager)
+    for g, g_eager in zip(grads, grads_eager):
+        torch.testing.assert_close(g, g_eager)
+
+
+@pytest.mark.skipif(not AVAILABLE["cpu"].available, reason=AVAILABLE["cpu"].reason)
+def test_torch_compile_inductor_cpu():
+    torch._dynamo.reset()
+    x, weight, b, A, B = make_inputs((4,), 8, 6, 4, torch.float32)
+    compiled = torch.compile(lambda x: lora_linear(x, weight, b, A, B, 0.5, backend="cpu"), fullgraph=True)
+    torch.testing.assert_close(compiled(x), lora_linear(x, weight, b, A, B, 0.5, backend="torch"))
+
+
+# ---------------------------------------------------------------- dropout
+
+
+def _lowbias32(h):
+    """Independent pure-Python oracle for the hash in hash_dropout."""
+    h ^= h >> 16
+    h = (h * 0x21F0AAAD) & 0xFFFFFFFF
+    h ^= h >> 15
+    h = (h * 0x735A2D97) & 0xFFFFFFFF
+    return h ^ (h >> 15)
+
+
+def test_hash_mask_matches_python_oracle():
+    seed, p = 987654321, 0.4
+    mask = hash_dropout.keep_mask(torch.tensor(seed), 6, 9, p, row_offset=3)
+    threshold = int(p * 2**32)
+    expected = [
+        [_lowbias32(col ^ _lowbias32(row ^ _lowbias32(seed))) >= threshold for col in range(9)] for row in range(3, 9)
+    ]
+    assert mask.tolist() == expected
+
+
+def test_hash_mask_rate_and_independence():
+    p = 0.3
+    masks = [hash_dropout.keep_mask(torch.tensor(s), 256, 512, p) for s in (1, 2)]
+    for mask in masks:
+        assert abs(1 - mask.double().mean().item() - p) < 0.01
+    assert (masks[0] != masks[1]).double().mean().item() > 0.3  # different seeds, different masks
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_zeroes_lora_path_only(backend):
+    """With B = I-like and W = 0 the output exposes dropout(x)·Aᵀ; kept entries are scaled by 1/(1-p)."""
+    K = 64
+    x = torch.ones(32, K, dtype=torch.float64, device=DEVICE)
+    zero_w = torch.zeros(K, K, dtype=torch.float64, device=DEVICE)
+    eye = torch.eye(K, dtype=torch.float64, device=DEVICE)
+    torch.manual_seed(5)
+    y = lora_linear(x, zero_w, None, eye, eye, 1.0, 0.5, backend=backend)
+    assert set(y.unique().tolist()) <= {0.0, 2.0}
+    assert 0.4 < (y == 0).double().mean().item() < 0.6
+    y_eval = lora_linear(x, zero_w, None, eye, eye, 1.0, 0.0, backend=backend)
+    assert torch.equal(y_eval, x)
+
+
+# ---------------------------------------------------------------- dispatch and bad input
+
+
+def test_autocast_runs_in_autocast_dtype():
+    x, weight, b, A, B = (t.detach().float() for t in make_inputs((4,), 8, 6, 2, torch.float32))
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = lora_linear(x, weight, b, A, B, 0.5)
+    assert y.dtype == torch.bfloat16
+
+
+def test_env_selects_backend(monkeypatch):
+    monkeypatch.setenv("LOWRANK_BACKEND", "torch")
+    assert lowrank._backends.resolve(None, torch.device("cpu")) == "torch"
+    monkeypatch.setenv("LOWRANK_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="unknown backend 'nonsense'"):
+        lowrank._backends.resolve(None, torch.device("cpu"))
+
+
+def test_backends_report_reason_for_each_unavailable():
+    for name, status in lowrank.backends().items():
+        assert status.reason and "\n" not in status.reason, name
+
+
+def test_unavailable_or_wrong_device_backend_is_refused():
+    x, weight, b, A, B = make_inputs((2,), 4, 3, 2, torch.float32)
+    if not AVAILABLE["cuda"].available:
+        with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+            lora_linear(x, weight, b, A, B, 1.0, backend="cuda")
+    if DEVICE == "cuda" and AVAILABLE["cpu"].available:
+        with pytest.raises(ValueError, match="backend 'cpu' needs CPU tensors"):
+            lora_linear(x, weight, b, A, B, 1.0, backend="cpu")
+
+
+@pytest.mark.parametrize(
+    "mutate, error, message",
+    [
+        (lambda t: {**t, "x": t["x"][:, :3]}, ValueError, r"x has 3 input features .* weight expects 4"),
+        (lambda t: {**t, "A": t["A"][:, :3]}, ValueError, r"lora_A must have shape \(2, 4\)"),
+        (lambda t: {**t, "B": t["B"][:2]}, ValueError, r"lora_B must have shape \(3, 2\)"),
+        (lambda t: {**t, "b": t["b"][:2]}, ValueError, r"bias must have shape \(3,\)"),
+        (lambda t: {**t, "A": t["A"][:0], "B": t["B"][:, :0]}, ValueError, r"r=0"),
+        (lambda t: {**t, "x": t["x"].double()}, TypeError, r"weight has dtype torch.float32 but x has torch.float64"),
+        (lambda t: {**t, "x": t["x"].long()}, TypeError, r"x must be a floating-point tensor"),
+        (lambda t: {**t, "weight": t["weight"][None]}, ValueError, r"weight must be 2-D"),
+        (lambda t: {**t, "p": 1.0}, ValueError, r"dropout_p must be in \[0, 1\)"),
+        (lambda t: {**t, "x": t["x"].to("meta")}, ValueError, r"weight is on cpu but x is on meta"),
+    ],
+)
+def test_bad_input_is_named(mutate, error, message):
+    x, weight, b, A, B = (t.detach().cpu() for t in make_inputs((2,), 4, 3, 2, torch.float32))
+    t = mutate({"x": x, "weight": weight, "b": b, "A": A, "B": B, "p": 0.0})
+    with pytest.raises(error, match=message):
+        lora_linear(t["x"], t["weight"], t["b"], t["A"], t["B"], 0.5, t["p"], backend="torch")
