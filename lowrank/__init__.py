@@ -2,7 +2,19 @@
 
 from lowrank._backends import backends
 from lowrank import ops
+from lowrank.lora import inject_lora, mark_only_lora_trainable, merge_lora, unmerge_lora
+from lowrank.peft_io import load_adapter, save_adapter
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "ops", "__version__"]
+__all__ = [
+    "backends",
+    "ops",
+    "inject_lora",
+    "merge_lora",
+    "unmerge_lora",
+    "mark_only_lora_trainable",
+    "save_adapter",
+    "load_adapter",
+    "__version__",
+]

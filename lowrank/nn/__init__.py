@@ -1,1 +1,5 @@
 """Drop-in torch.nn modules."""
+
+from lowrank.nn.lora import LoRAConv1D, LoRAConv2d, LoRAEmbedding, LoRALayer, LoRALinear
+
+__all__ = ["LoRALayer", "LoRALinear", "LoRAEmbedding", "LoRAConv1D", "LoRAConv2d"]
