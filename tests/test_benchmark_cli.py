@@ -1,0 +1,121 @@
+"""The LoRA benchmark (benchmarks/bench_lora.py): its quick run reports every provider and mode,
+and it times only providers that agree with the reference (a benchmark of a wrong one is worthless)."""
+
+import importlib
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench_lora():
+    # benchmarks/ is not part of the installed package: import it from the checkout, as `python -m` does.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(REPO_ROOT))
+        yield importlib.import_module("benchmarks.bench_lora")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """(completed process, report, out dir) of `python -m benchmarks.bench_lora --quick`."""
+    out_dir = tmp_path_factory.mktemp("bench_lora")
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_lora", "--quick", "--out-dir", str(out_dir)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    reports = list(out_dir.glob("lora_*.json"))
+    report = json.loads(reports[0].read_text()) if len(reports) == 1 else None
+    return completed, report, out_dir
+
+
+def test_quick_run_succeeds_and_writes_one_report(quick_run):
+    completed, report, _ = quick_run
+    assert completed.returncode == 0, f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
+    assert report is not None, "expected exactly one lora_<device>.json in the out dir"
+    assert report["failed_checks"] == []
+
+
+def test_report_times_every_runnable_provider_in_every_mode(quick_run, bench_lora):
+    _, report, _ = quick_run
+    device = torch.device(report["device"]["type"])
+    # The subprocess inherits this environment (TRITON_INTERPRET included), so it skips the same ones.
+    assert report["skipped"] == bench_lora.skip_reasons(device)
+    timed = [row["provider"] for row in report["results"]]
+    assert sorted(timed) == sorted(set(bench_lora.PROVIDERS) - set(report["skipped"]))
+    assert {"linear_frozen", "eager_peft_style", "lowrank_torch"} <= set(timed)  # they run anywhere
+    for row in report["results"]:
+        assert set(row["times_ms"]) == set(bench_lora.MODES)
+        for mode in bench_lora.MODES:
+            assert len(row["times_ms"][mode]) == report["repeats"]
+            assert all(ms > 0 for ms in row["times_ms"][mode]), (row["provider"], mode)
+            assert row["median_ms"][mode] > 0
+        assert row["ratio_to_linear_frozen"] > 0
+        assert row["saved_bytes"] >= 0
+    assert report["device"]["name"] and report["versions"]["torch"] == torch.__version__
+
+
+def test_markdown_table_is_written_and_printed_last(quick_run):
+    completed, report, out_dir = quick_run
+    markdown = (out_dir / f"lora_{report['device']['slug']}.md").read_text()
+    table_rows = [line for line in markdown.splitlines() if line.startswith("| ")]
+    assert table_rows[0].startswith("| M | K | N | r | provider | fwd ms | bwd ms | fwd+bwd ms |")
+    assert len(table_rows) == 1 + len(report["results"])
+    assert completed.stdout.rstrip().splitlines()[-1] == table_rows[-1]
+
+
+def test_every_runnable_provider_matches_the_reference(bench_lora):
+    device = bench_lora.resolve_device("auto")
+    dtype = bench_lora.DTYPES[bench_lora.default_dtype_name(device)]
+    problem = bench_lora.make_problem(bench_lora.QUICK_SHAPE, device, dtype)
+    skipped = bench_lora.skip_reasons(device)
+    mismatches = {}
+    for provider in bench_lora.PROVIDERS:
+        if provider in skipped:
+            continue
+        try:
+            bench_lora.check_against_reference(bench_lora.build_layer(provider, problem), problem)
+        except AssertionError as exc:
+            mismatches[provider] = str(exc)
+    assert not mismatches, mismatches
+
+
+def _adapter_ignored(layer, problem):
+    """Output without the adapter term."""
+    return lambda x: F.linear(x, problem.weight, problem.bias)
+
+
+def _adapter_gradients_dropped(layer, problem):
+    """Right output, but lora_A and lora_B get zero gradients."""
+
+    def forward(x):
+        adapter = layer.forward(x) - F.linear(x, problem.weight, problem.bias)
+        return F.linear(x, problem.weight, problem.bias) + adapter.detach() + 0 * adapter
+
+    return forward
+
+
+@pytest.mark.parametrize("sabotage", [_adapter_ignored, _adapter_gradients_dropped])
+def test_reference_check_rejects_a_wrong_provider(bench_lora, sabotage):
+    problem = bench_lora.make_problem(bench_lora.QUICK_SHAPE, torch.device("cpu"), torch.float32)
+    layer = bench_lora.build_layer("lowrank_torch", problem)
+    wrong = bench_lora.Layer(sabotage(layer, problem), layer.held, layer.lora_A, layer.lora_B)
+    with pytest.raises(AssertionError, match="differs from the reference"):
+        bench_lora.check_against_reference(wrong, problem)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_interpreter_is_never_timed(bench_lora, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    device = bench_lora.resolve_device("auto")
+    assert bench_lora.skip_reasons(device)["lowrank_triton"].startswith("TRITON_INTERPRET=1")
