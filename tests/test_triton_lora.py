@@ -12,8 +12,6 @@ from lowrank.kernels import lora_linear as triton_lora  # noqa: E402
 from lowrank.ops import hash_dropout, lora_linear, lora_linear_reference  # noqa: E402
 from lowrank.ops.lora_linear import _torch_backward, _torch_forward  # noqa: E402
 
-# The interpreter indexes 0-d numpy arrays for runtime loop bounds (numpy < 2.4 only warns).
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRET = _backends.triton_interpret()

@@ -1,0 +1,302 @@
+// CUDA kernels declared in lora_kernels.cuh. Half types go through explicit conversion
+// intrinsics only: torch builds with __CUDA_NO_HALF_CONVERSIONS__ and friends.
+#include "lora_kernels.cuh"
+
+#include "../hash_dropout.h"
+
+namespace lowrank::cuda {
+namespace {
+
+template <typename T>
+struct Accumulate {
+  using type = float;
+};
+template <>
+struct Accumulate<double> {
+  using type = double;
+};
+template <typename T>
+using accumulate_t = typename Accumulate<T>::type;
+
+__device__ __forceinline__ float to_accumulate(float v) { return v; }
+__device__ __forceinline__ double to_accumulate(double v) { return v; }
+__device__ __forceinline__ float to_accumulate(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_accumulate(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_accumulate(accumulate_t<T> v);
+template <>
+__device__ __forceinline__ float from_accumulate<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ double from_accumulate<double>(double v) { return v; }
+template <>
+__device__ __forceinline__ __half from_accumulate<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_accumulate<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename T>
+__device__ __forceinline__ accumulate_t<T> load(StridedMatrix<const T> m, int64_t i, int64_t j) {
+  return to_accumulate(m.data[i * m.row_stride + j * m.col_stride]);
+}
+
+// Keep-scale factor D[row, col]: keep_scale or 0, or 1 without dropout.
+template <typename A>
+__device__ __forceinline__ A dropout_factor(const HashDropout& dropout, uint32_t row_key, int64_t col, A keep_scale) {
+  if (dropout.seed == nullptr) {
+    return A(1);
+  }
+  return dropout_keep(row_key, col, dropout.threshold) ? keep_scale : A(0);
+}
+
+__device__ __forceinline__ uint32_t row_key_of(const HashDropout& dropout, int64_t row) {
+  return dropout.seed == nullptr ? 0u : dropout_row_key(*dropout.seed, row);
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---- xa = dropout(x)·Aᵀ: one block owns kXaRows rows and a tile of up to kRankTile ranks, so
+// x is read once when r <= 128. Each warp covers kXaRows/8 rows, each lane kRankTile/32 ranks.
+constexpr int kXaThreads = 256;
+constexpr int kXaRows = 32;
+constexpr int kXaDepth = 32;  // K columns staged in shared memory per step
+constexpr int kXaWarps = kXaThreads / 32;
+constexpr int kMaxRankTile = 128;
+
+template <typename T, int kRankTile>
+__global__ void __launch_bounds__(kXaThreads)
+    dropout_times_lora_a_kernel(int64_t M, int64_t K, int64_t r, StridedMatrix<const T> x,
+                                StridedMatrix<const T> lora_A, StridedMatrix<T> xa, HashDropout dropout) {
+  using A = accumulate_t<T>;
+  constexpr int kRanksPerLane = kRankTile / 32;
+  constexpr int kRowsPerWarp = kXaRows / kXaWarps;
+  // +1 column of padding: lanes read a_tile[lane + 32c][kk] without bank conflicts.
+  __shared__ A x_tile[kXaRows][kXaDepth + 1];
+  __shared__ A a_tile[kRankTile][kXaDepth + 1];
+  __shared__ uint32_t row_keys[kXaRows];
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t row_begin = static_cast<int64_t>(blockIdx.x) * kXaRows;
+  const int64_t rank_begin = static_cast<int64_t>(blockIdx.y) * kRankTile;
+  const A keep_scale = static_cast<A>(dropout.keep_scale);
+  if (threadIdx.x < kXaRows) {
+    row_keys[threadIdx.x] = row_key_of(dropout, row_begin + threadIdx.x);
+  }
+
+  A acc[kRowsPerWarp][kRanksPerLane];
+#pragma unroll
+  for (int q = 0; q < kRowsPerWarp; ++q) {
+#pragma unroll
+    for (int c = 0; c < kRanksPerLane; ++c) {
+      acc[q][c] = A(0);
+    }
+  }
+
+  for (int64_t k_begin = 0; k_begin < K; k_begin += kXaDepth) {
+    __syncthreads();  // row_keys ready; previous tiles consumed
+    for (int idx = threadIdx.x; idx < kXaRows * kXaDepth; idx += kXaThreads) {
+      const int i = idx / kXaDepth, kk = idx % kXaDepth;
+      const int64_t row = row_begin + i, col = k_begin + kk;
+      A value = A(0);
+      if (row < M && col < K) {
+        value = load(x, row, col) * dropout_factor(dropout, row_keys[i], col, keep_scale);
+      }
+      x_tile[i][kk] = value;
+    }
+    for (int idx = threadIdx.x; idx < kRankTile * kXaDepth; idx += kXaThreads) {
+      const int j = idx / kXaDepth, kk = idx % kXaDepth;
+      const int64_t rank = rank_begin + j, col = k_begin + kk;
+      a_tile[j][kk] = (rank < r && col < K) ? load(lora_A, rank, col) : A(0);
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int kk = 0; kk < kXaDepth; ++kk) {
+      A a_values[kRanksPerLane];
+#pragma unroll
+      for (int c = 0; c < kRanksPerLane; ++c) {
+        a_values[c] = a_tile[lane + 32 * c][kk];
+      }
+#pragma unroll
+      for (int q = 0; q < kRowsPerWarp; ++q) {
+        const A x_value = x_tile[warp + kXaWarps * q][kk];
+#pragma unroll
+        for (int c = 0; c < kRanksPerLane; ++c) {
+          acc[q][c] += x_value * a_values[c];
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int q = 0; q < kRowsPerWarp; ++q) {
+    const int64_t row = row_begin + warp + kXaWarps * q;
+#pragma unroll
+    for (int c = 0; c < kRanksPerLane; ++c) {
+      const int64_t rank = rank_begin + lane + 32 * c;
+      if (row < M && rank < r) {
+        xa.data[row * xa.row_stride + rank * xa.col_stride] = from_accumulate<T>(acc[q][c]);
+      }
+    }
+  }
+}
+
+template <typename T, int kRankTile>
+cudaError_t launch_xa_tile(int64_t M, int64_t K, int64_t r, StridedMatrix<const T> x, StridedMatrix<const T> lora_A,
+                           StridedMatrix<T> xa, HashDropout dropout, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(ceil_div(M, kXaRows)), static_cast<unsigned>(ceil_div(r, kRankTile)));
+  dropout_times_lora_a_kernel<T, kRankTile><<<grid, kXaThreads, 0, stream>>>(M, K, r, x, lora_A, xa, dropout);
+  return cudaGetLastError();
+}
+
+// ---- dx += D⊙(s·dyB·A): a block owns a [kAccRows, kAccCols] tile of dx, forms the rank-r
+// products from shared memory, and touches each dx element once in the epilogue.
+constexpr int kAccThreads = 256;
+constexpr int kAccRows = 32;
+constexpr int kAccCols = 64;
+constexpr int kAccDepth = 32;  // ranks staged in shared memory per step
+constexpr int kAccRowGroups = kAccThreads / kAccCols;
+
+template <typename T>
+__global__ void __launch_bounds__(kAccThreads)
+    masked_lowrank_accumulate_kernel(int64_t M, int64_t K, int64_t r, StridedMatrix<const T> dyB,
+                                     StridedMatrix<const T> lora_A, StridedMatrix<T> dx, accumulate_t<T> scaling,
+                                     HashDropout dropout) {
+  using A = accumulate_t<T>;
+  constexpr int kRowsPerThread = kAccRows / kAccRowGroups;
+  __shared__ A dyb_tile[kAccRows][kAccDepth + 1];
+  __shared__ A a_tile[kAccDepth][kAccCols];
+  __shared__ uint32_t row_keys[kAccRows];
+
+  const int col_lane = threadIdx.x % kAccCols, row_group = threadIdx.x / kAccCols;
+  const int64_t row_begin = static_cast<int64_t>(blockIdx.x) * kAccRows;
+  const int64_t col_begin = static_cast<int64_t>(blockIdx.y) * kAccCols;
+  if (threadIdx.x < kAccRows) {
+    row_keys[threadIdx.x] = row_key_of(dropout, row_begin + threadIdx.x);
+  }
+
+  A acc[kRowsPerThread];
+#pragma unroll
+  for (int q = 0; q < kRowsPerThread; ++q) {
+    acc[q] = A(0);
+  }
+  for (int64_t rank_begin = 0; rank_begin < r; rank_begin += kAccDepth) {
+    __syncthreads();  // previous tiles consumed
+    for (int idx = threadIdx.x; idx < kAccRows * kAccDepth; idx += kAccThreads) {
+      const int i = idx / kAccDepth, jj = idx % kAccDepth;
+      const int64_t row = row_begin + i, rank = rank_begin + jj;
+      dyb_tile[i][jj] = (row < M && rank < r) ? load(dyB, row, rank) : A(0);
+    }
+    for (int idx = threadIdx.x; idx < kAccDepth * kAccCols; idx += kAccThreads) {
+      const int jj = idx / kAccCols, kk = idx % kAccCols;
+      const int64_t rank = rank_begin + jj, col = col_begin + kk;
+      a_tile[jj][kk] = (rank < r && col < K) ? load(lora_A, rank, col) : A(0);
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int jj = 0; jj < kAccDepth; ++jj) {
+      const A a_value = a_tile[jj][col_lane];
+#pragma unroll
+      for (int q = 0; q < kRowsPerThread; ++q) {
+        acc[q] += dyb_tile[row_group + kAccRowGroups * q][jj] * a_value;
+      }
+    }
+  }
+
+  const int64_t col = col_begin + col_lane;
+  if (col >= K) {
+    return;
+  }
+  const A keep_scale = static_cast<A>(dropout.keep_scale);
+#pragma unroll
+  for (int q = 0; q < kRowsPerThread; ++q) {
+    const int local_row = row_group + kAccRowGroups * q;
+    const int64_t row = row_begin + local_row;
+    const A factor = dropout_factor(dropout, row_keys[local_row], col, keep_scale);
+    if (row < M && factor != A(0)) {  // dropped elements keep their dx: skip the write
+      T* target = dx.data + row * dx.row_stride + col * dx.col_stride;
+      *target = from_accumulate<T>(to_accumulate(*target) + scaling * factor * acc[q]);
+    }
+  }
+}
+
+// ---- out = D⊙x for a row chunk: one block per row (grid-strided), threads along K.
+constexpr int kDropoutThreads = 256;
+constexpr int64_t kMaxDropoutBlocks = 65535;
+
+template <typename T>
+__global__ void __launch_bounds__(kDropoutThreads)
+    apply_dropout_kernel(int64_t rows, int64_t K, int64_t row_offset, StridedMatrix<const T> x, StridedMatrix<T> out,
+                         HashDropout dropout) {
+  using A = accumulate_t<T>;
+  const A keep_scale = static_cast<A>(dropout.keep_scale);
+  for (int64_t i = blockIdx.x; i < rows; i += gridDim.x) {
+    const int64_t row = row_offset + i;
+    const uint32_t row_key = row_key_of(dropout, row);
+    for (int64_t col = threadIdx.x; col < K; col += blockDim.x) {
+      const A value = load(x, row, col) * dropout_factor(dropout, row_key, col, keep_scale);
+      out.data[i * out.row_stride + col * out.col_stride] = from_accumulate<T>(value);
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t launch_dropout_times_lora_a(int64_t M, int64_t K, int64_t r, StridedMatrix<const T> x,
+                                        StridedMatrix<const T> lora_A, StridedMatrix<T> xa, HashDropout dropout,
+                                        cudaStream_t stream) {
+  if (M == 0 || r == 0) {
+    return cudaSuccess;
+  }
+  // The smallest rank tile that covers r keeps lanes busy for small ranks; above 128 the
+  // rank tiles go to grid.y and x is read once per tile.
+  if (r <= 32) {
+    return launch_xa_tile<T, 32>(M, K, r, x, lora_A, xa, dropout, stream);
+  }
+  if (r <= 64) {
+    return launch_xa_tile<T, 64>(M, K, r, x, lora_A, xa, dropout, stream);
+  }
+  return launch_xa_tile<T, kMaxRankTile>(M, K, r, x, lora_A, xa, dropout, stream);
+}
+
+template <typename T>
+cudaError_t launch_masked_lowrank_accumulate(int64_t M, int64_t K, int64_t r, StridedMatrix<const T> dyB,
+                                             StridedMatrix<const T> lora_A, StridedMatrix<T> dx, double scaling,
+                                             HashDropout dropout, cudaStream_t stream) {
+  if (M == 0 || K == 0 || r == 0) {
+    return cudaSuccess;
+  }
+  const dim3 grid(static_cast<unsigned>(ceil_div(M, kAccRows)), static_cast<unsigned>(ceil_div(K, kAccCols)));
+  masked_lowrank_accumulate_kernel<T><<<grid, kAccThreads, 0, stream>>>(
+      M, K, r, dyB, lora_A, dx, static_cast<accumulate_t<T>>(scaling), dropout);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_apply_dropout(int64_t rows, int64_t K, int64_t row_offset, StridedMatrix<const T> x,
+                                 StridedMatrix<T> out, HashDropout dropout, cudaStream_t stream) {
+  if (rows == 0 || K == 0) {
+    return cudaSuccess;
+  }
+  const unsigned blocks = static_cast<unsigned>(rows < kMaxDropoutBlocks ? rows : kMaxDropoutBlocks);
+  apply_dropout_kernel<T><<<blocks, kDropoutThreads, 0, stream>>>(rows, K, row_offset, x, out, dropout);
+  return cudaGetLastError();
+}
+
+#define LOWRANK_INSTANTIATE_KERNELS(T)                                                                             \
+  template cudaError_t launch_dropout_times_lora_a<T>(int64_t, int64_t, int64_t, StridedMatrix<const T>,          \
+                                                      StridedMatrix<const T>, StridedMatrix<T>, HashDropout,      \
+                                                      cudaStream_t);                                              \
+  template cudaError_t launch_masked_lowrank_accumulate<T>(int64_t, int64_t, int64_t, StridedMatrix<const T>,     \
+                                                           StridedMatrix<const T>, StridedMatrix<T>, double,      \
+                                                           HashDropout, cudaStream_t);                            \
+  template cudaError_t launch_apply_dropout<T>(int64_t, int64_t, int64_t, StridedMatrix<const T>, StridedMatrix<T>, \
+                                               HashDropout, cudaStream_t);
+
+LOWRANK_INSTANTIATE_KERNELS(float)
+LOWRANK_INSTANTIATE_KERNELS(double)
+LOWRANK_INSTANTIATE_KERNELS(__half)
+LOWRANK_INSTANTIATE_KERNELS(__nv_bfloat16)
+
+#undef LOWRANK_INSTANTIATE_KERNELS
+
+}  // namespace lowrank::cuda

@@ -1,0 +1,155 @@
+// CUDA kernels of lowrank::lora_linear_forward_native and lowrank::lora_linear_backward_native.
+//
+// GEMMs go to cuBLAS through at::mm/addmm (bias in the beta = 1 epilogue, the low-rank term
+// accumulated in place with addmm_). The kernels of lora_kernels.cu are used where they save
+// a pass over an [M, K] tensor: dropout fused into x·Aᵀ, and the masked dx update.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // at::cuda::getCurrentCUDAStream (at::cuda re-exports c10::cuda)
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+
+#include "../hash_dropout.h"
+#include "../lora_linear_common.h"
+#include "lora_kernels.cuh"
+
+namespace lowrank {
+namespace {
+
+using at::Tensor;
+
+constexpr const char* kForwardOp = "lora_linear_forward_native";
+constexpr const char* kBackwardOp = "lora_linear_backward_native";
+
+// dA with dropout needs D⊙x as a GEMM operand; it is formed in row chunks of at most this
+// many elements (64 MiB of fp32), so large inputs get no [M, K] temporary.
+constexpr int64_t kDropoutChunkElements = int64_t{1} << 24;
+
+template <typename scalar_t>
+struct CudaScalar {
+  using type = scalar_t;
+};
+template <>
+struct CudaScalar<at::Half> {
+  using type = __half;
+};
+template <>
+struct CudaScalar<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename scalar_t>
+cuda::StridedMatrix<const typename CudaScalar<scalar_t>::type> read_only_matrix(const Tensor& t) {
+  using cuda_t = typename CudaScalar<scalar_t>::type;
+  return {reinterpret_cast<const cuda_t*>(t.const_data_ptr<scalar_t>()), t.stride(0), t.stride(1)};
+}
+
+template <typename scalar_t>
+cuda::StridedMatrix<typename CudaScalar<scalar_t>::type> writable_matrix(Tensor& t) {
+  using cuda_t = typename CudaScalar<scalar_t>::type;
+  return {reinterpret_cast<cuda_t*>(t.mutable_data_ptr<scalar_t>()), t.stride(0), t.stride(1)};
+}
+
+cuda::HashDropout make_hash_dropout(const std::optional<Tensor>& seed, double dropout_p) {
+  if (dropout_p == 0.0) {
+    return {nullptr, 0u, 1.0};
+  }
+  return {seed->const_data_ptr<int64_t>(), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)};
+}
+
+// dA = s·dyBᵀ·(D⊙x), with D⊙x written one row chunk at a time.
+Tensor lora_a_grad_with_dropout(const Tensor& x, const Tensor& dyB, double scaling, const cuda::HashDropout& dropout,
+                                const LoraSizes& n) {
+  Tensor dA = at::zeros({n.r, n.K}, x.options().dtype(chunk_accumulate_dtype(x.scalar_type())));
+  const int64_t chunk = std::max<int64_t>(1, std::min(n.M, kDropoutChunkElements / std::max<int64_t>(n.K, 1)));
+  Tensor buffer = at::empty({chunk, n.K}, x.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  for (int64_t row = 0; row < n.M; row += chunk) {
+    const int64_t rows = std::min(chunk, n.M - row);
+    Tensor dropped = buffer.narrow(0, 0, rows);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lowrank_apply_dropout", [&] {
+      using cuda_t = typename CudaScalar<scalar_t>::type;
+      C10_CUDA_CHECK(cuda::launch_apply_dropout<cuda_t>(rows, n.K, row, read_only_matrix<scalar_t>(x),
+                                                        writable_matrix<scalar_t>(dropped), dropout, stream));
+    });
+    accumulate_product(dA, dyB.narrow(0, row, rows).t(), dropped, scaling);
+  }
+  return dA.to(x.scalar_type());
+}
+
+std::tuple<Tensor, Tensor> lora_linear_forward_cuda(const Tensor& x, const Tensor& weight,
+                                                    const std::optional<Tensor>& bias, const Tensor& lora_A,
+                                                    const Tensor& lora_B, double scaling, double dropout_p,
+                                                    const std::optional<Tensor>& seed) {
+  const LoraSizes n =
+      check_forward_inputs(kForwardOp, c10::DeviceType::CUDA, x, weight, bias, lora_A, lora_B, dropout_p, seed);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  Tensor xa;
+  if (dropout_p == 0.0) {
+    xa = at::mm(x, lora_A.t());
+  } else {
+    xa = at::empty({n.M, n.r}, x.options());
+    const cuda::HashDropout dropout = make_hash_dropout(seed, dropout_p);
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lowrank_dropout_times_lora_a", [&] {
+      using cuda_t = typename CudaScalar<scalar_t>::type;
+      C10_CUDA_CHECK(cuda::launch_dropout_times_lora_a<cuda_t>(n.M, n.K, n.r, read_only_matrix<scalar_t>(x),
+                                                               read_only_matrix<scalar_t>(lora_A),
+                                                               writable_matrix<scalar_t>(xa), dropout, stream));
+    });
+  }
+  const bool has_bias = bias.has_value() && bias->defined();
+  Tensor y = has_bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  y.addmm_(xa, lora_B.t(), 1.0, scaling);
+  return {std::move(y), std::move(xa)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_backward_cuda(
+    const Tensor& grad_y, const Tensor& x, const Tensor& xa, const Tensor& weight, const Tensor& lora_A,
+    const Tensor& lora_B, double scaling, double dropout_p, const std::optional<Tensor>& seed, bool needs_dx,
+    bool needs_dweight, bool needs_dbias) {
+  const LoraSizes n = check_backward_inputs(kBackwardOp, c10::DeviceType::CUDA, grad_y, x, xa, weight, lora_A,
+                                            lora_B, dropout_p, seed);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const auto not_needed = [&] { return at::empty({0}, x.options()); };
+  const cuda::HashDropout dropout = make_hash_dropout(seed, dropout_p);
+  const Tensor dyB = at::mm(grad_y, lora_B);
+  Tensor dB = at::mm(grad_y.t(), xa).mul_(scaling);
+
+  Tensor dx = not_needed();
+  if (needs_dx) {
+    dx = at::mm(grad_y, weight);
+    if (dropout_p == 0.0) {
+      dx.addmm_(dyB, lora_A, 1.0, scaling);
+    } else {
+      const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lowrank_masked_lowrank_accumulate",
+                                      [&] {
+                                        using cuda_t = typename CudaScalar<scalar_t>::type;
+                                        C10_CUDA_CHECK(cuda::launch_masked_lowrank_accumulate<cuda_t>(
+                                            n.M, n.K, n.r, read_only_matrix<scalar_t>(dyB),
+                                            read_only_matrix<scalar_t>(lora_A), writable_matrix<scalar_t>(dx),
+                                            scaling, dropout, stream));
+                                      });
+    }
+  }
+  Tensor dA = dropout_p == 0.0 ? at::mm(dyB.t(), x).mul_(scaling)
+                               : lora_a_grad_with_dropout(x, dyB, scaling, dropout, n);
+  Tensor dweight = needs_dweight ? at::mm(grad_y.t(), x) : not_needed();
+  Tensor dbias = needs_dbias ? grad_y.sum(0) : not_needed();
+  return {std::move(dx), std::move(dweight), std::move(dbias), std::move(dA), std::move(dB)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
+  m.impl("lora_linear_forward_native", &lora_linear_forward_cuda);
+  m.impl("lora_linear_backward_native", &lora_linear_backward_cuda);
+}
+
+}  // namespace lowrank
