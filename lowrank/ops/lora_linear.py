@@ -255,7 +255,7 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
 def _autocast(x, weight, bias, lora_A, lora_B):
     """Under torch.autocast, run in the autocast dtype like nn.Linear does."""
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
         return x, weight, bias, lora_A, lora_B
     dtype = torch.get_autocast_dtype(device_type)
     cast = [t if t is None else t.to(dtype) for t in (x, weight, bias, lora_A, lora_B)]
