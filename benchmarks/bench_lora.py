@@ -8,12 +8,12 @@ Every provider computes y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ with W, b frozen an
   linear_frozen      nn.Linear alone with its weight frozen: the floor any LoRA layer pays
   eager_peft_style   base(x) + lora_B(lora_A(dropout(x))) * s in nn.Linear modules, as PEFT writes it
   hf_peft            PEFT's own LoRA layer (peft.get_peft_model around a one-Linear module)
-  lowrank_<backend>  lowrank.ops.lora_linear with that backend
+  lowrank_<backend>  lowrank.ops.lora_linear with that backend (auto: the fastest, measured per shape)
 
 Modes: forward; backward alone (on a fresh forward graph each repeat, only the backward timed);
 forward+backward. Each provider is checked against lowrank.ops.lora_linear_reference before it
 is timed, and one that disagrees is reported instead of timed (exit status 1).
-Results: <out-dir>/lora_<device-slug>.json (all raw numbers) and .md, and .png with --plot.
+Results: <out-dir>/lora_<device-slug>_<dtype>.json (all raw numbers) and .md, and .png with --plot.
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ from lowrank.ops import lora_linear, lora_linear_reference
 MODES = ("forward", "backward", "forward+backward")
 MODE_COLUMNS = {"forward": "fwd ms", "backward": "bwd ms", "forward+backward": "fwd+bwd ms"}
 BASELINE = "linear_frozen"
-LOWRANK_BACKENDS = ("torch", "cpu", "triton", "cuda")
+LOWRANK_BACKENDS = ("torch", "cpu", "triton", "cuda", "auto")
 # The device type each lowrank backend needs its tensors on (None: any).
-BACKEND_DEVICE = {"torch": None, "cpu": "cpu", "triton": "cuda", "cuda": "cuda"}
+BACKEND_DEVICE = {"torch": None, "cpu": "cpu", "triton": "cuda", "cuda": "cuda", "auto": None}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 
@@ -275,7 +275,8 @@ def skip_reasons(device: torch.device) -> dict[str, str]:
         reasons["hf_peft"] = "peft is not installed (pip install peft)"
     statuses = lowrank.backends()
     for backend in LOWRANK_BACKENDS:
-        provider, status, needed_device = f"lowrank_{backend}", statuses[backend], BACKEND_DEVICE[backend]
+        provider, needed_device = f"lowrank_{backend}", BACKEND_DEVICE[backend]
+        status = statuses.get(backend, _backends.BackendStatus(True, "measured choice per shape"))
         if not status.available:
             reasons[provider] = status.reason
         elif backend == "triton" and _backends.triton_interpret():
@@ -669,7 +670,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     report = run_benchmark(args)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"lora_{report['device']['slug']}"
+    stem = args.out_dir / f"lora_{report['device']['slug']}_{report['dtype']}"
     Path(f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     Path(f"{stem}.md").write_text(markdown_report(report))
     print(f"wrote {stem}.json and {stem}.md")

@@ -42,7 +42,7 @@ def quick_run(tmp_path_factory):
 def test_quick_run_succeeds_and_writes_one_report(quick_run):
     completed, report, _ = quick_run
     assert completed.returncode == 0, f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
-    assert report is not None, "expected exactly one lora_<device>.json in the out dir"
+    assert report is not None, "expected exactly one lora_<device>_<dtype>.json in the out dir"
     assert report["failed_checks"] == []
 
 
@@ -67,7 +67,7 @@ def test_report_times_every_runnable_provider_in_every_mode(quick_run, bench_lor
 
 def test_markdown_table_is_written_and_printed_last(quick_run):
     completed, report, out_dir = quick_run
-    markdown = (out_dir / f"lora_{report['device']['slug']}.md").read_text()
+    markdown = (out_dir / f"lora_{report['device']['slug']}_{report['dtype']}.md").read_text()
     table_rows = [line for line in markdown.splitlines() if line.startswith("| ")]
     assert table_rows[0].startswith("| M | K | N | r | provider | fwd ms | bwd ms | fwd+bwd ms |")
     assert len(table_rows) == 1 + len(report["results"])

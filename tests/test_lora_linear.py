@@ -9,13 +9,17 @@ from lowrank.ops import hash_dropout, lora_linear, lora_linear_reference
 AVAILABLE = lowrank.backends()
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _backend_param(name):
     status = AVAILABLE[name]
+    if status.available and name == "cpu" and DEVICE != "cpu":
+        status = status._replace(available=False, reason=f"backend 'cpu' takes CPU tensors; tests run on {DEVICE}")
     return pytest.param(name, marks=pytest.mark.skipif(not status.available, reason=status.reason), id=name)
 
 
 BACKENDS = [_backend_param(name) for name in ("torch", "cpu", "triton", "cuda")]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (lead shape of x, K, N, r): block-size-unfriendly sizes, M=1, M=0, 3-D inputs, r=1.
 SHAPES = [
@@ -179,7 +183,7 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(g, g_eager)
 
 
-@pytest.mark.skipif(not AVAILABLE["cpu"].available, reason=AVAILABLE["cpu"].reason)
+@pytest.mark.skipif(not AVAILABLE["cpu"].available or DEVICE != "cpu", reason="needs the cpu backend and CPU tensors")
 def test_torch_compile_inductor_cpu():
     torch._dynamo.reset()
     x, weight, b, A, B = make_inputs((4,), 8, 6, 4, torch.float32)

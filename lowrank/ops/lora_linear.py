@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lowrank import _backends
+from lowrank import _backends, autotune
 from lowrank.ops import hash_dropout
 
 
@@ -87,6 +87,12 @@ class _NativeBackend:
         return torch.ops.lowrank.lora_linear_backward_native(*args)
 
 
+def _implementation_for(backend: str, x: Tensor, weight: Tensor, lora_A: Tensor, dropout_p: float):
+    if backend == "auto":
+        backend = autotune.pick(x, weight, lora_A, dropout_p, _implementation)
+    return _implementation(backend)
+
+
 def _implementation(backend: str):
     if backend == "torch":
         return _TorchBackend
@@ -112,7 +118,8 @@ def _lora_linear_op(
     seed: Optional[Tensor],
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    y, xa = _implementation(backend).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    implementation = _implementation_for(backend, x, weight, lora_A, dropout_p)
+    y, xa = implementation.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     return y, xa
 
 
@@ -141,7 +148,7 @@ def _lora_linear_backward_op(
     needs_dweight: bool,
     needs_dbias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = _implementation(backend).backward(
+    grads = _implementation_for(backend, x, weight, lora_A, dropout_p).backward(
         grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs_dx, needs_dweight, needs_dbias
     )
     needed = (needs_dx, needs_dweight, needs_dbias, True, True)
@@ -265,8 +272,8 @@ def _autocast(x, weight, bias, lora_A, lora_B):
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, backend=None):
     """y = x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ through the chosen backend.
 
-    backend: "torch", "cpu", "triton", "cuda", or None/"auto" (LOWRANK_BACKEND, else the
-    fastest available for the device). Pass dropout_p=0 at inference.
+    backend: "torch", "cpu", "triton", "cuda", "auto" (the fastest for this shape, measured once:
+    lowrank.autotune), or None (LOWRANK_BACKEND, else "auto"). Pass dropout_p=0 at inference.
     """
     x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
     _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
