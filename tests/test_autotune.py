@@ -30,16 +30,17 @@ def inputs(M, K=12, N=10, r=3):
 def fake_timings(monkeypatch, seconds_by_backend):
     """Replace the stopwatch; record which backends were measured."""
     measured = []
+    real_pick = autotune.pick
 
-    def time_backend(implementation, *args):
-        name = next(n for n in seconds_by_backend if implementation_of(n) is implementation)
-        measured.append(name)
-        return seconds_by_backend[name]
+    def pick(key, device, measure):
+        def fake_measure(name):
+            measured.append(name)
+            return seconds_by_backend[name]
 
-    from lowrank.ops.lora_linear import _implementation as implementation_of
+        return real_pick(key, device, fake_measure)
 
     monkeypatch.setattr(autotune, "candidates", lambda device: tuple(seconds_by_backend))
-    monkeypatch.setattr(autotune, "_time_backend", time_backend)
+    monkeypatch.setattr(autotune, "pick", pick)
     return measured
 
 

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from lowrank import _backends, autotune
 from lowrank.ops import hash_dropout
+from lowrank.ops._common import autocast_inputs
 
 
 def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=None):
@@ -89,8 +90,30 @@ class _NativeBackend:
 
 def _implementation_for(backend: str, x: Tensor, weight: Tensor, lora_A: Tensor, dropout_p: float):
     if backend == "auto":
-        backend = autotune.pick(x, weight, lora_A, dropout_p, _implementation)
+        backend = _auto_backend(x, weight, lora_A, dropout_p)
     return _implementation(backend)
+
+
+def _auto_backend(x: Tensor, weight: Tensor, lora_A: Tensor, dropout_p: float) -> str:
+    (M, K), N, r = x.shape, weight.shape[0], lora_A.shape[0]
+    rows = autotune.bucket(M)
+    key = ("lora_linear", str(x.device), x.dtype, rows, K, N, r, dropout_p > 0.0)
+
+    def measure(name: str) -> float:
+        implementation = _implementation(name)
+        def make(*shape):
+            return torch.randn(*shape, device=x.device, dtype=x.dtype)
+
+        x_, weight_, bias_, A_, B_, grad_y = make(rows, K), make(N, K), make(N), make(r, K), make(N, r), make(rows, N)
+        seed = torch.zeros((), dtype=torch.int64, device=x.device) if dropout_p > 0.0 else None
+
+        def step():
+            _, xa = implementation.forward(x_, weight_, bias_, A_, B_, 0.5, dropout_p, seed)
+            implementation.backward(grad_y, x_, xa, weight_, A_, B_, 0.5, dropout_p, seed, True, False, False)
+
+        return autotune.time_call(step, x.device)
+
+    return autotune.pick(key, x.device, measure)
 
 
 def _implementation(backend: str):
@@ -259,23 +282,13 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         raise TypeError(f"lora_linear: scaling must be a Python number, got {type(scaling).__name__}")
 
 
-def _autocast(x, weight, bias, lora_A, lora_B):
-    """Under torch.autocast, run in the autocast dtype like nn.Linear does."""
-    device_type = x.device.type
-    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
-        return x, weight, bias, lora_A, lora_B
-    dtype = torch.get_autocast_dtype(device_type)
-    cast = [t if t is None else t.to(dtype) for t in (x, weight, bias, lora_A, lora_B)]
-    return tuple(cast)
-
-
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, backend=None):
     """y = x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ through the chosen backend.
 
     backend: "torch", "cpu", "triton", "cuda", "auto" (the fastest for this shape, measured once:
     lowrank.autotune), or None (LOWRANK_BACKEND, else "auto"). Pass dropout_p=0 at inference.
     """
-    x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
+    x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
     _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     backend = _backends.resolve(backend, x.device)
     seed = torch.randint(0, 2**31 - 1, (), device=x.device) if dropout_p > 0.0 else None
