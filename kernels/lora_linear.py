@@ -1,6 +1,6 @@
 """Triton backend of lowrank.ops.lora_linear (see that module for the contract).
 
-Two kernels serve the whole op:
+Two kernels serve training, a third serves inference:
 
   _lora_matmul_kernel  out = a·b + lora_scale·D⊙(l·r) + bias: the two big matmuls with the
                        low-rank term folded in, so y and dx are each written once.
@@ -8,6 +8,8 @@ Two kernels serve the whole op:
                          dx = dy·W  + s·D⊙(dyB·A)
   _matmul_kernel       c = alpha·a·b, optionally dropping elements of a or b with the hash
                        mask: xa = D⊙x·Aᵀ, dyB = dy·B, dA = s·dyBᵀ·(D⊙x), dB = s·dyᵀ·xa, dW = dyᵀ·x
+  _inference_kernel    y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ + bias in one launch for few rows (no grad,
+                       no dropout): x·Aᵀ is built in the same K loop and never stored
 
 The dropout mask is never stored: every kernel that needs it recomputes the keep bits of
 hash_dropout from the seed (read through a pointer, so no host sync). All kernels take
@@ -97,6 +99,7 @@ def _lora_matmul_kernel(
     stride_lm, stride_lr, stride_rr, stride_rn,
     stride_om, stride_on, stride_bias,
     lora_scale: tl.float64, threshold,
+    M_KEY, N_KEY, K_KEY,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -151,6 +154,7 @@ def _matmul_kernel(
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     alpha: tl.float64, threshold,
+    M_KEY, N_KEY, K_KEY,
     DROPOUT_A: tl.constexpr, DROPOUT_B: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -184,6 +188,55 @@ def _matmul_kernel(
     tl.store(c_ptrs, (_to_acc(alpha, ACC_DTYPE) * acc).to(c_ptr.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
 
 
+@triton.jit
+def _inference_kernel(
+    x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, out_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_ak, stride_ar, stride_br, stride_bn,
+    stride_om, stride_on, stride_bias,
+    lora_scale: tl.float64,
+    M_KEY, N_KEY, K_KEY,
+    HAS_BIAS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """out = x·w + lora_scale·(x·a)·b + bias in one launch, R <= BLOCK_R: each program builds
+    its own x·a tile in the K loop from the x tile it loads anyway, so xa never goes to memory.
+    For few rows (decoding) the layer is bound by reading W; A stays in L2 across programs."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_in = offs_m < M
+    n_in = offs_n < N
+    rk = tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
+    w_ptrs = w_ptr + rk[:, None] * stride_wk + offs_n.to(tl.int64)[None, :] * stride_wn
+    a_ptrs = a_ptr + rk[:, None] * stride_ak + rr[None, :] * stride_ar
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        k_in = k0 + rk < K
+        x = tl.load(x_ptrs, mask=m_in[:, None] & k_in[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_in[:, None] & n_in[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=k_in[:, None] & (rr < R)[None, :], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        xa = tl.dot(x, a, xa, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+        a_ptrs += BLOCK_K * stride_ak
+    # Round xa to the input dtype as the two-kernel path does when it stores xa.
+    b = tl.load(b_ptr + rr[:, None] * stride_br + offs_n.to(tl.int64)[None, :] * stride_bn,
+                mask=(rr < R)[:, None] & n_in[None, :], other=0.0)
+    low_rank = tl.dot(xa.to(b.dtype), b, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    acc += _to_acc(lora_scale, ACC_DTYPE) * low_rank
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_in, other=0.0).to(ACC_DTYPE)[None, :]
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
+
+
 # ---------------------------------------------------------------- host side
 
 
@@ -191,24 +244,63 @@ def _tf32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
 
 
-def _config(dtype: torch.dtype) -> dict:
-    """Block sizes: Hopper-sized tiles on the GPU; in the interpreter (one numpy program at a
-    time) tiles of 32, small enough that test shapes still cross block edges."""
-    if _backends.triton_interpret():
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK_R=32, GROUP_M=4, num_warps=4, num_stages=1)
-    if dtype == torch.float64:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_R=32, GROUP_M=8, num_warps=4, num_stages=2)
-    if dtype == torch.float32 and not _tf32(dtype):
-        # IEEE fp32 runs tl.dot on FMA units, which hold whole operand slices in registers:
-        # larger tiles spill (checked with ptxas for sm_90).
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, BLOCK_R=32, GROUP_M=8, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 if dtype != torch.float32 else 32, BLOCK_R=64,
-                GROUP_M=8, num_warps=8, num_stages=3)
+# Interpreter tiles: one numpy program at a time, and small enough that test shapes cross edges.
+_INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+_BLOCK_R = 64  # rank chunk of the low-rank tile (32 in the interpreter)
+# Up to this many rows, inference takes the single-launch kernel (a first guess for Hopper,
+# where 256 rows of x·Wᵀ at K=N=4096 are still bound by reading W).
+INFERENCE_FUSED_MAX_ROWS = 256
+
+# Hopper-oriented search space (tile M, N, K, warps, stages). Half precision and TF32 run on
+# tensor cores (wgmma wants 64-row multiples per warpgroup); IEEE fp32 and fp64 run tl.dot on
+# FMA units, which keep whole operand slices in registers, so only the small tiles stay.
+_GPU_TILES = [
+    (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4), (64, 64, 64, 4, 3),
+    (64, 64, 32, 4, 3), (64, 64, 16, 4, 3), (32, 64, 32, 4, 2),
+]
+_FMA_MAX_TILE = 64 * 64
 
 
 def _fit(block: int, dim: int) -> int:
     # No wider than the (power-of-two padded) dimension, and at least 16, tl.dot's minimum.
     return min(block, max(16, triton.next_power_of_2(dim)))
+
+
+def _prune_tiles(configs, named_args, **kwargs):
+    """Drop tiles that suit neither the dtype nor the problem: shrink each to the padded
+    problem size (the skinny rank-r matmuls would otherwise waste most of a tile)."""
+    M, N, K = named_args["M"], named_args["N"], named_args["K"]
+    on_fma = kwargs["DOT_PRECISION"] == "ieee" and named_args["a_ptr"].dtype != torch.float16 \
+        and named_args["a_ptr"].dtype != torch.bfloat16
+    kept = {}
+    for config in configs:
+        block_m, block_n, block_k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        if on_fma and (block_m * block_n > _FMA_MAX_TILE or block_k > 32):
+            continue
+        fitted = (_fit(block_m, M), _fit(block_n, N), _fit(block_k, K), config.num_warps, config.num_stages)
+        kept.setdefault(fitted, config)
+    return [
+        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=warps, num_stages=stages)
+        for bm, bn, bk, warps, stages in kept
+    ]
+
+
+def _autotuned(kernel):
+    """The kernel with Hopper autotuning, keyed by power-of-two size buckets (M_KEY, N_KEY, K_KEY)
+    so that varying sequence lengths reuse one measurement; dtypes are part of Triton's key."""
+    configs = [
+        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=warps, num_stages=stages)
+        for bm, bn, bk, warps, stages in _GPU_TILES
+    ]
+    return triton.autotune(
+        configs, key=["M_KEY", "N_KEY", "K_KEY", "DOT_PRECISION"], prune_configs_by={"early_config_prune": _prune_tiles}
+    )(kernel)
+
+
+_lora_matmul_tuned = _autotuned(_lora_matmul_kernel)
+_matmul_tuned = _autotuned(_matmul_kernel)
+_inference_tuned = _autotuned(_inference_kernel)
 
 
 def _dot_options(dtype: torch.dtype) -> dict:
@@ -218,16 +310,17 @@ def _dot_options(dtype: torch.dtype) -> dict:
     )
 
 
-def _launch(dtype: torch.dtype, M: int, N: int, K: int) -> tuple[tuple[int], dict]:
-    """Grid and launch options for an [M, N] output reduced over K."""
-    cfg = _config(dtype)
-    block_m, block_n = _fit(cfg["BLOCK_M"], M), _fit(cfg["BLOCK_N"], N)
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-    options = dict(
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_fit(cfg["BLOCK_K"], K), GROUP_M=cfg["GROUP_M"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_dot_options(dtype),
-    )
-    return grid, options
+def _launch(kernel, tuned_kernel, dtype: torch.dtype, M: int, N: int, K: int, *args, **options) -> None:
+    """Launch for an [M, N] output reduced over K: autotuned on the GPU, fixed tiles in the interpreter."""
+    options.update(_dot_options(dtype), M_KEY=triton.next_power_of_2(M), N_KEY=triton.next_power_of_2(N),
+                   K_KEY=triton.next_power_of_2(K))
+    if _backends.triton_interpret():
+        config = dict(_INTERPRETER_CONFIG, BLOCK_M=_fit(32, M), BLOCK_N=_fit(32, N), BLOCK_K=_fit(32, K))
+        grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
+        kernel[grid](*args, **options, **config)
+        return
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    tuned_kernel[grid](*args, **options)
 
 
 def _matmul(a, b, alpha=1.0, dropout_p=0.0, seed=None, dropout_on="none"):
@@ -236,15 +329,14 @@ def _matmul(a, b, alpha=1.0, dropout_p=0.0, seed=None, dropout_on="none"):
     c = torch.empty((M, N), dtype=a.dtype, device=a.device)
     if c.numel() == 0:
         return c
-    grid, options = _launch(a.dtype, M, N, K)
-    _matmul_kernel[grid](
+    _launch(
+        _matmul_kernel, _matmul_tuned, a.dtype, M, N, K,
         a, b, seed, c,
         M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         alpha, hash_dropout.threshold(dropout_p),
         DROPOUT_A=dropout_p > 0.0 and dropout_on == "a",
         DROPOUT_B=dropout_p > 0.0 and dropout_on == "b",
-        **options,
     )
     return c
 
@@ -255,17 +347,16 @@ def _lora_matmul(a, b, l, r, bias, lora_scale, dropout_p=0.0, seed=None):
     out = torch.empty((M, N), dtype=a.dtype, device=a.device)
     if out.numel() == 0:
         return out
-    grid, options = _launch(a.dtype, M, N, K)
-    _lora_matmul_kernel[grid](
+    block_r = _fit(32 if _backends.triton_interpret() else _BLOCK_R, R)
+    _launch(
+        _lora_matmul_kernel, _lora_matmul_tuned, a.dtype, M, N, K,
         a, b, l, r, bias, seed, out,
         M, N, K, R,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         l.stride(0), l.stride(1), r.stride(0), r.stride(1),
         out.stride(0), out.stride(1), 0 if bias is None else bias.stride(0),
         lora_scale, hash_dropout.threshold(dropout_p),
-        HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0,
-        BLOCK_R=_fit(_config(a.dtype)["BLOCK_R"], R),
-        **options,
+        HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, BLOCK_R=block_r,
     )
     return out
 
@@ -285,6 +376,30 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     xa = _matmul(x, lora_A.t(), alpha=keep_scale, dropout_p=dropout_p, seed=seed, dropout_on="a")
     y = _lora_matmul(x, weight.t(), xa, lora_B.t(), bias, scaling)
     return y, xa
+
+
+def inference(x, weight, bias, lora_A, lora_B, scaling):
+    """y alone, without dropout. Few rows: one launch (_inference_kernel); many rows: the
+    compute-bound training forward, whose separate xa pass costs less than the fused kernel's
+    per-column-tile recomputation of x·Aᵀ."""
+    _check_dtype(x)
+    (M, K), N, R = x.shape, weight.shape[0], lora_A.shape[0]
+    if M > INFERENCE_FUSED_MAX_ROWS or R > _BLOCK_R:
+        return forward(x, weight, bias, lora_A, lora_B, scaling, 0.0, None)[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    w_t, a_t, b_t = weight.t(), lora_A.t(), lora_B.t()
+    _launch(
+        _inference_kernel, _inference_tuned, x.dtype, M, N, K,
+        x, w_t, a_t, b_t, bias, out,
+        M, N, K, R,
+        x.stride(0), x.stride(1), w_t.stride(0), w_t.stride(1), a_t.stride(0), a_t.stride(1),
+        b_t.stride(0), b_t.stride(1), out.stride(0), out.stride(1), 0 if bias is None else bias.stride(0),
+        scaling,
+        HAS_BIAS=bias is not None, BLOCK_R=_fit(_BLOCK_R, R),
+    )
+    return out
 
 
 def backward(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs_dx, needs_dweight, needs_dbias):

@@ -191,6 +191,44 @@ def test_torch_compile_inductor_cpu():
     torch.testing.assert_close(compiled(x), lora_linear(x, weight, b, A, B, 0.5, backend="torch"))
 
 
+# ---------------------------------------------------------------- inference path
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead,K,N,r", SHAPES + [((300,), 20, 18, 5), ((4,), 16, 16, 70)])
+def test_inference_matches_reference(backend, lead, K, N, r):
+    """No gradient and no dropout: the forward-only op (Triton: one launch up to 256 rows)."""
+    x, weight, b, A, B = (t.detach() for t in make_inputs(lead, K, N, r, torch.float64))
+    x = x.transpose(-1, -2).contiguous().transpose(-1, -2) if x.dim() == 2 else x  # column-major x
+    with torch.no_grad():
+        y = lora_linear(x, weight, b, A, B, 0.7, backend=backend)
+    assert_close(y, lora_linear_reference(x, weight, b, A, B, 0.7), torch.float64)
+
+
+def test_inference_runs_the_forward_only_op(monkeypatch):
+    import sys
+
+    module = sys.modules["lowrank.ops.lora_linear"]
+    calls = []
+    for name in ("_lora_linear_op", "_lora_linear_inference_op"):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _n=name, _o=original: calls.append(_n) or _o(*a))
+    x, weight, b, A, B = make_inputs((3,), 8, 6, 2, torch.float32)
+    with torch.no_grad():
+        lora_linear(x, weight, b, A, B, 0.5)
+    lora_linear(x.detach(), weight.detach(), b.detach(), A.detach(), B.detach(), 0.5)
+    lora_linear(x, weight, b, A, B, 0.5)  # grads needed
+    with torch.no_grad():
+        lora_linear(x, weight, b, A, B, 0.5, 0.1)  # dropout needs the seed path
+    assert calls == ["_lora_linear_inference_op"] * 2 + ["_lora_linear_op"] * 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_inference(backend):
+    x, weight, b, A, B = (t.detach() for t in make_inputs((5,), 6, 7, 3, torch.float64))
+    torch.library.opcheck(torch.ops.lowrank.lora_linear_inference.default, (x, weight, b, A, B, 0.5, backend))
+
+
 # ---------------------------------------------------------------- dropout
 
 

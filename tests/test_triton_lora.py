@@ -242,3 +242,20 @@ def test_tf32_follows_torch_flag():
 def test_opcheck(p):
     x, weight, bias, lora_A, lora_B = (t.requires_grad_() for t in _inputs(40, 36, 33, 4, torch.float64))
     torch.library.opcheck(torch.ops.lowrank.lora_linear.default, (x, weight, bias, lora_A, lora_B, 0.5, p, _seed(p), "triton"))
+
+
+def test_gpu_tile_search_space_fits_dtype_and_shape():
+    """The autotuner's pruning: FMA dtypes keep only small tiles, tiles shrink to padded sizes."""
+    configs = triton_lora._lora_matmul_tuned.configs
+
+    def pruned(M, N, K, dtype, precision="ieee"):
+        args = {"M": M, "N": N, "K": K, "a_ptr": torch.empty(0, dtype=dtype)}
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in
+                triton_lora._prune_tiles(configs, args, DOT_PRECISION=precision)]
+
+    assert (128, 256, 64) in pruned(8192, 4096, 4096, torch.bfloat16)
+    assert all(m * n <= 64 * 64 and k <= 32 for m, n, k in pruned(8192, 4096, 4096, torch.float32))
+    assert any(m * n > 64 * 64 for m, n, k in pruned(8192, 4096, 4096, torch.float32, "tf32"))
+    assert {n for _, n, _ in pruned(8192, 16, 4096, torch.float16)} == {16}  # skinny x·Aᵀ
+    assert {m for m, _, _ in pruned(1, 4096, 4096, torch.float16)} == {16}  # decoding
+    assert pruned(8192, 4096, 4096, torch.float64)

@@ -3,12 +3,14 @@
 x [..., K], W [N, K], b [N] or None, A [r, K], B [N, r].
 
 The op is `torch.ops.lowrank.lora_linear` (custom op with fake and autograd
-registrations, so opcheck and torch.compile(fullgraph=True) work). It dispatches
-to one of four backends, each implementing the same two functions:
+registrations, so opcheck and torch.compile(fullgraph=True) work); when no gradient is
+needed and there is no dropout, `torch.ops.lowrank.lora_linear_inference` runs instead.
+They dispatch to one of four backends, each implementing the same three functions:
 
     forward(x, W, b, A, B, s, p, seed)  -> (y, xa)            xa = dropout(x)·Aᵀ  [M, r]
     backward(dy, x, xa, W, A, B, s, p, seed, needs_dx, needs_dweight, needs_dbias)
                                         -> (dx, dW, db, dA, dB)
+    inference(x, W, b, A, B, s)         -> y
 
     dyB = dy·B                  dx = dy·W + D⊙(s·dyB·A)       (D: dropout keep mask / (1-p))
     dA  = s·dyBᵀ·(D⊙x)          dB = s·dyᵀ·xa     dW = dyᵀ·x    db = Σ_rows dy
@@ -75,6 +77,10 @@ class _TorchBackend:
     forward = staticmethod(_torch_forward)
     backward = staticmethod(_torch_backward)
 
+    @staticmethod
+    def inference(x, weight, bias, lora_A, lora_B, scaling):
+        return _torch_forward(x, weight, bias, lora_A, lora_B, scaling, 0.0, None)[0]
+
 
 class _NativeBackend:
     """The C++ extension: one schema, CPU and CUDA kernels behind the dispatcher."""
@@ -86,6 +92,10 @@ class _NativeBackend:
     @staticmethod
     def backward(*args):
         return torch.ops.lowrank.lora_linear_backward_native(*args)
+
+    @staticmethod
+    def inference(x, weight, bias, lora_A, lora_B, scaling):
+        return torch.ops.lowrank.lora_linear_forward_native(x, weight, bias, lora_A, lora_B, scaling, 0.0, None)[0]
 
 
 def _implementation_for(backend: str, x: Tensor, weight: Tensor, lora_A: Tensor, dropout_p: float):
@@ -203,6 +213,20 @@ if _backends.EXTENSION is not None:
     torch.library.register_fake("lowrank::lora_linear_backward_native", _backward_fake)
 
 
+@torch.library.custom_op("lowrank::lora_linear_inference", mutates_args=())
+def _lora_linear_inference_op(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float, backend: str
+) -> Tensor:
+    """Forward only (no gradient, no dropout): nothing is saved and xa need not be returned,
+    which lets the Triton backend run a single fused launch for few rows."""
+    return _implementation_for(backend, x, weight, lora_A, 0.0).inference(x, weight, bias, lora_A, lora_B, scaling)
+
+
+@_lora_linear_inference_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, backend):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
     _, xa = output
@@ -291,9 +315,12 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, back
     x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
     _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     backend = _backends.resolve(backend, x.device)
-    seed = torch.randint(0, 2**31 - 1, (), device=x.device) if dropout_p > 0.0 else None
-    lead_shape = x.shape[:-1]
-    y, _ = _lora_linear_op(
-        x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed, backend
-    )
+    lead_shape, x2d = x.shape[:-1], x.reshape(-1, x.shape[-1])
+    tensors = (x, weight, bias, lora_A, lora_B)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not needs_grad and dropout_p == 0.0:
+        y = _lora_linear_inference_op(x2d, weight, bias, lora_A, lora_B, float(scaling), backend)
+    else:
+        seed = torch.randint(0, 2**31 - 1, (), device=x.device) if dropout_p > 0.0 else None
+        y, _ = _lora_linear_op(x2d, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed, backend)
     return y.reshape(*lead_shape, weight.shape[0])
