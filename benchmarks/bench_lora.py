@@ -10,8 +10,8 @@ Every provider computes y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ with W, b frozen an
   hf_peft            PEFT's own LoRA layer (peft.get_peft_model around a one-Linear module)
   lowrank_<backend>  lowrank.ops.lora_linear with that backend (auto: the fastest, measured per shape)
 
-Modes: forward; backward alone (on a fresh forward graph each repeat, only the backward timed);
-forward+backward. Each provider is checked against lowrank.ops.lora_linear_reference before it
+Modes: inference (forward under no_grad, adapter unmerged); forward; backward alone (on a
+fresh forward graph each repeat, only the backward timed); forward+backward. Each provider is checked against lowrank.ops.lora_linear_reference before it
 is timed, and one that disagrees is reported instead of timed (exit status 1).
 Results: <out-dir>/lora_<device-slug>_<dtype>.json (all raw numbers) and .md, and .png with --plot.
 """
@@ -42,8 +42,8 @@ import lowrank
 from lowrank import _backends
 from lowrank.ops import lora_linear, lora_linear_reference
 
-MODES = ("forward", "backward", "forward+backward")
-MODE_COLUMNS = {"forward": "fwd ms", "backward": "bwd ms", "forward+backward": "fwd+bwd ms"}
+MODES = ("inference", "forward", "backward", "forward+backward")
+MODE_COLUMNS = {"inference": "infer ms", "forward": "fwd ms", "backward": "bwd ms", "forward+backward": "fwd+bwd ms"}
 BASELINE = "linear_frozen"
 LOWRANK_BACKENDS = ("torch", "cpu", "triton", "cuda", "auto")
 # The device type each lowrank backend needs its tensors on (None: any).
@@ -358,7 +358,10 @@ class _CudaEventTimer:
 def run_step(layer: Layer, mode: str, x: Tensor, grad_y: Tensor, timer) -> None:
     """One repeat of `mode`, with only what the mode measures inside `timer`."""
     layer.clear_grads(x)
-    if mode == "forward":
+    if mode == "inference":
+        with torch.no_grad(), timer:
+            layer.forward(x)
+    elif mode == "forward":
         with timer:
             y = layer.forward(x)
         del y  # the graph is freed outside the timer

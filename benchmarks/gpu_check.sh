@@ -38,15 +38,18 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("lora_*.json")):
     report = json.loads(path.read_text())
     fwd_bwd = {(r["shape"]["M"], r["shape"]["K"], r["shape"]["r"], r["provider"]): r["median_ms"]["forward+backward"]
                for r in report["results"]}
+    infer = {(r["shape"]["M"], r["shape"]["K"], r["shape"]["r"], r["provider"]): r["median_ms"]["inference"]
+             for r in report["results"]}
     print(f"\n{report['device']['name']} {report['dtype']}: fwd+bwd ms, and ratios to frozen nn.Linear")
     print(f"{'M':>5} {'K=N':>5} {'r':>3} {'linear':>8} {'peft':>8} {'triton':>8} {'cuda':>8} {'auto':>8}"
-          "  auto/linear  peft/auto")
+          "  auto/linear  peft/auto  infer auto/linear")
     for (M, K, r, provider), ms in sorted(fwd_bwd.items()):
         if provider != "linear_frozen":
             continue
         get = lambda p: fwd_bwd.get((M, K, r, p), float("nan"))
         auto = get("lowrank_auto")
         print(f"{M:5d} {K:5d} {r:3d} {ms:8.3f} {get('hf_peft'):8.3f} {get('lowrank_triton'):8.3f}"
-              f" {get('lowrank_cuda'):8.3f} {auto:8.3f}  {auto / ms:11.3f}  {get('hf_peft') / auto:9.3f}")
+              f" {get('lowrank_cuda'):8.3f} {auto:8.3f}  {auto / ms:11.3f}  {get('hf_peft') / auto:9.3f}"
+              f"  {infer.get((M, K, r, 'lowrank_auto'), float('nan')) / infer[(M, K, r, provider)]:17.3f}")
 PY
 exit $tests_rc

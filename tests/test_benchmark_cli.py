@@ -69,7 +69,7 @@ def test_markdown_table_is_written_and_printed_last(quick_run):
     completed, report, out_dir = quick_run
     markdown = (out_dir / f"lora_{report['device']['slug']}_{report['dtype']}.md").read_text()
     table_rows = [line for line in markdown.splitlines() if line.startswith("| ")]
-    assert table_rows[0].startswith("| M | K | N | r | provider | fwd ms | bwd ms | fwd+bwd ms |")
+    assert table_rows[0].startswith("| M | K | N | r | provider | infer ms | fwd ms | bwd ms | fwd+bwd ms |")
     assert len(table_rows) == 1 + len(report["results"])
     assert completed.stdout.rstrip().splitlines()[-1] == table_rows[-1]
 
