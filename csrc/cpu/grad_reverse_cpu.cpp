@@ -9,11 +9,11 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 
 #include "../grad_reverse_common.h"
 
@@ -27,18 +27,48 @@ constexpr const char* kInPlaceOp = "grad_reverse_backward_native_";
 // Smallest piece of work worth handing to another thread (128 KiB of fp32).
 constexpr int64_t kParallelGrainElements = int64_t{1} << 15;
 
+// Element conversions to and from the opmath type. bfloat16 is done on the bits, branch-free
+// (c10::BFloat16's round-to-nearest-even, NaN kept quiet), so the loops below vectorise; float16
+// goes through c10::Half, which compilers do not vectorise without F16C: slower than a copy on CPU
+// (backend "auto" measures that and picks the torch backend there).
+template <typename scalar_t>
+inline at::opmath_type<scalar_t> widen(scalar_t v) {
+  return static_cast<at::opmath_type<scalar_t>>(v);
+}
+template <>
+inline float widen<at::BFloat16>(at::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+template <typename scalar_t>
+inline scalar_t narrow(at::opmath_type<scalar_t> v) {
+  return static_cast<scalar_t>(v);
+}
+template <>
+inline at::BFloat16 narrow<at::BFloat16>(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const uint16_t rounded = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  return at::BFloat16(v != v ? uint16_t{0x7FC0} : rounded, at::BFloat16::from_bits());
+}
+
 // out[k] = neg_lambda · in[k·in_stride] for k < count; out may equal in when in_stride is 1.
+// The unit-stride loop is written for the compiler's vectoriser.
 template <typename scalar_t>
 void scale_run(const scalar_t* in, int64_t in_stride, scalar_t* out, int64_t count,
                at::opmath_type<scalar_t> neg_lambda) {
-  using opmath_t = at::opmath_type<scalar_t>;
   if (in_stride == 1) {
-    using Vec = at::vec::Vectorized<opmath_t>;  // at::vec::map goes through float for half types
-    at::vec::map([neg_lambda](Vec v) { return v * Vec(neg_lambda); }, out, in, count);
+#pragma omp simd
+    for (int64_t k = 0; k < count; ++k) {
+      out[k] = narrow<scalar_t>(neg_lambda * widen(in[k]));
+    }
     return;
   }
   for (int64_t k = 0; k < count; ++k) {
-    out[k] = static_cast<scalar_t>(neg_lambda * static_cast<opmath_t>(in[k * in_stride]));
+    out[k] = narrow<scalar_t>(neg_lambda * widen(in[k * in_stride]));
   }
 }
 
