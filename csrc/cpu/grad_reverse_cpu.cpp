@@ -2,7 +2,7 @@
 // lowrank::grad_reverse_backward_native_ (in place): out = −λ·grad in one read and one write.
 //
 // A dense gradient is a flat array (its output has the same strides), split across threads
-// and scaled with at::vec (half types through float). Any other gradient is walked in its
+// and scaled by a loop the compiler vectorises. Any other gradient is walked in its
 // output's memory order: each thread takes a range of output elements and reads grad through
 // the merged sizes and strides, one innermost run at a time.
 #include <ATen/ATen.h>
