@@ -1,7 +1,7 @@
 """lowrank: fused LoRA kernels and drop-in modules for transfer learning in PyTorch."""
 
 from lowrank._backends import backends
-from lowrank import ops
+from lowrank import nn, ops
 from lowrank.lora import inject_lora, mark_only_lora_trainable, merge_lora, unmerge_lora
 from lowrank.peft_io import load_adapter, save_adapter
 
@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 __all__ = [
     "backends",
     "ops",
+    "nn",
     "inject_lora",
     "merge_lora",
     "unmerge_lora",
