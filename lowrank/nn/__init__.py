@@ -1,5 +1,15 @@
 """Drop-in torch.nn modules."""
 
 from lowrank.nn.lora import LoRAConv1D, LoRAConv2d, LoRAEmbedding, LoRALayer, LoRALinear
+from lowrank.nn.prompt import PrefixAttention, PrefixEncoder, SoftPrompt
 
-__all__ = ["LoRALayer", "LoRALinear", "LoRAEmbedding", "LoRAConv1D", "LoRAConv2d"]
+__all__ = [
+    "LoRALayer",
+    "LoRALinear",
+    "LoRAEmbedding",
+    "LoRAConv1D",
+    "LoRAConv2d",
+    "SoftPrompt",
+    "PrefixEncoder",
+    "PrefixAttention",
+]
