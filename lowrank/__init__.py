@@ -4,6 +4,8 @@ from lowrank._backends import backends
 from lowrank import nn, ops
 from lowrank.lora import inject_lora, mark_only_lora_trainable, merge_lora, unmerge_lora
 from lowrank.peft_io import load_adapter, save_adapter
+from lowrank.prompt_io import load_prompt, mark_only_prompt_trainable, save_prompt
+from lowrank.prompt_tuning import PrefixTuningModel, PromptTuningModel, prefix_tuning, prompt_tuning
 
 __version__ = "0.1.0"
 
@@ -17,5 +19,12 @@ __all__ = [
     "mark_only_lora_trainable",
     "save_adapter",
     "load_adapter",
+    "PromptTuningModel",
+    "PrefixTuningModel",
+    "prompt_tuning",
+    "prefix_tuning",
+    "mark_only_prompt_trainable",
+    "save_prompt",
+    "load_prompt",
     "__version__",
 ]

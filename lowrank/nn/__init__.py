@@ -2,5 +2,18 @@
 
 from lowrank.nn.grad_reverse import DANNLambdaScheduler, GradientReversal, dann_lambda
 from lowrank.nn.lora import LoRAConv1D, LoRAConv2d, LoRAEmbedding, LoRALayer, LoRALinear
+from lowrank.nn.prompt import PrefixAttention, PrefixEncoder, SoftPrompt
 
-__all__ = ["LoRALayer", "LoRALinear", "LoRAEmbedding", "LoRAConv1D", "LoRAConv2d", "GradientReversal", "DANNLambdaScheduler", "dann_lambda"]
+__all__ = [
+    "LoRALayer",
+    "LoRALinear",
+    "LoRAEmbedding",
+    "LoRAConv1D",
+    "LoRAConv2d",
+    "GradientReversal",
+    "DANNLambdaScheduler",
+    "dann_lambda",
+    "SoftPrompt",
+    "PrefixEncoder",
+    "PrefixAttention",
+]
