@@ -100,14 +100,26 @@ class _TorchBackend:
     backward = staticmethod(_torch_backward)
 
 
-# Backends with an adapter implementation so far (the native and Triton ones follow).
-_IMPLEMENTED = ("torch",)
+class _NativeBackend:
+    """The C++ extension: one schema, CPU and CUDA kernels behind the dispatcher."""
+
+    @staticmethod
+    def forward(*args):
+        return torch.ops.lowrank.adapter_forward_native(*args)
+
+    @staticmethod
+    def backward(*args):
+        return torch.ops.lowrank.adapter_backward_native(*args)
 
 
 def _implementation(backend: str):
-    if backend not in _IMPLEMENTED:
-        raise NotImplementedError(f"adapter: backend {backend!r} has no adapter kernels yet")
-    return _TorchBackend
+    if backend == "torch":
+        return _TorchBackend
+    if backend in ("cpu", "cuda"):
+        return _NativeBackend
+    from lowrank.kernels import adapter as triton_adapter  # imports triton: only when asked for
+
+    return triton_adapter
 
 
 def _implementation_for(backend: str, h: Tensor, w_down: Tensor, activation: str):
@@ -122,8 +134,6 @@ def _auto_backend(h: Tensor, w_down: Tensor, activation: str) -> str:
     key = ("adapter", str(h.device), h.dtype, rows, D, Bn, activation)
 
     def measure(name: str) -> float:
-        if name not in _IMPLEMENTED:
-            return math.inf
         implementation = _implementation(name)
 
         def make(*shape):
@@ -214,6 +224,12 @@ def _(grad_out, h, z, w_down, w_up, activation, scaling, residual, backend,
       needs_dh, needs_dw_down, needs_db_down, needs_dw_up, needs_db_up):
     return _backward_fake(grad_out, h, z, w_down, w_up, activation, scaling, residual,
                           needs_dh, needs_dw_down, needs_db_down, needs_dw_up, needs_db_up)
+
+
+if _backends.EXTENSION is not None:
+    # The C++ ops share the public op's shapes; their fakes let opcheck and compile trace them.
+    torch.library.register_fake("lowrank::adapter_forward_native", _forward_fake)
+    torch.library.register_fake("lowrank::adapter_backward_native", _backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
