@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -329,17 +329,18 @@ def _sites_of(model: nn.Module) -> dict[str, str]:
     return getattr(model, "adapter_sites", {})
 
 
-def _build(model, site_name, kind, dim, bottleneck, activation, scaling, init="identity", init_std=1e-2, backend=None):
+def _build(caller, model, site_name, kind, dim, bottleneck, activation, scaling, init="identity", init_std=1e-2,
+           backend=None):  # fmt: skip
     site = model.get_submodule(site_name)
     if isinstance(site, Adapter) or _inside_adapter(site_name):
-        raise ValueError(f"inject_adapters: {site_name!r} is part of an adapter")
+        raise ValueError(f"{caller}: {site_name!r} is part of an adapter")
     if isinstance(site, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
         raise ValueError(
-            f"inject_adapters: module {site_name!r} is a {type(site).__name__}, whose children are its layers, so "
+            f"{caller}: module {site_name!r} is a {type(site).__name__}, whose children are its layers, so "
             "an adapter cannot be registered inside it; target its last layer or wrap it in a module of your own"
         )
     if hasattr(site, _CHILD):
-        raise ValueError(f"inject_adapters: module {site_name!r} already has an attribute {_CHILD!r} (an adapter?)")
+        raise ValueError(f"{caller}: module {site_name!r} already has an attribute {_CHILD!r} (an adapter?)")
     return Adapter(
         dim, bottleneck, activation, scaling, init, residual=_KINDS[kind].residual, init_std=init_std,
         backend=backend, name=_join(site_name, _CHILD), **_factory(model, site),
@@ -369,11 +370,8 @@ def inject_adapters(model: nn.Module, config: AdapterConfig | dict) -> nn.Module
     else:
         sites = _block_sites(model, config.placement, config.dim)
     # Build every adapter before installing any, so a failure leaves the model as it was.
-    built = {
-        name: (kind, _build(model, name, kind, dim, config.bottleneck, config.activation, config.scaling,
-                            config.init, config.init_std, config.backend))
-        for name, kind, dim in sites
-    }  # fmt: skip
+    hyperparameters = (config.bottleneck, config.activation, config.scaling, config.init, config.init_std, config.backend)
+    built = {name: (kind, _build("inject_adapters", model, name, kind, dim, *hyperparameters)) for name, kind, dim in sites}
     _install(model, built)
     return model
 
@@ -471,7 +469,7 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike, backend=None) 
                     f"load_adapters: the saved adapter {name!r} sits at {site_name!r}, which the model lacks"
                 ) from None
             built[site_name] = (record["kind"], _build(
-                model, site_name, record["kind"], record["dim"], record["bottleneck"], record["activation"],
+                "load_adapters", model, site_name, record["kind"], record["dim"], record["bottleneck"], record["activation"],
                 record["scaling"], backend=backend,
             ))  # fmt: skip
         adapters = {_join(site, _CHILD): adapter for site, (_, adapter) in built.items()}
