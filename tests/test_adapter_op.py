@@ -21,13 +21,15 @@ def _backend_param(name):
 BACKENDS = [_backend_param(name) for name in ("torch", "cpu", "triton", "cuda")]
 ACTIVATIONS = ["relu", "gelu", "silu"]
 
-# (lead shape of h, D, Bn): block-size-unfriendly sizes, M=1, M=0, 3-D inputs, Bn=1, Bn=D.
+# (lead shape of h, D, Bn): block-size-unfriendly sizes, M=1, M=0, 3-D inputs, Bn=1, Bn=D,
+# and rows spanning several of the CPU kernel's row chunks (2**17 elements of h each).
 SHAPES = [
     ((1,), 5, 3),
     ((0,), 8, 4),
     ((37,), 70, 16),
     ((65,), 33, 1),
     ((2, 3), 17, 17),
+    ((2, 211), 700, 24),
 ]
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 

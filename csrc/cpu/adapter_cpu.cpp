@@ -1,15 +1,21 @@
 // CPU kernels of lowrank::adapter_forward_native and lowrank::adapter_backward_native.
 //
-// The GEMMs go to MKL through at::mm/addmm with every add folded into them: b_down rides
-// addmm's beta epilogue, and the up projection accumulates onto h (+ s·b_up) in place, so
-// `out` is the only [M, D] tensor written. The activation work runs in one parallel pass
-// over the small [M, Bn] tile, and scaling is folded into it (a_s = s·act(z)), so no GEMM
-// result needs a second pass. The backward works the same way: dz = (g·W_u)⊙(s·act'(z)) in
-// place, dh accumulated onto g by addmm.
+// Every row of the adapter is independent except for the weight and bias gradients, so both
+// directions run as one parallel region over row chunks small enough to stay in L2
+// (kChunkElements), each chunk doing all of its GEMMs (MKL, single-threaded inside the
+// region) and elementwise work back to back:
+//   forward   z_c = b_d + h_c·W_dᵀ (addmm beta epilogue), a_c = s·act(z_c) in place over the
+//             [rows, Bn] tile, out_c = [h_c +] [s·b_u +] a_c·W_uᵀ (one addmm onto h_c or b_u)
+//   backward  dz_c = (g_c·W_u)⊙s·act'(z_c), dh_c = [g_c +] dz_c·W_d (one addmm onto g_c),
+//             and per-thread partial sums dW_d += dz_cᵀ·h_c, dW_u += g_cᵀ·a_c, db_d, db_u
+// h_c and g_c are read from memory once per direction and out/dh written once; the only
+// [M, ·] temporaries are the [rows, Bn] tiles. Compared with one whole-tensor op after the
+// other, this saves the passes over [M, D] tensors and the thread synchronisation between ops.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>  // at::AutoDispatchBelowADInplaceOrView
 #include <torch/library.h>
 
 #include <algorithm>
@@ -25,100 +31,154 @@ using at::Tensor;
 
 constexpr const char* kForwardOp = "adapter_forward_native";
 constexpr const char* kBackwardOp = "adapter_backward_native";
-// Smallest piece of elementwise work worth handing to another thread.
-constexpr int64_t kParallelGrainElements = int64_t{1} << 14;
+// Row chunks of about 512 KiB of fp32 [rows, D]: in L2 when the chunk's second GEMM reads them.
+constexpr int64_t kChunkElements = int64_t{1} << 17;
 
-int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(cols, 1)); }
-
-// a_s = s·act(z) for contiguous [M, Bn] tensors.
-template <typename scalar_t>
-void scaled_activation(const Tensor& z, Tensor& a_s, Activation act, double scaling) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t cols = z.size(1);
-  const scalar_t* z_data = z.const_data_ptr<scalar_t>();
-  scalar_t* a_data = a_s.mutable_data_ptr<scalar_t>();
-  const opmath_t s = static_cast<opmath_t>(scaling);
-  at::parallel_for(0, z.size(0), grain_rows(cols), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin * cols; i < end * cols; ++i) {
-      a_data[i] = static_cast<scalar_t>(s * activate(act, static_cast<opmath_t>(z_data[i])));
+// Calls body(first_row, rows) for each row chunk of [0, M), chunks spread over the threads.
+template <typename Body>
+void for_each_row_chunk(int64_t M, int64_t D, const Body& body) {
+  const int64_t chunk = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(D, 1));
+  const int64_t chunks = (M + chunk - 1) / chunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    // Worker threads do not inherit the caller's dispatch state: keep autograd out of the
+    // per-chunk ATen calls (their inputs are detached as well).
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t row = index * chunk;
+      body(row, std::min(chunk, M - row));
     }
   });
 }
 
-// dz ← dz ⊙ s·act'(z) in place (dz holds g·W_u on entry), and, when a_s is given,
-// a_s = s·act(z): one pass over z for both. All contiguous [M, Bn].
+// a = s·act(z) over n contiguous elements.
 template <typename scalar_t>
-void activation_backward(const Tensor& z, Tensor& dz, std::optional<Tensor>& a_s, Activation act, double scaling) {
+void scaled_activation(const scalar_t* z, scalar_t* a, int64_t n, Activation act, double scaling) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t cols = z.size(1);
-  const scalar_t* z_data = z.const_data_ptr<scalar_t>();
-  scalar_t* dz_data = dz.mutable_data_ptr<scalar_t>();
-  scalar_t* a_data = a_s.has_value() ? a_s->mutable_data_ptr<scalar_t>() : nullptr;
   const opmath_t s = static_cast<opmath_t>(scaling);
-  at::parallel_for(0, z.size(0), grain_rows(cols), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin * cols; i < end * cols; ++i) {
-      const opmath_t zi = static_cast<opmath_t>(z_data[i]);
-      dz_data[i] = static_cast<scalar_t>(static_cast<opmath_t>(dz_data[i]) * s * activate_grad(act, zi));
-      if (a_data != nullptr) {
-        a_data[i] = static_cast<scalar_t>(s * activate(act, zi));
-      }
-    }
-  });
-}
-
-std::tuple<Tensor, Tensor> adapter_forward_cpu(const Tensor& h, const Tensor& w_down,
-                                               const std::optional<Tensor>& b_down, const Tensor& w_up,
-                                               const std::optional<Tensor>& b_up, c10::string_view activation,
-                                               double scaling, bool residual) {
-  check_adapter_forward_inputs(kForwardOp, c10::DeviceType::CPU, h, w_down, b_down, w_up, b_up);
-  const Activation act = parse_activation(kForwardOp, activation);
-  const bool has_b_down = b_down.has_value() && b_down->defined();
-  const bool has_b_up = b_up.has_value() && b_up->defined();
-
-  Tensor z = has_b_down ? at::addmm(*b_down, h, w_down.t()) : at::mm(h, w_down.t());
-  Tensor a_s = at::empty_like(z);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "lowrank_adapter_activation",
-                                  [&] { scaled_activation<scalar_t>(z, a_s, act, scaling); });
-
-  Tensor out;
-  if (residual && has_b_up) {
-    out = at::add(h, *b_up, scaling);
-    out.addmm_(a_s, w_up.t());
-  } else if (residual) {
-    out = at::addmm(h, a_s, w_up.t());
-  } else if (has_b_up) {
-    out = at::addmm(*b_up, a_s, w_up.t(), scaling, 1.0);
-  } else {
-    out = at::mm(a_s, w_up.t());
+  for (int64_t i = 0; i < n; ++i) {
+    a[i] = static_cast<scalar_t>(s * activate(act, static_cast<opmath_t>(z[i])));
   }
+}
+
+// dz ← dz ⊙ s·act'(z) in place (dz holds g·W_u on entry) and, if a != nullptr, a = s·act(z):
+// one pass over z for both; n contiguous elements.
+template <typename scalar_t>
+void activation_backward(const scalar_t* z, scalar_t* dz, scalar_t* a, int64_t n, Activation act, double scaling) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t s = static_cast<opmath_t>(scaling);
+  for (int64_t i = 0; i < n; ++i) {
+    const opmath_t zi = static_cast<opmath_t>(z[i]);
+    dz[i] = static_cast<scalar_t>(static_cast<opmath_t>(dz[i]) * s * activate_grad(act, zi));
+    if (a != nullptr) {
+      a[i] = static_cast<scalar_t>(s * activate(act, zi));
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor> adapter_forward_cpu(const Tensor& h_in, const Tensor& w_down_in,
+                                               const std::optional<Tensor>& b_down_in, const Tensor& w_up_in,
+                                               const std::optional<Tensor>& b_up_in, c10::string_view activation,
+                                               double scaling, bool residual) {
+  const AdapterSizes n =
+      check_adapter_forward_inputs(kForwardOp, c10::DeviceType::CPU, h_in, w_down_in, b_down_in, w_up_in, b_up_in);
+  const Activation act = parse_activation(kForwardOp, activation);
+  const Tensor h = h_in.detach(), w_down_t = w_down_in.detach().t(), w_up_t = w_up_in.detach().t();
+  const std::optional<Tensor> b_down = b_down_in.has_value() && b_down_in->defined()
+                                           ? std::optional<Tensor>(b_down_in->detach()) : std::nullopt;
+  const std::optional<Tensor> b_up = b_up_in.has_value() && b_up_in->defined()
+                                         ? std::optional<Tensor>(b_up_in->detach()) : std::nullopt;
+
+  Tensor z = at::empty({n.M, n.Bn}, h.options());
+  Tensor out = at::empty({n.M, n.D}, h.options());
+  for_each_row_chunk(n.M, n.D, [&](int64_t row, int64_t rows) {
+    const Tensor h_c = h.narrow(0, row, rows);
+    Tensor z_c = z.narrow(0, row, rows), out_c = out.narrow(0, row, rows);
+    if (b_down.has_value()) {
+      at::addmm_out(z_c, *b_down, h_c, w_down_t);
+    } else {
+      at::mm_out(z_c, h_c, w_down_t);
+    }
+    Tensor a_c = at::empty_like(z_c);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "lowrank_adapter_activation", [&] {
+      scaled_activation<scalar_t>(z_c.const_data_ptr<scalar_t>(), a_c.mutable_data_ptr<scalar_t>(), a_c.numel(),
+                                  act, scaling);
+    });
+    if (residual && b_up.has_value()) {
+      at::add_out(out_c, h_c, *b_up, scaling);
+      out_c.addmm_(a_c, w_up_t);
+    } else if (residual) {
+      at::addmm_out(out_c, h_c, a_c, w_up_t);
+    } else if (b_up.has_value()) {
+      at::addmm_out(out_c, *b_up, a_c, w_up_t, scaling, 1.0);
+    } else {
+      at::mm_out(out_c, a_c, w_up_t);
+    }
+  });
   return {std::move(out), std::move(z)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_backward_cpu(
-    const Tensor& grad_out, const Tensor& h, const Tensor& z_in, const Tensor& w_down, const Tensor& w_up,
+    const Tensor& grad_out_in, const Tensor& h_in, const Tensor& z_in, const Tensor& w_down_in, const Tensor& w_up_in,
     c10::string_view activation, double scaling, bool residual, bool needs_dh, bool needs_dw_down,
     bool needs_db_down, bool needs_dw_up, bool needs_db_up) {
-  check_adapter_backward_inputs(kBackwardOp, c10::DeviceType::CPU, grad_out, h, z_in, w_down, w_up);
+  const AdapterSizes n =
+      check_adapter_backward_inputs(kBackwardOp, c10::DeviceType::CPU, grad_out_in, h_in, z_in, w_down_in, w_up_in);
   const Activation act = parse_activation(kBackwardOp, activation);
+  const Tensor g = grad_out_in.detach(), h = h_in.detach(), z = z_in.detach().contiguous();
+  const Tensor w_down = w_down_in.detach(), w_up = w_up_in.detach();
+  const auto dtype = h.scalar_type();
   const auto not_needed = [&] { return at::empty({0}, h.options()); };
-  const Tensor z = z_in.contiguous();
 
-  Tensor dz = at::mm(grad_out, w_up);
-  std::optional<Tensor> a_s;
-  if (needs_dw_up) {
-    a_s = at::empty_like(dz);
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "lowrank_adapter_activation_backward",
-                                  [&] { activation_backward<scalar_t>(z, dz, a_s, act, scaling); });
+  // Reductions over rows go to one slot per thread, summed at the end in slot order (so the
+  // result does not depend on which thread finishes first); fp32 slots for half types.
+  const int64_t slots = at::get_num_threads();
+  const auto partial_dtype = chunk_accumulate_dtype(dtype);
+  const auto partial = h.options().dtype(partial_dtype);
+  Tensor dw_down_parts = needs_dw_down ? at::zeros({slots, n.Bn, n.D}, partial) : Tensor();
+  Tensor dw_up_parts = needs_dw_up ? at::zeros({slots, n.D, n.Bn}, partial) : Tensor();
+  Tensor db_down_parts = needs_db_down ? at::zeros({slots, n.Bn}, partial) : Tensor();
+  Tensor db_up_parts = needs_db_up ? at::zeros({slots, n.D}, partial) : Tensor();
+  Tensor dh = needs_dh ? at::empty({n.M, n.D}, h.options()) : not_needed();
 
-  Tensor dh = not_needed();
-  if (needs_dh) {
-    dh = residual ? at::addmm(grad_out, dz, w_down) : at::mm(dz, w_down);
-  }
-  Tensor dw_down = needs_dw_down ? at::mm(dz.t(), h) : not_needed();
-  Tensor db_down = needs_db_down ? dz.sum(0) : not_needed();
-  Tensor dw_up = needs_dw_up ? at::mm(grad_out.t(), *a_s) : not_needed();
-  Tensor db_up = needs_db_up ? grad_out.sum(0).mul_(scaling) : not_needed();
+  for_each_row_chunk(n.M, n.D, [&](int64_t row, int64_t rows) {
+    const int64_t slot = at::get_thread_num();
+    const Tensor g_c = g.narrow(0, row, rows), z_c = z.narrow(0, row, rows);
+    Tensor dz_c = at::mm(g_c, w_up);
+    Tensor a_c = needs_dw_up ? at::empty_like(dz_c) : Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lowrank_adapter_activation_backward", [&] {
+      activation_backward<scalar_t>(z_c.const_data_ptr<scalar_t>(), dz_c.mutable_data_ptr<scalar_t>(),
+                                    needs_dw_up ? a_c.mutable_data_ptr<scalar_t>() : nullptr, dz_c.numel(), act,
+                                    scaling);
+    });
+    if (needs_dh) {
+      Tensor dh_c = dh.narrow(0, row, rows);
+      if (residual) {
+        at::addmm_out(dh_c, g_c, dz_c, w_down);
+      } else {
+        at::mm_out(dh_c, dz_c, w_down);
+      }
+    }
+    if (needs_dw_down) {
+      Tensor part = dw_down_parts.select(0, slot);
+      accumulate_product(part, dz_c.t(), h.narrow(0, row, rows), 1.0);
+    }
+    if (needs_dw_up) {
+      Tensor part = dw_up_parts.select(0, slot);
+      accumulate_product(part, g_c.t(), a_c, 1.0);
+    }
+    if (needs_db_down) {
+      db_down_parts.select(0, slot).add_(at::sum(dz_c, {0}, false, partial_dtype));
+    }
+    if (needs_db_up) {
+      db_up_parts.select(0, slot).add_(at::sum(g_c, {0}, false, partial_dtype));
+    }
+  });
+
+  const auto total = [&](const Tensor& parts) { return parts.sum(0).to(dtype); };
+  Tensor dw_down = needs_dw_down ? total(dw_down_parts) : not_needed();
+  Tensor dw_up = needs_dw_up ? total(dw_up_parts) : not_needed();
+  Tensor db_down = needs_db_down ? total(db_down_parts) : not_needed();
+  Tensor db_up = needs_db_up ? total(db_up_parts).mul_(scaling) : not_needed();
   return {std::move(dh), std::move(dw_down), std::move(db_down), std::move(dw_up), std::move(db_up)};
 }
 
