@@ -11,7 +11,13 @@
 // h_c and g_c are read from memory once per direction and out/dh written once; the only
 // [M, ·] temporaries are the [rows, Bn] tiles. Compared with one whole-tensor op after the
 // other, this saves the passes over [M, D] tensors and the thread synchronisation between ops.
+//
+// fp32 GEMMs go to oneDNN (at::native::mkldnn_matmul), which picks its kernels by instruction
+// set: on AMD Zen CPUs it runs AVX-512 where MKL's sgemm (what at::mm and nn.Linear use)
+// does not, about 2x faster at these shapes. Other dtypes, or a torch without that function,
+// use MKL through at::mm.
 #include <ATen/ATen.h>
+#include <ATen/Config.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -23,6 +29,16 @@
 #include <tuple>
 
 #include "../adapter_common.h"
+
+#if AT_MKLDNN_ENABLED()
+namespace at::native {
+// Exported by libtorch_cpu (ATen/native/mkldnn/Matmul.cpp), but its header is not installed:
+// result = beta·result + alpha·mat1·mat2. Declared weak, so a torch without it (or with another
+// signature, hence another mangled name) loads this extension and takes the MKL path.
+__attribute__((weak)) void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tensor& result, float beta,
+                                         float alpha);
+}  // namespace at::native
+#endif
 
 namespace lowrank {
 namespace {
@@ -48,6 +64,39 @@ void for_each_row_chunk(int64_t M, int64_t D, const Body& body) {
       body(row, std::min(chunk, M - row));
     }
   });
+}
+
+bool use_onednn(const Tensor& result) {
+#if AT_MKLDNN_ENABLED()
+  return &at::native::mkldnn_matmul != nullptr && result.scalar_type() == at::kFloat && result.is_contiguous() &&
+         at::globalContext().userEnabledMkldnn();
+#else
+  return false;
+#endif
+}
+
+// result = mat1·mat2, or result += mat1·mat2 when accumulate.
+void gemm_into(Tensor& result, const Tensor& mat1, const Tensor& mat2, bool accumulate) {
+#if AT_MKLDNN_ENABLED()
+  if (use_onednn(result)) {
+    at::native::mkldnn_matmul(mat1, mat2, result, accumulate ? 1.0f : 0.0f, 1.0f);
+    return;
+  }
+#endif
+  if (accumulate) {
+    result.addmm_(mat1, mat2);
+  } else {
+    at::mm_out(result, mat1, mat2);
+  }
+}
+
+// acc += mat1·mat2 where acc may be fp32 for half-type operands.
+void accumulate_gemm(Tensor& acc, const Tensor& mat1, const Tensor& mat2) {
+  if (acc.scalar_type() == mat1.scalar_type()) {
+    gemm_into(acc, mat1, mat2, true);
+  } else {
+    accumulate_product(acc, mat1, mat2, 1.0);
+  }
 }
 
 // a = s·act(z) over n contiguous elements.
@@ -94,10 +143,9 @@ std::tuple<Tensor, Tensor> adapter_forward_cpu(const Tensor& h_in, const Tensor&
     const Tensor h_c = h.narrow(0, row, rows);
     Tensor z_c = z.narrow(0, row, rows), out_c = out.narrow(0, row, rows);
     if (b_down.has_value()) {
-      at::addmm_out(z_c, *b_down, h_c, w_down_t);
-    } else {
-      at::mm_out(z_c, h_c, w_down_t);
+      z_c.copy_(*b_down);  // broadcast over the rows: the GEMM then accumulates onto it
     }
+    gemm_into(z_c, h_c, w_down_t, b_down.has_value());
     Tensor a_c = at::empty_like(z_c);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "lowrank_adapter_activation", [&] {
       scaled_activation<scalar_t>(z_c.const_data_ptr<scalar_t>(), a_c.mutable_data_ptr<scalar_t>(), a_c.numel(),
@@ -105,14 +153,12 @@ std::tuple<Tensor, Tensor> adapter_forward_cpu(const Tensor& h_in, const Tensor&
     });
     if (residual && b_up.has_value()) {
       at::add_out(out_c, h_c, *b_up, scaling);
-      out_c.addmm_(a_c, w_up_t);
     } else if (residual) {
-      at::addmm_out(out_c, h_c, a_c, w_up_t);
+      out_c.copy_(h_c);
     } else if (b_up.has_value()) {
-      at::addmm_out(out_c, *b_up, a_c, w_up_t, scaling, 1.0);
-    } else {
-      at::mm_out(out_c, a_c, w_up_t);
+      out_c.copy_(*b_up).mul_(scaling);
     }
+    gemm_into(out_c, a_c, w_up_t, residual || b_up.has_value());
   });
   return {std::move(out), std::move(z)};
 }
@@ -135,7 +181,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_backward_cpu(
   const auto partial_dtype = chunk_accumulate_dtype(dtype);
   const auto partial = h.options().dtype(partial_dtype);
   Tensor dw_down_parts = needs_dw_down ? at::zeros({slots, n.Bn, n.D}, partial) : Tensor();
-  Tensor dw_up_parts = needs_dw_up ? at::zeros({slots, n.D, n.Bn}, partial) : Tensor();
+  // dW_u accumulates transposed, as a_cᵀ·g_c: the faster operand order for both GEMM libraries.
+  Tensor dw_up_t_parts = needs_dw_up ? at::zeros({slots, n.Bn, n.D}, partial) : Tensor();
   Tensor db_down_parts = needs_db_down ? at::zeros({slots, n.Bn}, partial) : Tensor();
   Tensor db_up_parts = needs_db_up ? at::zeros({slots, n.D}, partial) : Tensor();
   Tensor dh = needs_dh ? at::empty({n.M, n.D}, h.options()) : not_needed();
@@ -143,7 +190,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_backward_cpu(
   for_each_row_chunk(n.M, n.D, [&](int64_t row, int64_t rows) {
     const int64_t slot = at::get_thread_num();
     const Tensor g_c = g.narrow(0, row, rows), z_c = z.narrow(0, row, rows);
-    Tensor dz_c = at::mm(g_c, w_up);
+    Tensor dz_c = at::empty({rows, n.Bn}, h.options());
+    gemm_into(dz_c, g_c, w_up, false);
     Tensor a_c = needs_dw_up ? at::empty_like(dz_c) : Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lowrank_adapter_activation_backward", [&] {
       activation_backward<scalar_t>(z_c.const_data_ptr<scalar_t>(), dz_c.mutable_data_ptr<scalar_t>(),
@@ -153,18 +201,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_backward_cpu(
     if (needs_dh) {
       Tensor dh_c = dh.narrow(0, row, rows);
       if (residual) {
-        at::addmm_out(dh_c, g_c, dz_c, w_down);
-      } else {
-        at::mm_out(dh_c, dz_c, w_down);
+        dh_c.copy_(g_c);
       }
+      gemm_into(dh_c, dz_c, w_down, residual);
     }
     if (needs_dw_down) {
       Tensor part = dw_down_parts.select(0, slot);
-      accumulate_product(part, dz_c.t(), h.narrow(0, row, rows), 1.0);
+      accumulate_gemm(part, dz_c.t(), h.narrow(0, row, rows));
     }
     if (needs_dw_up) {
-      Tensor part = dw_up_parts.select(0, slot);
-      accumulate_product(part, g_c.t(), a_c, 1.0);
+      Tensor part = dw_up_t_parts.select(0, slot);
+      accumulate_gemm(part, a_c.t(), g_c);
     }
     if (needs_db_down) {
       db_down_parts.select(0, slot).add_(at::sum(dz_c, {0}, false, partial_dtype));
@@ -176,7 +223,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_backward_cpu(
 
   const auto total = [&](const Tensor& parts) { return parts.sum(0).to(dtype); };
   Tensor dw_down = needs_dw_down ? total(dw_down_parts) : not_needed();
-  Tensor dw_up = needs_dw_up ? total(dw_up_parts) : not_needed();
+  Tensor dw_up = needs_dw_up ? total(dw_up_t_parts).t().contiguous() : not_needed();
   Tensor db_down = needs_db_down ? total(db_down_parts) : not_needed();
   Tensor db_up = needs_db_up ? total(db_up_parts).mul_(scaling) : not_needed();
   return {std::move(dh), std::move(dw_down), std::move(db_down), std::move(dw_up), std::move(db_up)};
