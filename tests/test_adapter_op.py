@@ -295,3 +295,15 @@ def test_native_ops_check_their_inputs():
         torch.ops.lowrank.adapter_backward_native(
             h, h, h, w_down, w_up, "relu", 1.0, True, True, True, True, True, True
         )
+
+
+@pytest.mark.skipif(not AVAILABLE["cpu"].available or DEVICE != "cpu", reason="needs the cpu backend and CPU tensors")
+def test_cpu_backend_without_onednn():
+    """The cpu backend's fp32 GEMMs fall back to MKL when oneDNN is switched off."""
+    inputs = make_inputs((3, 150), 700, 40, torch.float32)
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        check_against_reference("cpu", inputs, torch.float32, "gelu")
+    finally:
+        torch.backends.mkldnn.enabled = enabled
