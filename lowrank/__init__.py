@@ -1,7 +1,8 @@
-"""lowrank: fused LoRA kernels and drop-in modules for transfer learning in PyTorch."""
+"""lowrank: fused LoRA, adapter and gradient-reversal kernels and drop-in modules for transfer learning."""
 
 from lowrank._backends import backends
 from lowrank import nn, ops
+from lowrank.adapters import AdapterConfig, inject_adapters, load_adapters, mark_only_adapters_trainable, save_adapters
 from lowrank.lora import inject_lora, mark_only_lora_trainable, merge_lora, unmerge_lora
 from lowrank.peft_io import load_adapter, save_adapter
 from lowrank.prompt_io import load_prompt, mark_only_prompt_trainable, save_prompt
@@ -19,6 +20,11 @@ __all__ = [
     "mark_only_lora_trainable",
     "save_adapter",
     "load_adapter",
+    "AdapterConfig",
+    "inject_adapters",
+    "mark_only_adapters_trainable",
+    "save_adapters",
+    "load_adapters",
     "PromptTuningModel",
     "PrefixTuningModel",
     "prompt_tuning",

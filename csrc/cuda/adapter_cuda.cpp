@@ -1,0 +1,129 @@
+// CUDA kernels of lowrank::adapter_forward_native and lowrank::adapter_backward_native.
+//
+// GEMMs go to cuBLAS through at::mm/addmm, with the [M, D] adds folded into them: the up
+// projection accumulates onto h (+ s·b_u) in place, dh onto g. The elementwise work on the
+// [M, Bn] GEMM results (bias + activation, act'-masking) runs in the kernels of
+// adapter_kernels.cu, one pass each, with scaling folded in (a_s = s·act(z)).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // at::cuda::getCurrentCUDAStream (at::cuda re-exports c10::cuda)
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "../adapter_common.h"
+#include "adapter_kernels.cuh"
+
+namespace lowrank {
+namespace {
+
+using at::Tensor;
+
+constexpr const char* kForwardOp = "adapter_forward_native";
+constexpr const char* kBackwardOp = "adapter_backward_native";
+
+template <typename scalar_t>
+struct CudaScalar {
+  using type = scalar_t;
+};
+template <>
+struct CudaScalar<at::Half> {
+  using type = __half;
+};
+template <>
+struct CudaScalar<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename scalar_t>
+cuda::StridedMatrix<const typename CudaScalar<scalar_t>::type> read_only_matrix(const Tensor& t) {
+  using cuda_t = typename CudaScalar<scalar_t>::type;
+  return {reinterpret_cast<const cuda_t*>(t.const_data_ptr<scalar_t>()), t.stride(0), t.stride(1)};
+}
+
+template <typename scalar_t>
+cuda::StridedMatrix<typename CudaScalar<scalar_t>::type> writable_matrix(Tensor& t) {
+  using cuda_t = typename CudaScalar<scalar_t>::type;
+  return {reinterpret_cast<cuda_t*>(t.mutable_data_ptr<scalar_t>()), t.stride(0), t.stride(1)};
+}
+
+std::tuple<Tensor, Tensor> adapter_forward_cuda(const Tensor& h, const Tensor& w_down,
+                                                const std::optional<Tensor>& b_down, const Tensor& w_up,
+                                                const std::optional<Tensor>& b_up, c10::string_view activation,
+                                                double scaling, bool residual) {
+  const AdapterSizes n = check_adapter_forward_inputs(kForwardOp, c10::DeviceType::CUDA, h, w_down, b_down, w_up, b_up);
+  const Activation act = parse_activation(kForwardOp, activation);
+  const c10::cuda::CUDAGuard device_guard(h.device());
+  const bool has_b_down = b_down.has_value() && b_down->defined();
+  const bool has_b_up = b_up.has_value() && b_up->defined();
+
+  Tensor z = at::mm(h, w_down.t());
+  Tensor a_s = at::empty_like(z);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "lowrank_adapter_bias_activation", [&] {
+    using cuda_t = typename CudaScalar<scalar_t>::type;
+    const cuda_t* bias = has_b_down ? reinterpret_cast<const cuda_t*>(b_down->const_data_ptr<scalar_t>()) : nullptr;
+    C10_CUDA_CHECK(cuda::launch_bias_activation<cuda_t>(n.M, n.Bn, bias, has_b_down ? b_down->stride(0) : 0,
+                                                        writable_matrix<scalar_t>(z), writable_matrix<scalar_t>(a_s),
+                                                        act, scaling, stream));
+  });
+
+  Tensor out;
+  if (residual && has_b_up) {
+    out = at::add(h, *b_up, scaling);
+    out.addmm_(a_s, w_up.t());
+  } else if (residual) {
+    out = at::addmm(h, a_s, w_up.t());
+  } else if (has_b_up) {
+    out = at::addmm(*b_up, a_s, w_up.t(), scaling, 1.0);
+  } else {
+    out = at::mm(a_s, w_up.t());
+  }
+  return {std::move(out), std::move(z)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_backward_cuda(
+    const Tensor& grad_out, const Tensor& h, const Tensor& z, const Tensor& w_down, const Tensor& w_up,
+    c10::string_view activation, double scaling, bool residual, bool needs_dh, bool needs_dw_down,
+    bool needs_db_down, bool needs_dw_up, bool needs_db_up) {
+  const AdapterSizes n = check_adapter_backward_inputs(kBackwardOp, c10::DeviceType::CUDA, grad_out, h, z, w_down, w_up);
+  const Activation act = parse_activation(kBackwardOp, activation);
+  const c10::cuda::CUDAGuard device_guard(h.device());
+  const auto not_needed = [&] { return at::empty({0}, h.options()); };
+
+  Tensor dz = at::mm(grad_out, w_up);
+  Tensor a_s = needs_dw_up ? at::empty_like(dz) : Tensor();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "lowrank_adapter_activation_backward",
+                                  [&] {
+                                    using cuda_t = typename CudaScalar<scalar_t>::type;
+                                    const cuda::StridedMatrix<cuda_t> activation_out =
+                                        needs_dw_up ? writable_matrix<scalar_t>(a_s)
+                                                    : cuda::StridedMatrix<cuda_t>{nullptr, 0, 0};
+                                    C10_CUDA_CHECK(cuda::launch_activation_backward<cuda_t>(
+                                        n.M, n.Bn, read_only_matrix<scalar_t>(z), writable_matrix<scalar_t>(dz),
+                                        activation_out, act, scaling, stream));
+                                  });
+
+  Tensor dh = not_needed();
+  if (needs_dh) {
+    dh = residual ? at::addmm(grad_out, dz, w_down) : at::mm(dz, w_down);
+  }
+  Tensor dw_down = needs_dw_down ? at::mm(dz.t(), h) : not_needed();
+  Tensor db_down = needs_db_down ? dz.sum(0) : not_needed();
+  Tensor dw_up = needs_dw_up ? at::mm(grad_out.t(), a_s) : not_needed();
+  Tensor db_up = needs_db_up ? grad_out.sum(0).mul_(scaling) : not_needed();
+  return {std::move(dh), std::move(dw_down), std::move(db_down), std::move(dw_up), std::move(db_up)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
+  m.impl("adapter_forward_native", &adapter_forward_cuda);
+  m.impl("adapter_backward_native", &adapter_backward_cuda);
+}
+
+}  // namespace lowrank

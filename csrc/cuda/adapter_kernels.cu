@@ -1,0 +1,119 @@
+// CUDA kernels declared in adapter_kernels.cuh. Half types go through explicit conversion
+// intrinsics only: torch builds with __CUDA_NO_HALF_CONVERSIONS__ and friends.
+#include "adapter_kernels.cuh"
+
+namespace lowrank::cuda {
+namespace {
+
+template <typename T>
+struct Math {
+  using type = float;
+};
+template <>
+struct Math<double> {
+  using type = double;
+};
+template <typename T>
+using math_t = typename Math<T>::type;
+
+__device__ __forceinline__ float to_math(float v) { return v; }
+__device__ __forceinline__ double to_math(double v) { return v; }
+__device__ __forceinline__ float to_math(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_math(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_math(math_t<T> v);
+template <>
+__device__ __forceinline__ float from_math<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ double from_math<double>(double v) { return v; }
+template <>
+__device__ __forceinline__ __half from_math<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_math<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 65535;
+
+unsigned blocks_for(int64_t elements) {
+  const int64_t blocks = (elements + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
+}
+
+// Grid-stride loops over the M·Bn elements; the bottleneck is small, so (i, j) come from
+// one flat index and consecutive threads touch consecutive columns of a row.
+template <typename T>
+__global__ void bias_activation_kernel(int64_t M, int64_t Bn, const T* bias, int64_t bias_stride,
+                                       StridedMatrix<T> z, StridedMatrix<T> a_s, Activation act, double scaling) {
+  using A = math_t<T>;
+  const A s = static_cast<A>(scaling);
+  const int64_t total = M * Bn;
+  for (int64_t index = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; index < total;
+       index += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t i = index / Bn, j = index % Bn;
+    T* z_at = z.data + i * z.row_stride + j * z.col_stride;
+    A value = to_math(*z_at);
+    if (bias != nullptr) {
+      value += to_math(bias[j * bias_stride]);
+    }
+    const T rounded = from_math<T>(value);  // act sees z as stored, as the backward will
+    *z_at = rounded;
+    a_s.data[i * a_s.row_stride + j * a_s.col_stride] = from_math<T>(s * activate(act, to_math(rounded)));
+  }
+}
+
+template <typename T>
+__global__ void activation_backward_kernel(int64_t M, int64_t Bn, StridedMatrix<const T> z, StridedMatrix<T> dz,
+                                           StridedMatrix<T> a_s, Activation act, double scaling) {
+  using A = math_t<T>;
+  const A s = static_cast<A>(scaling);
+  const int64_t total = M * Bn;
+  for (int64_t index = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; index < total;
+       index += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t i = index / Bn, j = index % Bn;
+    const A zi = to_math(z.data[i * z.row_stride + j * z.col_stride]);
+    T* dz_at = dz.data + i * dz.row_stride + j * dz.col_stride;
+    *dz_at = from_math<T>(to_math(*dz_at) * s * activate_grad(act, zi));
+    if (a_s.data != nullptr) {
+      a_s.data[i * a_s.row_stride + j * a_s.col_stride] = from_math<T>(s * activate(act, zi));
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t launch_bias_activation(int64_t M, int64_t Bn, const T* bias, int64_t bias_stride, StridedMatrix<T> z,
+                                   StridedMatrix<T> a_s, Activation act, double scaling, cudaStream_t stream) {
+  if (M == 0 || Bn == 0) {
+    return cudaSuccess;
+  }
+  bias_activation_kernel<T><<<blocks_for(M * Bn), kThreads, 0, stream>>>(M, Bn, bias, bias_stride, z, a_s, act,
+                                                                         scaling);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_activation_backward(int64_t M, int64_t Bn, StridedMatrix<const T> z, StridedMatrix<T> dz,
+                                       StridedMatrix<T> a_s, Activation act, double scaling, cudaStream_t stream) {
+  if (M == 0 || Bn == 0) {
+    return cudaSuccess;
+  }
+  activation_backward_kernel<T><<<blocks_for(M * Bn), kThreads, 0, stream>>>(M, Bn, z, dz, a_s, act, scaling);
+  return cudaGetLastError();
+}
+
+#define LOWRANK_INSTANTIATE_KERNELS(T)                                                                          \
+  template cudaError_t launch_bias_activation<T>(int64_t, int64_t, const T*, int64_t, StridedMatrix<T>,        \
+                                                 StridedMatrix<T>, Activation, double, cudaStream_t);          \
+  template cudaError_t launch_activation_backward<T>(int64_t, int64_t, StridedMatrix<const T>, StridedMatrix<T>, \
+                                                     StridedMatrix<T>, Activation, double, cudaStream_t);
+
+LOWRANK_INSTANTIATE_KERNELS(float)
+LOWRANK_INSTANTIATE_KERNELS(double)
+LOWRANK_INSTANTIATE_KERNELS(__half)
+LOWRANK_INSTANTIATE_KERNELS(__nv_bfloat16)
+
+#undef LOWRANK_INSTANTIATE_KERNELS
+
+}  // namespace lowrank::cuda

