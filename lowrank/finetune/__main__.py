@@ -1,0 +1,5 @@
+import sys
+
+from lowrank.finetune.cli import main
+
+sys.exit(main())

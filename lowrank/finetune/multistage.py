@@ -1,0 +1,95 @@
+"""Multi-stage fine-tuning: a list of stages, each with its own data, strategy and training config.
+
+Stage i trains the result of stage i-1 (after that stage's strategy.finish(): LoRA is merged into
+the weights and removed, so a later LoRA stage starts a new adapter). Under output_dir:
+
+    stages.json               the stage names and strategies (a resumed run must match them)
+    <i>-<name>/checkpoint/    the stage's epoch checkpoint (Trainer)
+    <i>-<name>/metrics.json   the stage's metrics log
+    <i>-<name>/final.safetensors   the model after the stage and its finish()
+
+run() resumes where a run stopped: finished stages are replayed for their structure only
+(prepare + finish, no training), the last finished stage's weights are loaded, and the stage in
+progress continues from its epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from lowrank.finetune.strategies import Strategy
+from lowrank.finetune.trainer import TrainConfig, Trainer, load_state, save_state
+
+__all__ = ["Stage", "MultiStage"]
+
+FINAL = "final.safetensors"
+PLAN = "stages.json"
+
+
+@dataclass
+class Stage:
+    name: str
+    strategy: Strategy
+    train_data: Dataset
+    eval_data: Dataset | None = None
+    config: TrainConfig = field(default_factory=TrainConfig)
+
+
+class MultiStage:
+    def __init__(self, stages: list[Stage], output_dir: str | os.PathLike, loss_fn=None):
+        if not stages:
+            raise ValueError("MultiStage: needs at least one stage")
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"MultiStage: stage names must be unique, got {names}")
+        self.stages, self.output_dir, self.loss_fn = stages, os.fspath(output_dir), loss_fn
+        self.results: list[dict] = []
+
+    def stage_dir(self, index: int) -> str:
+        return os.path.join(self.output_dir, f"{index}-{self.stages[index].name}")
+
+    def _plan(self) -> list[dict]:
+        return json.loads(json.dumps([{"name": s.name, "strategy": s.strategy.config()} for s in self.stages]))
+
+    def _check_plan(self) -> None:
+        path = os.path.join(self.output_dir, PLAN)
+        if os.path.isfile(path):
+            with open(path) as f:
+                saved = json.load(f)
+            if saved != self._plan():
+                raise ValueError(f"MultiStage: {self.output_dir} holds a run with other stages ({saved}); "
+                                 "use another output_dir or delete it")
+        else:
+            os.makedirs(self.output_dir, exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(self._plan(), f, indent=1)
+
+    def run(self, model: nn.Module, resume: bool = True) -> nn.Module:
+        """Train every stage in order (resuming a stopped run when resume) and return the final model."""
+        self._check_plan()
+        done = 0
+        while resume and done < len(self.stages) and os.path.isfile(os.path.join(self.stage_dir(done), FINAL)):
+            done += 1
+        for index in range(done):  # structure only: the weights come from the last finished stage's file
+            stage = self.stages[index]
+            torch.manual_seed(stage.config.seed)
+            model = stage.strategy.finish(stage.strategy.prepare(model)).to(stage.config.device)
+        if done:
+            load_state(model, os.path.join(self.stage_dir(done - 1), FINAL), f"MultiStage stage {done - 1}")
+        for index in range(done, len(self.stages)):
+            stage = self.stages[index]
+            trainer = Trainer(model, stage.strategy, stage.train_data, stage.eval_data, stage.config,
+                              self.stage_dir(index), self.loss_fn)
+            model = stage.strategy.finish(trainer.fit(resume=resume))
+            self.results.append({"stage": stage.name, "trainable_parameters": trainer.trainable_parameters,
+                                 **(trainer.history[-1] if trainer.history else {})})
+            path = os.path.join(self.stage_dir(index), FINAL)
+            save_state(model.state_dict(), path + ".tmp")
+            os.replace(path + ".tmp", path)
+        return model
