@@ -9,6 +9,8 @@ Every provider computes out = h + (act(h·W_dᵀ + b_d)·W_uᵀ + b_u) with h an
 tensors requiring grad (h stands for the activations of the layers below):
   eager_sequential   h + nn.Sequential(nn.Linear(D, Bn), act, nn.Linear(Bn, D))(h), as adapter
                      libraries write it: the baseline of the "× eager" columns (its time / yours)
+  eager_compiled     the same module through torch.compile(fullgraph=True) (CUDA runs; on CPU
+                     only when named in --providers, inductor's C++ builds being slow)
   lowrank_<backend>  lowrank.ops.adapter with that backend (auto: the fastest, measured per shape)
 
 Timing, interleaving, input rotation and memory accounting are those of benchmarks.bench_lora
@@ -87,7 +89,7 @@ class Shape:
 
 DEFAULT_SHAPES = {
     "cpu": [Shape(4096, 1024, 64), Shape(4096, 768, 48), Shape(1024, 1024, 64)],
-    "cuda": [Shape(M, D, Bn) for M in (4096, 16384) for D in (1024, 4096) for Bn in (64, 256)],
+    "cuda": [Shape(M, D, Bn) for M in (4096, 16384) for D in (768, 4096) for Bn in (64, 256)],
 }
 DEFAULT_REPEATS = {"cpu": 10, "cuda": 100}
 DEFAULT_WARMUP = {"cpu": 2, "cuda": 10}
@@ -192,6 +194,12 @@ def build_eager_sequential(problem: Problem) -> Layer:
     return Layer(module, module.trained())
 
 
+def build_eager_compiled(problem: Problem) -> Layer:
+    """The eager adapter through torch.compile (inductor): what fusion buys without our kernels."""
+    module = EagerAdapter(problem)
+    return Layer(torch.compile(module, fullgraph=True), module.trained())
+
+
 def _lowrank_builder(backend: str) -> Callable[[Problem], Layer]:
     def build(problem: Problem) -> Layer:
         trained = tuple(t.clone().requires_grad_() for t in (problem.w_down, problem.b_down, problem.w_up, problem.b_up))
@@ -206,6 +214,7 @@ def _lowrank_builder(backend: str) -> Callable[[Problem], Layer]:
 
 BUILDERS: dict[str, Callable[[Problem], Layer]] = {
     BASELINE: build_eager_sequential,
+    "eager_compiled": build_eager_compiled,
     **{f"lowrank_{backend}": _lowrank_builder(backend) for backend in LOWRANK_BACKENDS},
 }
 PROVIDERS = tuple(BUILDERS)
@@ -215,9 +224,14 @@ def build_layer(provider: str, problem: Problem) -> Layer:
     return BUILDERS[provider](problem)
 
 
-def skip_reasons(device: torch.device) -> dict[str, str]:
-    """The providers that cannot be timed on `device`, each with why (the LoRA benchmark's rules)."""
-    return {provider: reason for provider, reason in lowrank_skip_reasons(device).items() if provider in BUILDERS}
+def skip_reasons(device: torch.device, named: tuple[str, ...] = ()) -> dict[str, str]:
+    """The providers that cannot be timed on `device`, each with why (the LoRA benchmark's rules);
+    `named`: the providers the user asked for by name."""
+    reasons = {provider: reason for provider, reason in lowrank_skip_reasons(device).items() if provider in BUILDERS}
+    if device.type != "cuda" and "eager_compiled" not in named:
+        # Inductor compiles C++ for the CPU for tens of seconds per shape; ask with --providers.
+        reasons["eager_compiled"] = "CPU runs time torch.compile only when named in --providers"
+    return reasons
 
 
 def check_against_reference(layer: Layer, problem: Problem) -> None:
@@ -293,7 +307,7 @@ def benchmark_shape(shape: Shape, activation: str, providers: list[str], device:
 
 def markdown_table(report: dict) -> str:
     with_peak = report["device"]["type"] == "cuda"
-    header = ["M", "D", "Bn", "provider", *MODE_COLUMNS.values(), *(f"{mode} × eager" for mode in ("fwd", "bwd", "fwd+bwd"))]
+    header = ["M", "D", "Bn", "provider", *MODE_COLUMNS.values(), *(f"{column[:-3]}× eager" for column in MODE_COLUMNS.values())]
     header += ["saved MiB"] + (["peak MiB"] if with_peak else [])
     alignments = ["---" if name == "provider" else "---:" for name in header]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(alignments) + "|"]
@@ -361,7 +375,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     warmup = args.warmup if args.warmup is not None else (QUICK_WARMUP if args.quick else DEFAULT_WARMUP[device.type])
     torch.backends.mkldnn.enabled = not args.no_onednn
     requested = args.providers or PROVIDERS
-    skipped = {provider: reason for provider, reason in skip_reasons(device).items() if provider in requested}
+    skipped = {provider: reason for provider, reason in skip_reasons(device, tuple(args.providers or ())).items()
+               if provider in requested}
     providers = [provider for provider in requested if provider not in skipped]
 
     report = {

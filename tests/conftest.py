@@ -1,8 +1,32 @@
 import os
 
+import pytest
 import torch
 
 # Without a GPU, the Triton kernels run in Triton's interpreter on CPU tensors. The
 # variable must be set before triton is imported, so it is set here, first.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def poison_cuda_allocator():
+    """Fill the CUDA caching allocator's free blocks (large and small pools) with 0xFF bytes,
+    NaN in fp32, fp16 and bf16, so an output element a kernel forgets to write shows up."""
+    torch.cuda.synchronize()
+    large = torch.empty(512 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)
+    small = [torch.empty(1 << 19, dtype=torch.uint8, device="cuda").fill_(0xFF) for _ in range(64)]
+    del large, small
+
+
+@pytest.fixture
+def poison_cuda():
+    """For tests that poison again between steps (e.g. between forward and backward)."""
+    return poison_cuda_allocator
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_cuda_memory():
+    """Every test on a GPU machine starts from NaN-filled allocator memory."""
+    if torch.cuda.is_available():
+        poison_cuda_allocator()
+    yield

@@ -25,14 +25,6 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 SHAPES = [(1, 4096, 4096, 16), (127, 1000, 3001, 8), (513, 256, 768, 64), (2049, 129, 65, 3), (0, 64, 64, 16)]
 
 
-def poison_allocator():
-    """Fill freed blocks of both allocator pools with 0xFF bytes (NaN in fp32, fp16 and bf16)."""
-    torch.cuda.synchronize()
-    large = torch.empty(512 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)
-    small = [torch.empty(1 << 19, dtype=torch.uint8, device="cuda").fill_(0xFF) for _ in range(64)]
-    del large, small
-
-
 def make(M, K, N, r, dtype, gen):
     def rand(*shape):
         t = torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float64) / shape[-1] ** 0.5
@@ -51,15 +43,15 @@ def relative_error(ours, ref):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("M,K,N,r", SHAPES)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
-def test_fast_path_against_float64(backend, dtype, M, K, N, r, dropout_p):
+def test_fast_path_against_float64(backend, dtype, M, K, N, r, dropout_p, poison_cuda):
     gen = torch.Generator(device="cuda").manual_seed(M * 7 + K)
     inputs = make(M, K, N, r, dtype, gen)
     grad_y = torch.randn(M, N, generator=gen, device="cuda", dtype=torch.float64)
 
-    poison_allocator()
+    poison_cuda()
     torch.manual_seed(0)
     y = lora_linear(*inputs, 0.5, dropout_p, backend=backend)
-    poison_allocator()
+    poison_cuda()
     grads = torch.autograd.grad(y, inputs, grad_y.to(dtype))
 
     torch.manual_seed(0)
@@ -76,7 +68,7 @@ def test_fast_path_against_float64(backend, dtype, M, K, N, r, dropout_p):
 
 
 @pytest.mark.parametrize("backend", FAST_PATHS)
-def test_fast_path_strided_and_expanded(backend):
+def test_fast_path_strided_and_expanded(backend, poison_cuda):
     """A transposed weight view (GPT-2 Conv1D), a strided x and a stride-0 gradient."""
     gen = torch.Generator(device="cuda").manual_seed(3)
     x = torch.randn(600, 2 * 333, generator=gen, device="cuda", dtype=torch.bfloat16)[:, ::2].requires_grad_()
@@ -84,7 +76,7 @@ def test_fast_path_strided_and_expanded(backend):
     A = (torch.randn(16, 333, generator=gen, device="cuda", dtype=torch.bfloat16) / 20).requires_grad_()
     B = (torch.randn(257, 16, generator=gen, device="cuda", dtype=torch.bfloat16) / 4).requires_grad_()
     inputs = (x, w_t, None, A, B)
-    poison_allocator()
+    poison_cuda()
     y = lora_linear(*inputs, 2.0, backend=backend)
     grads = torch.autograd.grad(y.sum(), (x, w_t, A, B))
     ref_inputs = [t.detach().double().requires_grad_() for t in (x, w_t, A, B)]
