@@ -307,7 +307,7 @@ def benchmark_shape(shape: Shape, activation: str, providers: list[str], device:
 
 def markdown_table(report: dict) -> str:
     with_peak = report["device"]["type"] == "cuda"
-    header = ["M", "D", "Bn", "provider", *MODE_COLUMNS.values(), *(f"{column[:-3]}× eager" for column in MODE_COLUMNS.values())]
+    header = ["M", "D", "Bn", "provider", *MODE_COLUMNS.values(), *(f"{column[:-3]} × eager" for column in MODE_COLUMNS.values())]
     header += ["saved MiB"] + (["peak MiB"] if with_peak else [])
     alignments = ["---" if name == "provider" else "---:" for name in header]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(alignments) + "|"]

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from lowrank import _backends
 # Tile order, launch configuration and the plain matmul are shared with the LoRA kernels.
-from lowrank.kernels.lora_linear import _launch, _matmul, _tile_ids, _to_acc
+from lowrank.kernels.lora_linear import _autotuned, _launch, _matmul, _tile_ids, _to_acc
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ACTIVATION_CODES = {"relu": 0, "gelu": 1, "silu": 2}
@@ -80,6 +80,7 @@ def _down_projection_kernel(
     stride_hm, stride_hk, stride_wk, stride_wn, stride_bias,
     stride_zm, stride_zn, stride_am, stride_an,
     scaling: tl.float64,
+    M_KEY, N_KEY, K_KEY,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -110,6 +111,7 @@ def _residual_matmul_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_bias,
     stride_rm, stride_rn, stride_om, stride_on,
     bias_scale: tl.float64,
+    M_KEY, N_KEY, K_KEY,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -138,6 +140,7 @@ def _activation_grad_kernel(
     stride_gm, stride_gk, stride_wk, stride_wn,
     stride_zm, stride_zn, stride_dm, stride_dn, stride_am, stride_an,
     scaling: tl.float64,
+    M_KEY, N_KEY, K_KEY,
     WRITE_ACTIVATION: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -161,6 +164,11 @@ def _activation_grad_kernel(
 
 # ---------------------------------------------------------------- host side
 
+_down_projection_tuned = _autotuned(_down_projection_kernel)
+_residual_matmul_tuned = _autotuned(_residual_matmul_kernel)
+_activation_grad_tuned = _autotuned(_activation_grad_kernel)
+
+
 
 def _down_projection(h, w_down, b_down, activation, scaling):
     """(z, a_s) = (h·W_dᵀ + b_d, s·act(z))."""
@@ -168,15 +176,14 @@ def _down_projection(h, w_down, b_down, activation, scaling):
     z = h.new_empty((M, Bn))
     a_s = h.new_empty((M, Bn))
     w = w_down.t()
-    grid, options = _launch(h.dtype, M, Bn, D)
-    _down_projection_kernel[grid](
+    _launch(
+        _down_projection_kernel, _down_projection_tuned, h.dtype, M, Bn, D,
         h, w, b_down, z, a_s,
         M, Bn, D,
         h.stride(0), h.stride(1), w.stride(0), w.stride(1), 0 if b_down is None else b_down.stride(0),
         z.stride(0), z.stride(1), a_s.stride(0), a_s.stride(1),
         scaling,
         HAS_BIAS=b_down is not None, ACTIVATION=_ACTIVATION_CODES[activation],
-        **options,
     )
     return z, a_s
 
@@ -185,8 +192,8 @@ def _residual_matmul(a, b, bias, bias_scale, residual):
     """a·b + bias_scale·bias + residual for strided a [M, K], b [K, N]; bias, residual optional."""
     (M, K), N = a.shape, b.shape[1]
     out = a.new_empty((M, N))
-    grid, options = _launch(a.dtype, M, N, K)
-    _residual_matmul_kernel[grid](
+    _launch(
+        _residual_matmul_kernel, _residual_matmul_tuned, a.dtype, M, N, K,
         a, b, bias, residual, out,
         M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), 0 if bias is None else bias.stride(0),
@@ -194,7 +201,6 @@ def _residual_matmul(a, b, bias, bias_scale, residual):
         out.stride(0), out.stride(1),
         bias_scale,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        **options,
     )
     return out
 
@@ -204,8 +210,8 @@ def _activation_grad(grad_out, w_up, z, activation, scaling, write_activation):
     (M, D), Bn = grad_out.shape, w_up.shape[1]
     dz = grad_out.new_empty((M, Bn))
     a_s = grad_out.new_empty((M, Bn)) if write_activation else None
-    grid, options = _launch(grad_out.dtype, M, Bn, D)
-    _activation_grad_kernel[grid](
+    _launch(
+        _activation_grad_kernel, _activation_grad_tuned, grad_out.dtype, M, Bn, D,
         grad_out, w_up, z, dz, a_s,
         M, Bn, D,
         grad_out.stride(0), grad_out.stride(1), w_up.stride(0), w_up.stride(1),
@@ -213,7 +219,6 @@ def _activation_grad(grad_out, w_up, z, activation, scaling, write_activation):
         0 if a_s is None else a_s.stride(0), 0 if a_s is None else a_s.stride(1),
         scaling,
         WRITE_ACTIVATION=write_activation, ACTIVATION=_ACTIVATION_CODES[activation],
-        **options,
     )
     return dz, a_s
 

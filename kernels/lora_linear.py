@@ -271,8 +271,8 @@ def _prune_tiles(configs, named_args, **kwargs):
     """Drop tiles that suit neither the dtype nor the problem: shrink each to the padded
     problem size (the skinny rank-r matmuls would otherwise waste most of a tile)."""
     M, N, K = named_args["M"], named_args["N"], named_args["K"]
-    on_fma = kwargs["DOT_PRECISION"] == "ieee" and named_args["a_ptr"].dtype != torch.float16 \
-        and named_args["a_ptr"].dtype != torch.bfloat16
+    dtype = next(arg.dtype for arg in named_args.values() if isinstance(arg, torch.Tensor))  # the first operand's
+    on_fma = kwargs["DOT_PRECISION"] == "ieee" and dtype not in (torch.float16, torch.bfloat16)
     kept = {}
     for config in configs:
         block_m, block_n, block_k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))

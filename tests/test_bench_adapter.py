@@ -56,7 +56,7 @@ def test_quick_run_reports_every_runnable_provider_in_every_mode(quick_run, benc
     assert eager["speedup_vs_eager"] == {mode: 1.0 for mode in bench_adapter.MODES}
     markdown = next(out_dir.glob("adapter_*_gelu.md")).read_text()
     table_rows = [line for line in markdown.splitlines() if line.startswith("| ")]
-    assert table_rows[0].startswith("| M | D | Bn | provider | fwd ms | bwd ms | fwd+bwd ms |")
+    assert table_rows[0].startswith("| M | D | Bn | provider | infer ms | fwd ms | bwd ms | fwd+bwd ms |")
     assert len(table_rows) == 1 + len(report["results"])
     assert completed.stdout.rstrip().splitlines()[-1] == table_rows[-1]
 

@@ -1,11 +1,14 @@
 // CPU kernels of lowrank::lora_linear_forward_native and lowrank::lora_linear_backward_native.
 //
-// The GEMMs go to MKL through at::mm/addmm; this file decides their order and operand
+// The large GEMMs go to MKL through at::mm/addmm; this file decides their order and operand
 // layouts, and does the dropout-masked elementwise work itself. Without dropout, when the
 // batch is taller than the weight is wide, the LoRA update is merged into the weight
 // (W + s·B·A, an [N, K] temporary) so the large activations take a single GEMM.
 // With dropout, masked pieces are formed one row chunk at a time, so no [M, K]
 // temporary exists besides dx.
+// For fp32 without dropout on AVX-512 CPUs, the rank-r products, which MKL runs far below
+// its large-GEMM speed, go to the micro-kernels of skinny_gemm.h instead: x·Aᵀ, the merge,
+// and dy·B, dA and dB, which the backward computes in one pass over row blocks of dy and x.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,6 +21,7 @@
 
 #include "../hash_dropout.h"
 #include "../lora_linear_common.h"
+#include "skinny_gemm.h"
 
 namespace lowrank {
 namespace {
@@ -57,8 +61,87 @@ bool merging_pays_off(at::ScalarType dtype, int64_t rows, int64_t weight_cols) {
   return (dtype == at::kFloat || dtype == at::kDouble) && rows > weight_cols;
 }
 
+// The skinny kernels read fp32 matrices with unit column stride (any row stride).
+bool skinny_kernels_fit(const Tensor& t) {
+  return t.scalar_type() == at::kFloat && (t.size(1) <= 1 || t.stride(1) == 1) && cpu::skinny_kernels_available();
+}
+
+// Rows handed to one thread at a time by the skinny kernels (a multiple of their row blocks).
+constexpr int64_t kSkinnyGrainRows = 48;
+// Row block of the fused backward: its slice of dy stays in cache between dy·B and dyᵀ·xa,
+// and few enough rows stream from memory at once for the prefetchers (48 and more measured
+// slower). A multiple of rows_times_skinny's 12-row blocks.
+constexpr int64_t kBackwardBlockRows = 24;
+
+// rows[M, L] · small[L, r] for contiguous small.
+Tensor skinny_rows_times(const Tensor& rows, const Tensor& small) {
+  const int64_t M = rows.size(0), L = rows.size(1), r = small.size(1), ld = rows.stride(0);
+  Tensor out = at::empty({M, r}, rows.options());
+  const float* rows_data = rows.const_data_ptr<float>();
+  const float* small_data = small.const_data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  at::parallel_for(0, M, kSkinnyGrainRows, [&](int64_t begin, int64_t end) {
+    cpu::rows_times_skinny(rows_data + begin * ld, ld, end - begin, L, small_data, r, out_data + begin * r, r);
+  });
+  return out;
+}
+
 Tensor merged_weight(const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B, double scaling) {
-  return at::addmm(weight, lora_B, lora_A, 1.0, scaling);
+  if (!skinny_kernels_fit(weight)) {
+    return at::addmm(weight, lora_B, lora_A, 1.0, scaling);
+  }
+  // One read of W and one write of the result; addmm would copy W first and then update it.
+  const int64_t N = weight.size(0), K = weight.size(1), r = lora_A.size(0), ld = weight.stride(0);
+  const Tensor A = lora_A.contiguous(), B = lora_B.contiguous();
+  Tensor merged = at::empty({N, K}, weight.options());
+  const float* w_data = weight.const_data_ptr<float>();
+  const float* a_data = A.const_data_ptr<float>();
+  const float* b_data = B.const_data_ptr<float>();
+  float* out_data = merged.data_ptr<float>();
+  at::parallel_for(0, N, parallel_grain_rows(K), [&](int64_t begin, int64_t end) {
+    cpu::add_skinny_times_rows(w_data + begin * ld, ld, b_data + begin * r, a_data, end - begin, K, r,
+                               static_cast<float>(scaling), out_data + begin * K);
+  });
+  return merged;
+}
+
+// Without dropout: dyB = dy·B, dA = s·dyBᵀ·x, dB = s·dyᵀ·xa. Each thread walks its rows in
+// blocks, reading dy and x from memory once, and sums dA and dBᵀ privately; the per-thread
+// partial sums are added at the end.
+std::tuple<Tensor, Tensor, Tensor> skinny_backward(const Tensor& grad_y, const Tensor& x, const Tensor& xa,
+                                                   const Tensor& lora_B, double scaling, const LoraSizes& n) {
+  const Tensor B = lora_B.contiguous(), xa_rows = xa.contiguous();
+  const int64_t blocks = (n.M + kBackwardBlockRows - 1) / kBackwardBlockRows;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+  Tensor dyB = at::empty({n.M, n.r}, x.options());
+  Tensor dA_parts = at::zeros({parts, n.r, n.K}, x.options());
+  Tensor dBt_parts = at::zeros({parts, n.r, n.N}, x.options());
+  const float* dy_data = grad_y.const_data_ptr<float>();
+  const float* x_data = x.const_data_ptr<float>();
+  const float* xa_data = xa_rows.const_data_ptr<float>();
+  const float* b_data = B.const_data_ptr<float>();
+  float* dyB_data = dyB.data_ptr<float>();
+  float* dA_data = dA_parts.data_ptr<float>();
+  float* dBt_data = dBt_parts.data_ptr<float>();
+  const int64_t ld_dy = grad_y.stride(0), ld_x = x.stride(0);
+  at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
+    for (int64_t part = part_begin; part < part_end; ++part) {
+      const int64_t row_end = n.M * (part + 1) / parts;
+      for (int64_t row = n.M * part / parts; row < row_end; row += kBackwardBlockRows) {
+        const int64_t rows = std::min(kBackwardBlockRows, row_end - row);
+        const float* dy_rows = dy_data + row * ld_dy;
+        float* dyB_rows = dyB_data + row * n.r;
+        cpu::rows_times_skinny(dy_rows, ld_dy, rows, n.N, b_data, n.r, dyB_rows, n.r);
+        cpu::accumulate_skinny_t_times_rows(xa_data + row * n.r, n.r, dy_rows, ld_dy, rows, n.N, n.r,
+                                            dBt_data + part * n.r * n.N);
+        cpu::accumulate_skinny_t_times_rows(dyB_rows, n.r, x_data + row * ld_x, ld_x, rows, n.K, n.r,
+                                            dA_data + part * n.r * n.K);
+      }
+    }
+  });
+  Tensor dA = dA_parts.sum(0).mul_(scaling);
+  Tensor dB = dBt_parts.sum(0).mul_(scaling).t().contiguous();
+  return {std::move(dyB), std::move(dA), std::move(dB)};
 }
 
 // out[i, k] = D[row_begin + i, k] · x[row_begin + i, k]; out is a contiguous [rows, K] chunk.
@@ -121,7 +204,7 @@ void add_masked_then_drop_rows(const Tensor& x, int64_t row_begin, Tensor& dx, T
 Tensor input_times_lora_a(const Tensor& x, const Tensor& lora_A_t, double dropout_p,
                           const std::optional<Tensor>& seed, const LoraSizes& n) {
   if (dropout_p == 0.0) {
-    return at::mm(x, lora_A_t);
+    return skinny_kernels_fit(x) ? skinny_rows_times(x, lora_A_t) : at::mm(x, lora_A_t);
   }
   const HashMask mask = make_mask(seed, dropout_p);
   Tensor xa = at::empty({n.M, n.r}, x.options());
@@ -188,14 +271,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_backward_cpu(
   const LoraSizes n = check_backward_inputs(kBackwardOp, c10::DeviceType::CPU, grad_y, x, xa, weight, lora_A,
                                             lora_B, dropout_p, seed);
   const auto not_needed = [&] { return at::empty({0}, x.options()); };
-  // Operand layouts below were picked by timing MKL: dy·B with Bᵀ contiguous, and the
-  // reductions over M with the [*, r] factor as a contiguous (or transposed-view) left operand.
-  const Tensor dyB = at::mm(grad_y, lora_B.t().contiguous().t());
-  Tensor dB = at::mm(xa.t(), grad_y).mul_(scaling).t().contiguous();
+  Tensor dyB, dA, dB;
+  if (dropout_p == 0.0 && skinny_kernels_fit(grad_y) && skinny_kernels_fit(x)) {
+    std::tie(dyB, dA, dB) = skinny_backward(grad_y, x, xa, lora_B, scaling, n);
+  } else {
+    // Operand layouts below were picked by timing MKL: dy·B with Bᵀ contiguous, and the
+    // reductions over M with the [*, r] factor as a contiguous (or transposed-view) left operand.
+    dyB = at::mm(grad_y, lora_B.t().contiguous().t());
+    dB = at::mm(xa.t(), grad_y).mul_(scaling).t().contiguous();
+    if (dropout_p == 0.0) {
+      dA = at::mm(dyB.t().contiguous(), x).mul_(scaling);
+    }
+  }
 
-  Tensor dx = not_needed(), dA;
+  Tensor dx = not_needed();
   if (dropout_p == 0.0) {
-    dA = at::mm(dyB.t().contiguous(), x).mul_(scaling);
     if (needs_dx && merging_pays_off(x.scalar_type(), n.M, n.N)) {
       dx = at::mm(grad_y, merged_weight(weight, lora_A, lora_B, scaling));
     } else if (needs_dx) {
