@@ -108,6 +108,13 @@ def _no_match_error(model: nn.Module, target_modules) -> ValueError:
 def _lora_layer_for(name: str, module: nn.Module, r, alpha, dropout, backend) -> LoRALayer:
     if isinstance(module, LoRALayer):
         raise ValueError(f"inject_lora: module {name!r} already has LoRA ({type(module).__name__})")
+    if module._forward_hooks or module._forward_pre_hooks or dict(module.named_children()):
+        # Replacing the module would silently drop its hooks and children (e.g. a bottleneck
+        # adapter registered on it by inject_adapters).
+        raise ValueError(
+            f"inject_lora: module {name!r} carries forward hooks or child modules (a bottleneck adapter?) "
+            "that replacing it would drop; inject LoRA before adding adapters or hooks there"
+        )
     try:
         if isinstance(module, nn.Linear):
             return LoRALinear.from_linear(module, r, alpha, dropout, backend=backend)
