@@ -489,7 +489,7 @@ def describe_device(device: torch.device) -> dict:
     model = _cpu_model()
     return {
         "type": "cpu",
-        "name": f"{model}, {os.cpu_count()} CPUs",
+        "name": f"{model}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads",
         "slug": f"cpu-{_slug(model)}",
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
