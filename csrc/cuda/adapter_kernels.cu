@@ -1,36 +1,9 @@
-// CUDA kernels declared in adapter_kernels.cuh. Half types go through explicit conversion
-// intrinsics only: torch builds with __CUDA_NO_HALF_CONVERSIONS__ and friends.
+// CUDA kernels declared in adapter_kernels.cuh.
 #include "adapter_kernels.cuh"
+#include "numeric.cuh"
 
 namespace lowrank::cuda {
 namespace {
-
-template <typename T>
-struct Math {
-  using type = float;
-};
-template <>
-struct Math<double> {
-  using type = double;
-};
-template <typename T>
-using math_t = typename Math<T>::type;
-
-__device__ __forceinline__ float to_math(float v) { return v; }
-__device__ __forceinline__ double to_math(double v) { return v; }
-__device__ __forceinline__ float to_math(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_math(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_math(math_t<T> v);
-template <>
-__device__ __forceinline__ float from_math<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ double from_math<double>(double v) { return v; }
-template <>
-__device__ __forceinline__ __half from_math<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_math<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 65535;
@@ -45,37 +18,37 @@ unsigned blocks_for(int64_t elements) {
 template <typename T>
 __global__ void bias_activation_kernel(int64_t M, int64_t Bn, const T* bias, int64_t bias_stride,
                                        StridedMatrix<T> z, StridedMatrix<T> a_s, Activation act, double scaling) {
-  using A = math_t<T>;
+  using A = accumulate_t<T>;
   const A s = static_cast<A>(scaling);
   const int64_t total = M * Bn;
   for (int64_t index = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; index < total;
        index += int64_t{gridDim.x} * blockDim.x) {
     const int64_t i = index / Bn, j = index % Bn;
     T* z_at = z.data + i * z.row_stride + j * z.col_stride;
-    A value = to_math(*z_at);
+    A value = to_accumulate(*z_at);
     if (bias != nullptr) {
-      value += to_math(bias[j * bias_stride]);
+      value += to_accumulate(bias[j * bias_stride]);
     }
-    const T rounded = from_math<T>(value);  // act sees z as stored, as the backward will
+    const T rounded = from_accumulate<T>(value);  // act sees z as stored, as the backward will
     *z_at = rounded;
-    a_s.data[i * a_s.row_stride + j * a_s.col_stride] = from_math<T>(s * activate(act, to_math(rounded)));
+    a_s.data[i * a_s.row_stride + j * a_s.col_stride] = from_accumulate<T>(s * activate(act, to_accumulate(rounded)));
   }
 }
 
 template <typename T>
 __global__ void activation_backward_kernel(int64_t M, int64_t Bn, StridedMatrix<const T> z, StridedMatrix<T> dz,
                                            StridedMatrix<T> a_s, Activation act, double scaling) {
-  using A = math_t<T>;
+  using A = accumulate_t<T>;
   const A s = static_cast<A>(scaling);
   const int64_t total = M * Bn;
   for (int64_t index = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; index < total;
        index += int64_t{gridDim.x} * blockDim.x) {
     const int64_t i = index / Bn, j = index % Bn;
-    const A zi = to_math(z.data[i * z.row_stride + j * z.col_stride]);
+    const A zi = to_accumulate(z.data[i * z.row_stride + j * z.col_stride]);
     T* dz_at = dz.data + i * dz.row_stride + j * dz.col_stride;
-    *dz_at = from_math<T>(to_math(*dz_at) * s * activate_grad(act, zi));
+    *dz_at = from_accumulate<T>(to_accumulate(*dz_at) * s * activate_grad(act, zi));
     if (a_s.data != nullptr) {
-      a_s.data[i * a_s.row_stride + j * a_s.col_stride] = from_math<T>(s * activate(act, zi));
+      a_s.data[i * a_s.row_stride + j * a_s.col_stride] = from_accumulate<T>(s * activate(act, zi));
     }
   }
 }

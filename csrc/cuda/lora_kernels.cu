@@ -1,38 +1,11 @@
-// CUDA kernels declared in lora_kernels.cuh. Half types go through explicit conversion
-// intrinsics only: torch builds with __CUDA_NO_HALF_CONVERSIONS__ and friends.
+// CUDA kernels declared in lora_kernels.cuh.
 #include "lora_kernels.cuh"
+#include "numeric.cuh"
 
 #include "../hash_dropout.h"
 
 namespace lowrank::cuda {
 namespace {
-
-template <typename T>
-struct Accumulate {
-  using type = float;
-};
-template <>
-struct Accumulate<double> {
-  using type = double;
-};
-template <typename T>
-using accumulate_t = typename Accumulate<T>::type;
-
-__device__ __forceinline__ float to_accumulate(float v) { return v; }
-__device__ __forceinline__ double to_accumulate(double v) { return v; }
-__device__ __forceinline__ float to_accumulate(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_accumulate(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_accumulate(accumulate_t<T> v);
-template <>
-__device__ __forceinline__ float from_accumulate<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ double from_accumulate<double>(double v) { return v; }
-template <>
-__device__ __forceinline__ __half from_accumulate<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_accumulate<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 template <typename T>
 __device__ __forceinline__ accumulate_t<T> load(StridedMatrix<const T> m, int64_t i, int64_t j) {
