@@ -49,7 +49,7 @@ def extension():
 
 
 setup(
-    packages=["lowrank", "lowrank.ops", "lowrank.nn", "lowrank.kernels", "lowrank.data"],
+    packages=["lowrank", "lowrank.ops", "lowrank.nn", "lowrank.kernels", "lowrank.data", "lowrank.da"],
     package_dir={"lowrank": "lowrank", "lowrank.kernels": "kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
