@@ -113,7 +113,7 @@ class DAMethod:
     Subclasses set `name`, `defaults` (hyper-parameters; constructor keywords override them),
     build their modules and optimisers in `_build`, and implement `_train_step(phase, source,
     target)` (pulling batches from the _Cycle objects it needs, returning a dict of floats) and
-    `predict(x)` (target-domain class logits).
+    `_predict(x)` (target-domain class logits).
     """
 
     name = "base"
@@ -164,8 +164,13 @@ class DAMethod:
     def _schedulers(self) -> dict:
         return {}
 
-    @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits for target-domain images, in eval mode (no dropout), without gradients."""
+        self._set_train_mode(False)
+        with torch.no_grad():
+            return self._predict(x)
+
+    def _predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.encoder(x))
 
     # ------------------------------------------------------------ training
@@ -230,7 +235,6 @@ class DAMethod:
     @torch.no_grad()
     def evaluate(self, loader) -> float:
         """Accuracy of predict() on a loader of (x, y) batches."""
-        self._set_train_mode(False)
         correct = total = 0
         for batch in loader:
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
@@ -383,7 +387,10 @@ class DANN(DAMethod):
         domains = torch.cat([torch.zeros(xs.shape[0], dtype=torch.long), torch.ones(xt.shape[0], dtype=torch.long)])
         domain_loss = F.cross_entropy(self.discriminator(self.grl(features)), domains)
         self.optimizer.zero_grad(set_to_none=True)
-        (class_loss + domain_loss).backward()
+        # The GRL's backend="auto" times its candidates (with random inputs) on the first backward
+        # of a size: keep that off this run's RNG stream, or the first run in a process differs.
+        with torch.random.fork_rng(devices=[]):
+            (class_loss + domain_loss).backward()
         self.optimizer.step()
         lambda_ = self.grl.lambda_
         self.lambda_schedule.step()
@@ -462,8 +469,7 @@ class ADDA(DAMethod):
         return {"discriminator_loss": discriminator_loss.item(), "target_loss": target_loss.item(),
                 "discriminator_accuracy": accuracy}
 
-    @torch.no_grad()
-    def predict(self, x):
+    def _predict(self, x):
         return self.classifier(self.target_encoder(x))
 
 
