@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from lowrank.da import (ADDA, DANN, METHODS, Classifier, Discriminator, DomainConfusion, LeNetEncoder, SourceOnly,
+from lowrank.da import (ADDA, DANN, METHODS, Classifier, CoGAN, Discriminator, DomainConfusion, LeNetEncoder, SourceOnly,
                         get_task, load_task_data, make_loader, make_method)
 from lowrank.da import bench
 
@@ -271,11 +271,11 @@ def test_bench_cli_quick(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "| adda |" in out and "0.894 ± 0.002" in out and "0.752 ± 0.016" in out
-    report = json.loads((tmp_path / "da_mnist-usps_quick.json").read_text())
+    report = json.loads((tmp_path / "da_mnist-usps_source_only+adda_quick.json").read_text())
     assert [row["method"] for row in report["summary"]] == ["source_only", "adda"]
     assert len(report["runs"]) == 4 and all(0.0 <= r["target_accuracy"] <= 1.0 for r in report["runs"])
     pytest.importorskip("matplotlib")
-    assert (tmp_path / "da_mnist-usps_quick.png").stat().st_size > 0
+    assert (tmp_path / "da_mnist-usps_source_only+adda_quick.png").stat().st_size > 0
 
 
 def test_bench_cli_errors(tmp_path, capsys):
@@ -287,3 +287,24 @@ def test_bench_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--task", "mnist-usps", "--method", "cogan2", "--out-dir", str(tmp_path)])
     assert "unknown method" in capsys.readouterr().err
+
+
+def test_cogan_shares_all_but_the_first_convolution(data):
+    method = CoGAN("mnist-usps", seed=0, progress=False, steps=2).fit(*loaders(data))
+    assert method.target_stream.encoder[0] is method.encoder
+    x = data.target_test.images[:4]
+    with torch.no_grad():
+        method._set_train_mode(False)
+        by_hand = method.encoder.fc(method.encoder.features[1:](method.target_stream.first(x)))
+        torch.testing.assert_close(method.predict(x), method.classifier(by_hand))
+        assert not torch.allclose(method.target_stream.first.weight, method.encoder.features[0].weight)
+        fake_s, fake_t = method.generators(torch.randn(3, 100))
+    assert fake_s.shape == fake_t.shape == (3, 1, 28, 28) and fake_s.abs().max() <= 1
+    with pytest.raises(ValueError, match="CoGAN: the encoder must have an integer `out_features`"):
+        CoGAN("mnist-usps", encoder=torch.nn.Sequential(), progress=False)
+    custom = torch.nn.Sequential()
+    custom.out_features = 500
+    with pytest.raises(ValueError, match="CoGAN: the encoder must be a LeNetEncoder"):
+        CoGAN("mnist-usps", encoder=custom, progress=False)
+    with pytest.raises(ValueError, match="CoGAN: takes no discriminator"):
+        CoGAN("mnist-usps", discriminator=Discriminator(), progress=False)

@@ -8,7 +8,8 @@ For each method and seed 0..seeds-1: draw the seed's source and target samples (
 fit on labelled source and unlabelled target batches, and measure accuracy on the target test
 split (and on the source validation set). Prints one table, mean ± std (sample std over seeds)
 of target accuracy beside the published numbers, and writes <out-dir>/da_<task>.json (every run,
-with its training log) and da_<task>.png (a bar chart; needs matplotlib).
+with its training log) and da_<task>.png (a bar chart; needs matplotlib); with a subset of methods
+the files are da_<task>_<method+method>.*.
 
 Hyper-parameters are the methods' defaults (lowrank.da.methods): fixed from the papers where the
 papers give them (DANN's schedules and SGD, ADDA's Adam 2e-4 / β1 0.5 and discriminator), the
@@ -165,7 +166,9 @@ def main(argv=None) -> int:
     rows = summarise(task, methods, runs)
     print(table(task, rows))
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / (f"da_{task}" + ("_quick" if args.quick else ""))
+    # --method all writes da_<task>; a subset writes da_<task>_<methods>, leaving the full table alone.
+    stem = args.out_dir / (f"da_{task}" + ("" if args.method == "all" else "_" + "+".join(methods))
+                           + ("_quick" if args.quick else ""))
     report = {"task": task, "quick": args.quick, "threads": args.threads, "torch": torch.__version__,
               "command": "python -m lowrank.da.bench " + " ".join(sys.argv[1:] if argv is None else argv),
               "summary": rows, "runs": runs}

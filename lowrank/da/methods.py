@@ -5,7 +5,7 @@
     accuracy = method.evaluate(target_test_loader)
 
 Methods: SourceOnly, DANN (Ganin & Lempitsky 2015), ADDA (Tzeng et al. 2017), DomainConfusion
-(Tzeng et al. 2015). Target labels are never read during fit: only the first element of a
+(Tzeng et al. 2015), CoGAN (Liu & Tuzel 2016). Target labels are never read during fit: only the first element of a
 target batch is used.
 
 Training runs for a fixed number of steps (each method's `phases`); it is deterministic under
@@ -34,7 +34,7 @@ from lowrank.da.models import Classifier, Discriminator, LeNetEncoder, check_fea
 from lowrank.da.tasks import Task, get_task
 from lowrank.nn import DANNLambdaScheduler, GradientReversal
 
-__all__ = ["DAMethod", "SourceOnly", "DANN", "ADDA", "DomainConfusion", "METHODS", "make_method"]
+__all__ = ["DAMethod", "SourceOnly", "DANN", "ADDA", "DomainConfusion", "CoGAN", "METHODS", "make_method"]
 
 CHECKPOINT_FORMAT = "lowrank.da checkpoint 1"
 
@@ -135,6 +135,9 @@ class DAMethod:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             self.encoder = encoder if encoder is not None else LeNetEncoder(self.task.channels, self.task.image_size)
+            if not isinstance(getattr(self.encoder, "out_features", None), int):
+                raise ValueError(f"{type(self).__name__}: the encoder must have an integer `out_features` attribute "
+                                 "(its feature size), as LeNetEncoder has")
             self.classifier = classifier if classifier is not None else Classifier(self.encoder.out_features)
             check_feature_sizes(type(self).__name__, self.encoder, classifier=self.classifier)
             self._build(discriminator)
@@ -518,7 +521,107 @@ class DomainConfusion(DAMethod):
                 "discriminator_loss": discriminator_loss.item()}
 
 
-METHODS = {cls.name: cls for cls in (SourceOnly, DANN, DomainConfusion, ADDA)}
+class _CoupledGenerators(nn.Module):
+    """Noise [N, noise_dim] -> (source image, target image): the layers that turn noise into
+    shapes are shared, the last (rendering) layer is per domain (CoGAN's weight sharing)."""
+
+    def __init__(self, channels: int, image_size: int, noise_dim: int):
+        super().__init__()
+        if image_size % 4:
+            raise ValueError(f"CoGAN: image_size must be a multiple of 4, got {image_size}")
+        side = image_size // 4
+        self.shared = nn.Sequential(
+            nn.Linear(noise_dim, 128 * side * side), nn.BatchNorm1d(128 * side * side), nn.ReLU(),
+            nn.Unflatten(1, (128, side, side)),
+            nn.ConvTranspose2d(128, 64, 4, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        )
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.ConvTranspose2d(64, channels, 4, stride=2, padding=1), nn.Tanh()) for _ in range(2))
+
+    def forward(self, z):
+        hidden = self.shared(z)
+        return self.heads[0](hidden), self.heads[1](hidden)
+
+
+class _TargetStream(nn.Module):
+    """The target discriminator's feature stream: its own first convolution, then every later
+    layer of the source encoder (shared, not copied)."""
+
+    def __init__(self, encoder: LeNetEncoder):
+        super().__init__()
+        self.first = copy.deepcopy(encoder.features[0])
+        self.encoder = [encoder]  # a list: the shared encoder is owned (and saved) by the method, not here
+
+    def forward(self, x):
+        encoder = self.encoder[0]
+        return encoder.fc(encoder.features[1:](self.first(x)))
+
+
+class CoGAN(DAMethod):
+    """Coupled GANs for adaptation (Liu & Tuzel 2016): two generators sharing all but their last
+    layer draw source and target images from one noise vector; two discriminators share all but
+    their first convolution (the LeNet encoder is the source discriminator's trunk). A classifier
+    on the source discriminator's features learns the source labels; the target is classified
+    through its own first convolution and the shared layers."""
+
+    name = "cogan"
+    defaults = {"steps": 2000, "batch_size": 32, "lr": 2e-4, "beta1": 0.5, "noise_dim": 100, "class_weight": 1.0}
+
+    def _build(self, discriminator):
+        if not isinstance(self.encoder, LeNetEncoder):
+            raise ValueError(f"CoGAN: the encoder must be a LeNetEncoder (the two discriminators share all of it "
+                             f"but its first convolution), got {type(self.encoder).__name__}")
+        if discriminator is not None:
+            raise ValueError("CoGAN: takes no discriminator; its discriminators are the encoder streams")
+        hp = self.hparams
+        self.target_stream = _TargetStream(self.encoder)
+        self.critic = nn.Sequential(nn.ReLU(), nn.Linear(self.encoder.out_features, 1))  # real/fake, shared
+        self.generators = _CoupledGenerators(self.task.channels, self.task.image_size, hp["noise_dim"])
+        betas = (hp["beta1"], 0.999)
+        discriminator_params = [p for m in (self.encoder, self.target_stream, self.critic, self.classifier)
+                                for p in m.parameters()]
+        self.discriminator_optimizer = torch.optim.Adam(discriminator_params, lr=hp["lr"], betas=betas)
+        self.generator_optimizer = torch.optim.Adam(self.generators.parameters(), lr=hp["lr"], betas=betas)
+
+    @property
+    def phases(self):
+        return [("adapt", self.hparams["steps"])]
+
+    def _modules(self):
+        return {"encoder": self.encoder, "classifier": self.classifier, "target_stream": self.target_stream,
+                "critic": self.critic, "generators": self.generators}
+
+    def _optimizers(self):
+        return {"discriminator": self.discriminator_optimizer, "generator": self.generator_optimizer}
+
+    def _train_step(self, phase, source, target):
+        (xs, ys), xt = source.next()[:2], _images(target.next())
+        z = torch.randn(max(xs.shape[0], xt.shape[0]), self.hparams["noise_dim"])
+        fake_s, fake_t = self.generators(z)
+        real = lambda logits: F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))  # noqa: E731
+        fake = lambda logits: F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits))  # noqa: E731
+
+        source_features = self.encoder(xs)
+        class_loss = F.cross_entropy(self.classifier(source_features), ys)
+        discriminator_loss = (real(self.critic(source_features)) + fake(self.critic(self.encoder(fake_s.detach())))
+                              + real(self.critic(self.target_stream(xt)))
+                              + fake(self.critic(self.target_stream(fake_t.detach()))))
+        self.discriminator_optimizer.zero_grad(set_to_none=True)
+        (discriminator_loss + self.hparams["class_weight"] * class_loss).backward()
+        self.discriminator_optimizer.step()
+
+        generator_loss = real(self.critic(self.encoder(fake_s))) + real(self.critic(self.target_stream(fake_t)))
+        self.generator_optimizer.zero_grad(set_to_none=True)
+        generator_loss.backward()  # the discriminator's grads from this are cleared before its next step
+        self.generator_optimizer.step()
+        return {"class_loss": class_loss.item(), "discriminator_loss": discriminator_loss.item(),
+                "generator_loss": generator_loss.item()}
+
+    def _predict(self, x):
+        return self.classifier(self.target_stream(x))
+
+
+METHODS = {cls.name: cls for cls in (SourceOnly, DANN, DomainConfusion, CoGAN, ADDA)}
 
 
 def make_method(name: str, task="mnist-usps", **kwargs) -> DAMethod:
