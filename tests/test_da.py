@@ -308,3 +308,10 @@ def test_cogan_shares_all_but_the_first_convolution(data):
         CoGAN("mnist-usps", encoder=custom, progress=False)
     with pytest.raises(ValueError, match="CoGAN: takes no discriminator"):
         CoGAN("mnist-usps", discriminator=Discriminator(), progress=False)
+
+
+def test_progress_bar_on_stderr(data, capsys):
+    SourceOnly("mnist-usps", seed=0, source_steps=2, progress=True).fit(*loaders(data))
+    assert "source_only mnist-usps seed 0" in capsys.readouterr().err
+    SourceOnly("mnist-usps", seed=0, source_steps=2, progress=False).fit(*loaders(data))
+    assert capsys.readouterr().err == ""

@@ -103,6 +103,27 @@ class _Cycle:
         self.position = state["position"]
 
 
+def _progress_bar(enabled: bool, **kwargs):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        if not enabled:
+            return _NoBar()
+        raise ImportError("lowrank.da progress bars need tqdm: pip install tqdm, or pass progress=False") from None
+    return tqdm(disable=not enabled, **kwargs)
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def set_postfix(self, values):
+        pass
+
+    def close(self):
+        pass
+
+
 def _images(batch):
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
@@ -182,19 +203,17 @@ class DAMethod:
     def total_steps(self) -> int:
         return sum(steps for _, steps in self.phases)
 
-    def _phase_at(self, step: int) -> tuple[str, int, int]:
-        """(phase name, step within the phase, steps in the phase) of global step `step`."""
+    def _phase_at(self, step: int) -> str:
+        """The name of the phase that global step `step` belongs to."""
         start = 0
         for phase, steps in self.phases:
-            if step < start + steps:
-                return phase, step - start, steps
             start += steps
+            if step < start:
+                return phase
         raise IndexError(step)
 
     def fit(self, source_loader, target_loader) -> "DAMethod":
         """Train on labelled source batches (x, y) and unlabelled target batches (x or (x, ...))."""
-        from tqdm.auto import tqdm
-
         source, target = _Cycle(source_loader, "source"), _Cycle(target_loader, "target")
         running: dict[str, list[float]] = {}
         with torch.random.fork_rng(devices=[]):
@@ -203,11 +222,11 @@ class DAMethod:
                 target.load_state_dict(self._pending_cycles["target"])
                 self._pending_cycles = None
             torch.set_rng_state(self._rng_state)
-            bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress,
-                       desc=f"{self.name} {self.task.name} seed {self.seed}", leave=False)
+            bar = _progress_bar(self.progress, total=self.total_steps, initial=self.step,
+                                desc=f"{self.name} {self.task.name} seed {self.seed}", leave=False)
             try:
                 while self.step < self.total_steps:
-                    phase, _, _ = self._phase_at(self.step)
+                    phase = self._phase_at(self.step)
                     self._set_train_mode(True)
                     record = self._train_step(phase, source, target)
                     self.step += 1
