@@ -49,7 +49,7 @@ def extension():
 
 
 setup(
-    packages=["lowrank", "lowrank.ops", "lowrank.nn", "lowrank.kernels", "lowrank.data", "lowrank.finetune"],
+    packages=["lowrank", "lowrank.ops", "lowrank.nn", "lowrank.kernels", "lowrank.data", "lowrank.da", "lowrank.finetune"],
     package_dir={"lowrank": "lowrank", "lowrank.kernels": "kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

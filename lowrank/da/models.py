@@ -1,0 +1,90 @@
+"""The networks every domain-adaptation method shares, so that methods differ only in training.
+
+    LeNetEncoder   conv5x5(20) - maxpool2 - ReLU - conv5x5(50) - dropout2d - maxpool2 - ReLU - fc(500)
+    Classifier     ReLU - dropout - fc(10)
+    Discriminator  fc(500) - ReLU - fc(500) - ReLU - fc(2)      (ADDA's FC 500-500-2)
+
+This is the LeNet of the ADDA paper (Tzeng et al. 2017) for MNIST<->USPS at 28x28; the same
+layers take 32x32 images with 3 channels for MNIST->MNIST-M (the flattened size follows the input).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["LeNetEncoder", "Classifier", "Discriminator", "check_feature_sizes"]
+
+NUM_CLASSES = 10
+
+
+class LeNetEncoder(nn.Module):
+    """Images [N, in_channels, image_size, image_size] -> features [N, feature_dim]."""
+
+    def __init__(self, in_channels: int = 1, image_size: int = 28, feature_dim: int = 500, dropout: float = 0.5):
+        super().__init__()
+        spatial = ((image_size - 4) // 2 - 4) // 2
+        if spatial < 1:
+            raise ValueError(f"LeNetEncoder: image_size must be at least 16, got {image_size}")
+        self.in_channels, self.image_size, self.out_features = in_channels, image_size, feature_dim
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 20, kernel_size=5), nn.MaxPool2d(2), nn.ReLU(),
+            nn.Conv2d(20, 50, kernel_size=5), nn.Dropout2d(dropout), nn.MaxPool2d(2), nn.ReLU(),
+            nn.Flatten(),
+        )
+        self.fc = nn.Linear(50 * spatial * spatial, feature_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        expected = (self.in_channels, self.image_size, self.image_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"LeNetEncoder: images must be [N, {expected[0]}, {expected[1]}, {expected[2]}], "
+                             f"got {list(x.shape)}")
+        return self.fc(self.features(x))
+
+
+class Classifier(nn.Module):
+    """Features [N, in_features] -> class logits [N, 10]."""
+
+    def __init__(self, in_features: int = 500, num_classes: int = NUM_CLASSES, dropout: float = 0.5):
+        super().__init__()
+        self.in_features = in_features
+        self.layers = nn.Sequential(nn.ReLU(), nn.Dropout(dropout), nn.Linear(in_features, num_classes))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        _check_input("Classifier", features, self.in_features)
+        return self.layers(features)
+
+
+class Discriminator(nn.Module):
+    """Features [N, in_features] -> domain logits [N, 2] (0: source, 1: target)."""
+
+    def __init__(self, in_features: int = 500, hidden: int = 500):
+        super().__init__()
+        self.in_features = in_features
+        self.layers = nn.Sequential(
+            nn.Linear(in_features, hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(hidden, 2),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        _check_input("Discriminator", features, self.in_features)
+        return self.layers(features)
+
+
+def _check_input(owner: str, features: torch.Tensor, in_features: int) -> None:
+    if features.dim() != 2 or features.shape[1] != in_features:
+        raise ValueError(f"{owner}: expects features [N, {in_features}] (its in_features), got {list(features.shape)}; "
+                         "the encoder's output size must equal the input size of the classifier and discriminator")
+
+
+def check_feature_sizes(method: str, encoder: nn.Module, **heads: nn.Module) -> None:
+    """Raise when the encoder's out_features differs from a head's in_features."""
+    out_features = getattr(encoder, "out_features", None)
+    if out_features is None:
+        raise ValueError(f"{method}: the encoder must have an `out_features` attribute (its feature size)")
+    for name, head in heads.items():
+        in_features = getattr(head, "in_features", None)
+        if in_features != out_features:
+            raise ValueError(f"{method}: the encoder outputs {out_features} features but the {name} takes "
+                             f"{in_features} (its in_features); build the {name} with in_features={out_features}")

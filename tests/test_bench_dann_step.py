@@ -1,0 +1,35 @@
+"""The DANN training-step benchmark (benchmarks/bench_dann_step.py): its quick run times the eager
+GRL and every runnable lowrank backend in the same run, and it refuses a GRL whose gradient is wrong."""
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(REPO_ROOT))
+        yield importlib.import_module("benchmarks.bench_dann_step")
+
+
+def test_quick_run_times_eager_and_lowrank_steps(bench, tmp_path, capsys):
+    assert bench.main(["--quick", "--device", "cpu", "--threads", "1", "--out-dir", str(tmp_path)]) == 0
+    (report_path,) = tmp_path.glob("dann_step_*.json")
+    report = json.loads(report_path.read_text())
+    providers = [row["provider"] for row in report["results"]]
+    assert providers[0] == "naive" and "lowrank_auto" in providers and "lowrank_cpu" in providers
+    assert all(row["median_ms"] > 0 and len(row["times_ms"]) == 3 for row in report["results"])
+    assert report["results"][0]["ratio_to_eager"] == 1.0
+    assert "| 8 | 64 | lowrank_auto |" in capsys.readouterr().out
+
+
+def test_a_grl_that_does_not_reverse_is_refused(bench):
+    forwards = {"naive": bench.providers(torch.device("cpu"))[0]["naive"], "identity": lambda x: x}
+    with pytest.raises(AssertionError, match="identity: gradients differ from the eager GRL's"):
+        bench.benchmark_config(4, 32, forwards, torch.device("cpu"), repeats=1, warmup=0)
