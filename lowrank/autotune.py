@@ -71,6 +71,9 @@ def pick(key: tuple, device: torch.device, measure) -> str:
     if len(names) == 1 or not measuring_enabled():
         return names[0]
     if key not in _choices:
-        with torch.no_grad():
+        # Measuring draws random inputs: keep that off the caller's RNG streams, so a run's
+        # results do not depend on whether this shape was met before in the process.
+        devices = [device] if device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
             _choices[key] = min(names, key=measure)
     return _choices[key]

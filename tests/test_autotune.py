@@ -88,3 +88,13 @@ def test_real_measurement_gives_reference_results():
     torch.testing.assert_close(y, lora_linear_reference(x, W, b, A, B, 0.5, 0.2, seed))
     assert len(autotune.choices()) == 1
     assert set(autotune.choices().values()) <= set(autotune.candidates(x.device))
+
+
+def test_measuring_leaves_the_callers_random_stream_alone():
+    pytest.importorskip("lowrank._C")  # two CPU candidates, so the first call measures
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    lora_linear(*inputs(40), 0.5, backend="auto")
+    assert autotune.choices(), "the call should have measured"
+    assert torch.equal(torch.rand(3), expected)

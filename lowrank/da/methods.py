@@ -409,10 +409,7 @@ class DANN(DAMethod):
         domains = torch.cat([torch.zeros(xs.shape[0], dtype=torch.long), torch.ones(xt.shape[0], dtype=torch.long)])
         domain_loss = F.cross_entropy(self.discriminator(self.grl(features)), domains)
         self.optimizer.zero_grad(set_to_none=True)
-        # The GRL's backend="auto" times its candidates (with random inputs) on the first backward
-        # of a size: keep that off this run's RNG stream, or the first run in a process differs.
-        with torch.random.fork_rng(devices=[]):
-            (class_loss + domain_loss).backward()
+        (class_loss + domain_loss).backward()
         self.optimizer.step()
         lambda_ = self.grl.lambda_
         self.lambda_schedule.step()
