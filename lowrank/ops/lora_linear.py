@@ -109,10 +109,11 @@ def _auto_backend(x: Tensor, weight: Tensor, lora_A: Tensor, dropout_p: float) -
     rows = autotune.bucket(M)
     key = ("lora_linear", str(x.device), x.dtype, rows, K, N, r, dropout_p > 0.0)
 
+    def make(*shape):
+        return torch.randn(*shape, device=x.device, dtype=x.dtype)
+
     def measure(name: str) -> float:
         implementation = _implementation(name)
-        def make(*shape):
-            return torch.randn(*shape, device=x.device, dtype=x.dtype)
 
         x_, weight_, bias_, A_, B_, grad_y = make(rows, K), make(N, K), make(N), make(r, K), make(N, r), make(rows, N)
         seed = torch.zeros((), dtype=torch.int64, device=x.device) if dropout_p > 0.0 else None
