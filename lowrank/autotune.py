@@ -67,13 +67,14 @@ def time_call(step, device: torch.device) -> float:
 
 def pick(key: tuple, device: torch.device, measure) -> str:
     """The backend auto uses for problem `key` on `device`; `measure(name)` times one backend."""
+    if key in _choices:  # the hot path: one dict lookup per call
+        return _choices[key]
     names = candidates(device)
     if len(names) == 1 or not measuring_enabled():
         return names[0]
-    if key not in _choices:
-        # Measuring draws random inputs: keep that off the caller's RNG streams, so a run's
-        # results do not depend on whether this shape was met before in the process.
-        devices = [device] if device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            _choices[key] = min(names, key=measure)
+    # Measuring draws random inputs: keep that off the caller's RNG streams, so a run's
+    # results do not depend on whether this shape was met before in the process.
+    devices = [device] if device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        _choices[key] = min(names, key=measure)
     return _choices[key]
