@@ -3,7 +3,7 @@
 from lowrank._backends import backends
 from lowrank import nn, ops
 from lowrank.adapters import AdapterConfig, inject_adapters, load_adapters, mark_only_adapters_trainable, save_adapters
-from lowrank.lora import inject_lora, mark_only_lora_trainable, merge_lora, unmerge_lora
+from lowrank.lora import inject_lora, mark_only_lora_trainable, merge_and_unload_lora, merge_lora, unmerge_lora
 from lowrank.peft_io import load_adapter, save_adapter
 from lowrank.prompt_io import load_prompt, mark_only_prompt_trainable, save_prompt
 from lowrank.prompt_tuning import PrefixTuningModel, PromptTuningModel, prefix_tuning, prompt_tuning
@@ -17,6 +17,7 @@ __all__ = [
     "inject_lora",
     "merge_lora",
     "unmerge_lora",
+    "merge_and_unload_lora",
     "mark_only_lora_trainable",
     "save_adapter",
     "load_adapter",

@@ -32,7 +32,10 @@ from lowrank.nn.lora import (
     is_hf_conv1d,
 )
 
-__all__ = ["LoRAConfig", "inject_lora", "merge_lora", "unmerge_lora", "mark_only_lora_trainable", "lora_layers"]
+__all__ = [
+    "LoRAConfig", "inject_lora", "merge_lora", "unmerge_lora", "merge_and_unload_lora", "mark_only_lora_trainable",
+    "lora_layers",
+]
 
 ALL_LINEAR = "all-linear"
 _SUPPORTED = "nn.Linear, nn.Embedding, transformers Conv1D, nn.Conv2d"
@@ -179,6 +182,34 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     """Undo merge_lora."""
     for layer in _require_lora_layers("unmerge_lora", model).values():
         layer.unmerge()
+    return model
+
+
+def merge_and_unload_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA update into its base weight and put the plain base layer back in its place."""
+    merge_lora(model)
+    for name, layer in lora_layers(model).items():
+        if isinstance(layer, LoRALinear):
+            base = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        elif isinstance(layer, LoRAConv2d):
+            base = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                             layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, device="meta")
+        elif isinstance(layer, LoRAEmbedding):
+            base = nn.Embedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx, layer.max_norm,
+                                layer.norm_type, layer.scale_grad_by_freq, layer.sparse, device="meta")
+        elif isinstance(layer, LoRAConv1D):
+            from transformers.pytorch_utils import Conv1D
+
+            base = Conv1D(layer.nf, layer.nx)
+        else:
+            raise TypeError(f"merge_and_unload_lora: no base layer known for {name!r} ({type(layer).__name__})")
+        base.weight = layer.weight
+        if getattr(layer, "bias", None) is not None:
+            base.bias = layer.bias
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, base)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
     return model
 
 

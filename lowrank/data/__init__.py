@@ -1,51 +1,6 @@
 """Data loaders for the transfer-learning and domain-adaptation benchmarks (see lowrank.data.digits)."""
 
-from lowrank.data.digits import (
-    DigitArrays,
-    DigitDataset,
-    default_root,
-    load_digits,
-    load_mnist,
-    load_mnist_idx,
-    load_mnist_csv,
-    read_idx,
-    load_usps,
-    load_usps_h5,
-    load_usps_libsvm,
-    load_mnist_m,
-    load_mnist_m_npz,
-    load_mnist_m_png,
-    load_svhn,
-    load_svhn_mat,
-    prepare_images,
-    sample_per_class,
-    sample_subset,
-    split_indices,
-    source_val_split,
-    target_pool_eval_split,
-)
+from lowrank.data import digits
+from lowrank.data.digits import *  # noqa: F401,F403  (the names listed in digits.__all__)
 
-__all__ = [
-    "DigitArrays",
-    "DigitDataset",
-    "default_root",
-    "load_digits",
-    "load_mnist",
-    "load_mnist_idx",
-    "load_mnist_csv",
-    "read_idx",
-    "load_usps",
-    "load_usps_h5",
-    "load_usps_libsvm",
-    "load_mnist_m",
-    "load_mnist_m_npz",
-    "load_mnist_m_png",
-    "load_svhn",
-    "load_svhn_mat",
-    "prepare_images",
-    "sample_per_class",
-    "sample_subset",
-    "split_indices",
-    "source_val_split",
-    "target_pool_eval_split",
-]
+__all__ = list(digits.__all__)

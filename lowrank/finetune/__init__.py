@@ -12,7 +12,6 @@ from lowrank.finetune.strategies import (
     PromptTuning,
     Strategy,
     make_strategy,
-    merge_and_unload_lora,
 )
 from lowrank.finetune.trainer import TrainConfig, Trainer
 
@@ -26,7 +25,6 @@ __all__ = [
     "PrefixTuning",
     "STRATEGIES",
     "make_strategy",
-    "merge_and_unload_lora",
     "TrainConfig",
     "Trainer",
     "Stage",

@@ -23,8 +23,7 @@ import torch
 from torch import nn
 
 from lowrank.adapters import AdapterConfig, inject_adapters, mark_only_adapters_trainable
-from lowrank.lora import inject_lora, lora_layers, mark_only_lora_trainable, merge_lora
-from lowrank.nn.lora import LoRAConv1D, LoRAConv2d, LoRAEmbedding, LoRALinear
+from lowrank.lora import inject_lora, mark_only_lora_trainable, merge_and_unload_lora
 from lowrank.nn.prompt import PrefixAttention, SoftPrompt
 from lowrank.prompt_io import mark_only_prompt_trainable
 from lowrank.prompt_tuning import prefix_tuning, prompt_tuning
@@ -39,7 +38,6 @@ __all__ = [
     "PrefixTuning",
     "STRATEGIES",
     "make_strategy",
-    "merge_and_unload_lora",
 ]
 
 
@@ -248,34 +246,6 @@ def _default_linear_targets(model: nn.Module, head: str | None) -> str:
     if not names:
         raise ValueError("LoRA: the model has no nn.Linear outside the head; pass target_modules")
     return "|".join(re.escape(name) for name in names)
-
-
-def merge_and_unload_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update into its base weight and put the plain base layer back in its place."""
-    merge_lora(model)
-    for name, layer in lora_layers(model).items():
-        if isinstance(layer, LoRALinear):
-            base = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        elif isinstance(layer, LoRAConv2d):
-            base = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                             layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, device="meta")
-        elif isinstance(layer, LoRAEmbedding):
-            base = nn.Embedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx, layer.max_norm,
-                                layer.norm_type, layer.scale_grad_by_freq, layer.sparse, device="meta")
-        elif isinstance(layer, LoRAConv1D):
-            from transformers.pytorch_utils import Conv1D
-
-            base = Conv1D(layer.nf, layer.nx)
-        else:
-            raise TypeError(f"merge_and_unload_lora: no base layer known for {name!r} ({type(layer).__name__})")
-        base.weight = layer.weight
-        if getattr(layer, "bias", None) is not None:
-            base.bias = layer.bias
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, base)
-    if hasattr(model, "lora_config"):
-        del model.lora_config
-    return model
 
 
 class LoRA(Strategy):
