@@ -25,10 +25,8 @@ Results: <out-dir>/adapter_<device-slug>_<dtype>_<activation>[_no-onednn].json (
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,11 +49,9 @@ from benchmarks.bench_lora import (
     default_dtype_name,
     describe_device,
     describe_versions,
-    peak_cuda_bytes,
     resolve_device,
-    saved_activation_bytes,
     skip_reasons as lowrank_skip_reasons,
-    time_mode,
+    time_checked_providers,
 )
 from lowrank.ops import adapter, adapter_reference
 
@@ -265,35 +261,10 @@ def benchmark_shape(shape: Shape, activation: str, providers: list[str], device:
                     repeats: int, warmup: int) -> tuple[list[dict], list[dict]]:
     """(one result row per provider, the providers that failed their check) for one shape."""
     problem = make_problem(shape, activation, device, dtype)
-    layers, failures = {}, []
-    for provider in providers:
-        try:
-            layer = build_layer(provider, problem)
-            check_against_reference(layer, problem)
-        except Exception as exc:  # a broken provider is reported; the others are still measured
-            failures.append({"shape": dataclasses.asdict(shape), "provider": provider,
-                             "error": f"{type(exc).__name__}: {exc}"})
-            continue
-        layers[provider] = layer
-    if not layers:
-        return [], failures
-
     inputs = make_inputs(problem, input_set_count(shape, dtype))
-    times = {mode: time_mode(layers, inputs, mode, repeats, warmup) for mode in MODES}
-    h, grad_out = inputs[0]
-    rows = []
-    for provider, layer in layers.items():
-        rows.append(
-            {
-                "shape": dataclasses.asdict(shape),
-                "provider": provider,
-                "median_ms": {mode: statistics.median(times[mode][provider]) for mode in MODES},
-                "times_ms": {mode: times[mode][provider] for mode in MODES},
-                "saved_bytes": saved_activation_bytes(layer, h),
-                "peak_bytes": peak_cuda_bytes(layer, h, grad_out) if device.type == "cuda" else None,
-                "input_sets": len(inputs),
-            }
-        )
+    rows, failures = time_checked_providers(
+        shape, problem, providers, build_layer, check_against_reference, inputs, repeats, warmup
+    )
     baseline = next((row for row in rows if row["provider"] == BASELINE), None)
     for row in rows:
         row["speedup_vs_eager"] = (

@@ -422,16 +422,16 @@ def peak_cuda_bytes(layer: Layer, x: Tensor, grad_y: Tensor) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-def benchmark_shape(
-    shape: Shape, providers: list[str], device: torch.device, dtype: torch.dtype, repeats: int, warmup: int
-) -> tuple[list[dict], list[dict]]:
-    """(one result row per provider, the providers that failed their check) for one shape."""
-    problem = make_problem(shape, device, dtype)
+def time_checked_providers(shape, problem, providers: list[str], build, check, inputs: list, repeats: int,
+                           warmup: int) -> tuple[list[dict], list[dict]]:
+    """Build each provider, check it against the float64 reference, time the ones that pass in
+    every mode: (one result row per timed provider, the providers that failed their check).
+    Shared by the LoRA, adapter benchmarks: `build(provider, problem)`, `check(layer, problem)`."""
     layers, failures = {}, []
     for provider in providers:
         try:
-            layer = build_layer(provider, problem)
-            check_against_reference(layer, problem)
+            layer = build(provider, problem)
+            check(layer, problem)
         except Exception as exc:  # a broken provider is reported; the others are still measured
             error = f"{type(exc).__name__}: {exc}"
             failures.append({"shape": dataclasses.asdict(shape), "provider": provider, "error": error})
@@ -440,22 +440,33 @@ def benchmark_shape(
     if not layers:
         return [], failures
 
-    inputs = make_inputs(problem, input_set_count(shape, dtype))
     times = {mode: time_mode(layers, inputs, mode, repeats, warmup) for mode in MODES}
     x, grad_y = inputs[0]
-    rows = []
-    for provider, layer in layers.items():
-        rows.append(
-            {
-                "shape": dataclasses.asdict(shape),
-                "provider": provider,
-                "median_ms": {mode: statistics.median(times[mode][provider]) for mode in MODES},
-                "times_ms": {mode: times[mode][provider] for mode in MODES},
-                "saved_bytes": saved_activation_bytes(layer, x),
-                "peak_bytes": peak_cuda_bytes(layer, x, grad_y) if device.type == "cuda" else None,
-                "input_sets": len(inputs),
-            }
-        )
+    on_cuda = x.is_cuda
+    rows = [
+        {
+            "shape": dataclasses.asdict(shape),
+            "provider": provider,
+            "median_ms": {mode: statistics.median(times[mode][provider]) for mode in MODES},
+            "times_ms": {mode: times[mode][provider] for mode in MODES},
+            "saved_bytes": saved_activation_bytes(layer, x),
+            "peak_bytes": peak_cuda_bytes(layer, x, grad_y) if on_cuda else None,
+            "input_sets": len(inputs),
+        }
+        for provider, layer in layers.items()
+    ]
+    return rows, failures
+
+
+def benchmark_shape(
+    shape: Shape, providers: list[str], device: torch.device, dtype: torch.dtype, repeats: int, warmup: int
+) -> tuple[list[dict], list[dict]]:
+    """(one result row per provider, the providers that failed their check) for one shape."""
+    problem = make_problem(shape, device, dtype)
+    inputs = make_inputs(problem, input_set_count(shape, dtype))
+    rows, failures = time_checked_providers(
+        shape, problem, providers, build_layer, check_against_reference, inputs, repeats, warmup
+    )
     baseline = next((row for row in rows if row["provider"] == BASELINE), None)
     for row in rows:
         row["ratio_to_linear_frozen"] = (
