@@ -1,5 +1,5 @@
 """Few-shot in-context classification: exact prompt strings, label scores against a hand computation on a
-tiny random float64 GPT-2 with a character-level tokenizer (built locally, no download), batching against
+tiny random float64 GPT-2 and Llama with a character-level tokenizer (built locally, no download), batching against
 one at a time, truncation, calibration, example selection, no parameter update, and bad input."""
 
 import collections
@@ -46,6 +46,18 @@ def tiny_gpt2(max_positions=256, dropout=0.0):
         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
     )  # fmt: skip
     return transformers.GPT2LMHeadModel(config).double().eval()
+
+
+def tiny_model(family):
+    """GPT-2 (learned absolute positions) or Llama (rotary positions, grouped-query attention)."""
+    if family == "gpt2":
+        return tiny_gpt2()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(string.printable) + 1, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=37, max_position_embeddings=256,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config).double().eval()
 
 
 def hand_scores(model, tokenizer, prompt: str) -> torch.Tensor:
@@ -107,9 +119,10 @@ def test_select_examples_balanced():
 # ---- scoring -----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("normalization", ["sum", "mean"])
-def test_label_scores_equal_hand_computation(normalization):
-    model, tokenizer = tiny_gpt2(), char_tokenizer()
+def test_label_scores_equal_hand_computation(normalization, family):
+    model, tokenizer = tiny_model(family), char_tokenizer()
     classifier = FewShotClassifier(model, tokenizer, TEMPLATE, normalization=normalization, batch_size=5)
     prediction = classifier.predict(QUERIES, POOL[:3])
     expected = torch.stack([hand_scores(model, tokenizer, TEMPLATE.build(POOL[:3], query)) for query in QUERIES])
@@ -121,9 +134,10 @@ def test_label_scores_equal_hand_computation(normalization):
     assert prediction.num_examples == [3] * len(QUERIES)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_batching_equals_one_by_one(padding_side):
-    model, tokenizer = tiny_gpt2(), char_tokenizer(padding_side)
+def test_batching_equals_one_by_one(padding_side, family):
+    model, tokenizer = tiny_model(family), char_tokenizer(padding_side)
     one_by_one = FewShotClassifier(model, tokenizer, TEMPLATE, batch_size=1)
     batched = FewShotClassifier(model, tokenizer, TEMPLATE, batch_size=7)  # 12 sequences: 7 + 5, lengths differ
     alone = torch.cat([one_by_one.predict([query], POOL[:2]).scores for query in QUERIES])
