@@ -30,3 +30,17 @@ def _poisoned_cuda_memory():
     if torch.cuda.is_available():
         poison_cuda_allocator()
     yield
+
+
+@pytest.fixture(scope="module")
+def usps_root():
+    """The digit data root holding USPS (test_finetune, test_distributed CLI runs); skips without it."""
+    from lowrank.data import default_root
+
+    try:
+        root = default_root()
+    except FileNotFoundError:
+        pytest.skip("no digit data")
+    if not (root / "usps").is_dir():
+        pytest.skip("no USPS data")
+    return str(root)

@@ -171,6 +171,37 @@ def test_checkpoint_from_another_model_is_refused(tmp_path):
         other.fit()
 
 
+def test_lora_checkpoint_holds_only_the_trained_tensors_and_refuses_another_base(tmp_path):
+    from safetensors.torch import load_file
+
+    trainer = lora_run(tmp_path, epochs=1)
+    trainer.fit()
+    saved = load_file(tmp_path / "checkpoint" / "model.safetensors")
+    assert set(saved) == {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert all(re.fullmatch(r".*lora_[AB]|head\..*", k) for k in saved)
+    torch.manual_seed(123)
+    base = tiny_vit()
+    with torch.no_grad():
+        base.blocks[0].attn.q_proj.weight.add_(1e-3)  # the same architecture with other pre-trained weights
+    strategy = make_strategy({"name": "lora", "r": 2, "dropout": 0.25, "backend": "torch"})  # lora_run's
+    other_base = Trainer(base, strategy, data(), config=trainer.config, output_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"checkpoint .*checkpoint was trained on another pre-trained base: "
+                                         r"the frozen tensor\(s\) \['blocks.0.attn.q_proj"):
+        other_base.fit()
+
+
+def test_distributed_config_is_checked_before_anything_starts(monkeypatch):
+    with pytest.raises(ValueError, match="distributed='fsdp' supports the lora and adapters strategies, not "
+                                         "'full_finetuning'"):
+        Trainer(tiny_vit(), make_strategy({"name": "full_finetuning"}), data(), config=config(distributed="fsdp"))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RuntimeError, match="launch with `torchrun"):
+        Trainer(tiny_vit(), make_strategy({"name": "lora", "r": 2}), data(), config=config(distributed="ddp"))
+    with pytest.raises(ValueError, match="distributed must be None, 'ddp' or 'fsdp'"):
+        config(distributed="deepspeed")
+
+
 @pytest.mark.parametrize("micro_batch", [4, 5])
 def test_gradient_accumulation_equals_one_big_batch(micro_batch):
     results = []
@@ -243,19 +274,6 @@ def test_multistage_resumes_at_the_stage_where_it_stopped(tmp_path, monkeypatch)
                          tmp_path / "resumed")
     with pytest.raises(ValueError, match="holds a run with other stages"):
         changed.run(tiny_vit())
-
-
-@pytest.fixture(scope="module")
-def usps_root():
-    from lowrank.data import default_root
-
-    try:
-        root = default_root()
-    except FileNotFoundError:
-        pytest.skip("no digit data")
-    if not (root / "usps").is_dir():
-        pytest.skip("no USPS data")
-    return str(root)
 
 
 def cli_config(tmp_path, root, **overrides):

@@ -8,6 +8,7 @@
     stages:     a list of
                   {name, strategy: {name: <strategy>, <its options>},
                    train_data: <data>, eval_data: <data> (optional), train: {<TrainConfig fields>}}
+                (train: {distributed: ddp} with `torchrun --nproc_per_node N -m lowrank.finetune --config ...`)
     <data>:     {domain: mnist | usps | mnist_m | svhn, split, per_class: k labelled images per class,
                  limit: n random images, seed, size: 28, channels: 1}
 
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from torch import nn
 
+from lowrank.finetune.distributed import barrier, is_main_process
 from lowrank.finetune.models import MODELS
 from lowrank.finetune.multistage import MultiStage, Stage
 from lowrank.finetune.strategies import make_strategy
@@ -130,7 +132,9 @@ def run_config(config: dict) -> list[dict]:
     model = build_model(config["model"])
     runner = MultiStage(stages, config["output_dir"])
     model = runner.run(model, resume=config.get("resume", True))
-    save_state(model.state_dict(), os.path.join(config["output_dir"], "model.safetensors"))
+    if is_main_process():
+        save_state(model.state_dict(), os.path.join(config["output_dir"], "model.safetensors"))
+    barrier()
     return runner.results
 
 
@@ -143,6 +147,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for result in results:
-        print(json.dumps(result))
+    if is_main_process():
+        for result in results:
+            print(json.dumps(result))
     return 0

@@ -11,6 +11,10 @@ the weights and removed, so a later LoRA stage starts a new adapter). Under outp
 run() resumes where a run stopped: finished stages are replayed for their structure only
 (prepare + finish, no training), the last finished stage's weights are loaded, and the stage in
 progress continues from its epoch checkpoint.
+
+Under torchrun with distributed="ddp" stages, every rank runs the stages and rank 0 alone writes
+the files. distributed="fsdp" is refused: it shards the model in place, so a stage's result could
+not be finished (merged) and handed to the next stage.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from lowrank.finetune.distributed import barrier, is_main_process
 from lowrank.finetune.strategies import Strategy
 from lowrank.finetune.trainer import TrainConfig, Trainer, load_state, save_state
 
@@ -48,6 +53,10 @@ class MultiStage:
         names = [s.name for s in stages]
         if len(set(names)) != len(names):
             raise ValueError(f"MultiStage: stage names must be unique, got {names}")
+        sharded = [s.name for s in stages if s.config.distributed == "fsdp"]
+        if sharded:
+            raise ValueError(f"MultiStage: stage(s) {sharded} use distributed='fsdp', which shards the model in place "
+                             "so it cannot pass to the next stage; use distributed='ddp' or a Trainer")
         self.stages, self.output_dir, self.loss_fn = stages, os.fspath(output_dir), loss_fn
         self.results: list[dict] = []
 
@@ -65,10 +74,12 @@ class MultiStage:
             if saved != self._plan():
                 raise ValueError(f"MultiStage: {self.output_dir} holds a run with other stages ({saved}); "
                                  "use another output_dir or delete it")
-        else:
+        elif is_main_process():
             os.makedirs(self.output_dir, exist_ok=True)
-            with open(path, "w") as f:
+            with open(path + ".tmp", "w") as f:
                 json.dump(self._plan(), f, indent=1)
+            os.replace(path + ".tmp", path)
+        barrier()
 
     def run(self, model: nn.Module, resume: bool = True) -> nn.Module:
         """Train every stage in order (resuming a stopped run when resume) and return the final model."""
@@ -90,6 +101,8 @@ class MultiStage:
             self.results.append({"stage": stage.name, "trainable_parameters": trainer.trainable_parameters,
                                  **(trainer.history[-1] if trainer.history else {})})
             path = os.path.join(self.stage_dir(index), FINAL)
-            save_state(model.state_dict(), path + ".tmp")
-            os.replace(path + ".tmp", path)
+            if is_main_process():
+                save_state(model.state_dict(), path + ".tmp")
+                os.replace(path + ".tmp", path)
+            barrier()
         return model

@@ -8,6 +8,10 @@ A Strategy is used by the Trainer in this order:
     strategy.set_train_mode(model)             train()/eval() per module before each training epoch
     model = strategy.finish(model)             after training (LoRA: merge and drop the adapters)
 
+checkpoint_trained_only (a class attribute): the Trainer's checkpoints hold only the parameters the
+optimizer updates (and the buffers), not the frozen base, which a resumed run rebuilds from the
+same pre-trained model. True for every strategy but full fine-tuning.
+
 Models are described by module names: `head` (default "head") is the output layer, kept
 trainable by every strategy, and replaced by a fresh nn.Linear with `num_classes` outputs when
 that is given; `blocks` (default "blocks") is a container of the transformer / conv blocks,
@@ -60,6 +64,7 @@ class Strategy:
     """Base class: trains every parameter (subclasses narrow that down). See the module docstring."""
 
     name = "strategy"
+    checkpoint_trained_only = False
 
     def __init__(self, head: str | None = "head", num_classes: int | None = None):
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
@@ -123,6 +128,7 @@ class FeatureExtraction(Strategy):
     the head on the stored features (the head must be applied last, to one input)."""
 
     name = "feature_extraction"
+    checkpoint_trained_only = True
 
     def __init__(self, head: str = "head", num_classes: int | None = None, cache_features: bool = False):
         if head is None:
@@ -254,6 +260,7 @@ class LoRA(Strategy):
     stage starts from plain layers holding the merged weights."""
 
     name = "lora"
+    checkpoint_trained_only = True
 
     def __init__(self, head: str | None = "head", num_classes: int | None = None, r: int = 8, alpha: float = 16,
                  dropout: float = 0.0, target_modules=None, backend: str | None = None):
@@ -276,6 +283,7 @@ class Adapters(Strategy):
     """Bottleneck adapters (inject_adapters; see AdapterConfig); only they and the head train."""
 
     name = "adapters"
+    checkpoint_trained_only = True
 
     def __init__(self, head: str | None = "head", num_classes: int | None = None, placement: str | None = None,
                  bottleneck: int = 64, activation: str = "relu", scaling: float = 1.0, init: str = "identity",
@@ -317,6 +325,7 @@ class PromptTuning(Strategy):
     """
 
     name = "prompt_tuning"
+    checkpoint_trained_only = True
 
     def __init__(self, head: str | None = "head", num_classes: int | None = None, num_virtual_tokens: int = 10,
                  embeddings: str | None = None, dim: int | None = None, init: str = "random"):
@@ -358,6 +367,7 @@ class PrefixTuning(Strategy):
     """
 
     name = "prefix_tuning"
+    checkpoint_trained_only = True
 
     def __init__(self, head: str | None = "head", num_classes: int | None = None, num_virtual_tokens: int = 10,
                  projection_dim: int | None = None, target_modules: str | None = None):

@@ -7,9 +7,28 @@ the same weights as one that was never interrupted (bit-exact on CPU). A crash l
 epoch in progress.
 
 Checkpoints (output_dir/checkpoint/) are safetensors plus JSON, never pickle:
-    model.safetensors      the model's full state_dict
+    model.safetensors      the trained tensors: the full state_dict for full fine-tuning; for the
+                           parameter-efficient strategies (Strategy.checkpoint_trained_only) only the
+                           parameters the optimizer updates and the buffers, not the frozen base
     optimizer.safetensors  the optimizer's tensor state
-    trainer.json           epoch, step, history, optimizer param groups, grad scaler, strategy, key shapes
+    trainer.json           epoch, step, history, optimizer param groups, grad scaler, strategy, the
+                           model's key shapes, and a fingerprint (float64 sum and sum of squares) of
+                           every frozen tensor that model.safetensors leaves out
+Resuming checks the key shapes and the frozen fingerprint, so a checkpoint from another model or
+from another pre-trained base of the same architecture is refused, naming the checkpoint.
+
+Distributed (config.distributed "ddp" or "fsdp", launched by torchrun; see README "Distributed"):
+every rank shuffles the data alike and trains on its contiguous slice of each global batch of
+config.batch_size samples (which must divide by the world size); the loss is scaled by
+world_size / (samples in the optimizer step), so the averaged gradient is the single-process
+gradient of the same global batches, with accumulation (gradients are reduced once per step) and
+a short last batch. "ddp" wraps the module that trains in DistributedDataParallel, which reduces
+only parameters with requires_grad (rebuilt when gradual unfreezing changes that set); "fsdp"
+(LoRA and Adapters) shards the model with FSDP2's fully_shard, one unit per repeated block plus
+the root: frozen weights are sharded and all-gathered for compute but never reduce-scattered.
+Losses and accuracies are summed over ranks, rank 0 alone writes checkpoints and metrics (the
+others wait), and every rank reads the checkpoint to resume. Dropout draws differ per rank, so
+only runs without dropout match a single process exactly.
 """
 
 from __future__ import annotations
@@ -26,15 +45,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset, TensorDataset
 
-from lowrank.finetune.strategies import FeatureExtraction, Strategy
+from lowrank.finetune import distributed
+from lowrank.finetune.strategies import Adapters, FeatureExtraction, LoRA, Strategy
 
 __all__ = ["TrainConfig", "Trainer", "load_state", "save_state"]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("constant", "cosine")
+DISTRIBUTED = ("ddp", "fsdp")
 CHECKPOINT = "checkpoint"
 METRICS = "metrics.json"
 
@@ -43,7 +64,8 @@ METRICS = "metrics.json"
 class TrainConfig:
     """Training hyperparameters. grad_accum micro-batches of batch_size make one optimizer step;
     amp: None, "bf16" or "fp16" (autocast; fp16 adds a gradient scaler); max_grad_norm clips the
-    global norm of the trainable gradients; scheduler "cosine" decays to 0 after warmup_steps."""
+    global norm of the trainable gradients; scheduler "cosine" decays to 0 after warmup_steps.
+    distributed: None, "ddp" or "fsdp" (under torchrun; batch_size is then the global batch)."""
 
     epochs: int = 1
     batch_size: int = 32
@@ -60,6 +82,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    distributed: str | None = None
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum"):
@@ -76,6 +99,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig: lr must be positive, got {self.lr!r}")
+        if self.distributed is not None and self.distributed not in DISTRIBUTED:
+            raise ValueError(f"TrainConfig: distributed must be None, 'ddp' or 'fsdp', got {self.distributed!r}")
+        if self.distributed == "fsdp" and self.amp == "fp16":
+            raise ValueError("TrainConfig: distributed='fsdp' does not support amp='fp16' (its gradient scaler would "
+                             "skip steps on some ranks only); use amp='bf16'")
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "train") -> TrainConfig:
@@ -99,12 +127,16 @@ def load_state(model: nn.Module, path: str, what: str) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what}: no file {path}")
     tensors = load_file(path)
-    check_same_model(model, {k: list(v.shape) for k, v in tensors.items()}, f"{what} {path}")
+    check_same_model(key_shapes(model), {k: list(v.shape) for k, v in tensors.items()}, f"{what} {path}")
     model.load_state_dict(tensors)
 
 
-def check_same_model(model: nn.Module, saved_shapes: dict[str, list[int]], what: str) -> None:
-    own = {k: list(v.shape) for k, v in model.state_dict().items()}
+def key_shapes(model: nn.Module) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_same_model(own: dict[str, list[int]], saved_shapes: dict[str, list[int]], what: str) -> None:
+    """Refuse saved_shapes (state_dict key -> shape) unless they are exactly `own`'s."""
     missing, unexpected = sorted(set(own) - set(saved_shapes)), sorted(set(saved_shapes) - set(own))
     reshaped = sorted(k for k in set(own) & set(saved_shapes) if own[k] != saved_shapes[k])
     if missing or unexpected or reshaped:
@@ -113,8 +145,26 @@ def check_same_model(model: nn.Module, saved_shapes: dict[str, list[int]], what:
         raise ValueError(f"{what} was saved from another model ({'; '.join(details)})")
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch) % (2**63)
+def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    return (seed * 1_000_003 + epoch + rank * 2**40) % (2**63)
+
+
+def frozen_fingerprint(state: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """[sum, sum of |x|, sum of x²] in float64 of each tensor: tells one pre-trained base from another cheaply."""
+    fingerprint = {}
+    for key, value in state.items():
+        value = value.detach().double()
+        fingerprint[key] = [value.sum().item(), value.abs().sum().item(), value.square().sum().item()]
+    return fingerprint
+
+
+def _differing(own: dict[str, list[float]], saved: dict[str, list[float]]) -> list[str]:
+    """Keys whose fingerprints differ beyond float64 summation-order noise (another device sums in another order)."""
+    def same(a: list[float], b: list[float]) -> bool:
+        tolerance = 1e-9 * (1 + a[1] + a[2])
+        return len(a) == len(b) and all(abs(x - y) <= tolerance for x, y in zip(a, b))
+
+    return sorted(k for k in set(own) | set(saved) if k not in own or k not in saved or not same(own[k], saved[k]))
 
 
 def _split_batch(batch):
@@ -150,7 +200,9 @@ class Trainer:
     (or an object with .logits). `loss_fn(logits, targets)` returns the loss summed over the batch
     (default: cross-entropy), so micro-batches of any size add up to the full batch's mean.
     With output_dir, each epoch writes a checkpoint and metrics.json there, and fit() resumes
-    from the checkpoint it finds.
+    from the checkpoint it finds. With config.distributed, every rank constructs the Trainer with
+    the same arguments and calls fit() (see the module docstring); under "fsdp" the returned
+    model's parameters are sharded DTensors.
     """
 
     def __init__(self, model: nn.Module, strategy: Strategy, train_data: Dataset, eval_data: Dataset | None = None,
@@ -162,9 +214,27 @@ class Trainer:
         self.output_dir = None if output_dir is None else os.fspath(output_dir)
         self.loss_fn = loss_fn or (lambda logits, targets: F.cross_entropy(logits.float(), targets, reduction="sum"))
         self.device = torch.device(self.config.device)
+        self.rank, self.world_size = 0, 1
+        if self.config.distributed is not None:
+            self._check_distributed(strategy)
+            self.device = distributed.init_distributed(self.device)
+            self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            if self.config.batch_size % self.world_size:
+                raise ValueError(f"TrainConfig: batch_size {self.config.batch_size} is the global batch and must "
+                                 f"divide by the world size {self.world_size}")
         torch.manual_seed(self.config.seed)  # the strategy's new modules start the same every run
         self.model = strategy.prepare(model).to(self.device)
+        if self.config.distributed is not None:
+            self._broadcast_from_rank0()
         groups = strategy.param_groups(self.model, self.config.lr)
+        self._model_keys = key_shapes(self.model)
+        self._checkpoint_keys = self._keys_to_save(groups)
+        self._frozen_fingerprint = frozen_fingerprint(
+            {k: v for k, v in self.model.state_dict().items() if k not in self._checkpoint_keys})
+        if self.config.distributed == "fsdp":
+            distributed.fully_shard_model(self.model, self.device)
+            groups = strategy.param_groups(self.model, self.config.lr)  # the sharded parameters
+        self._ddp, self._ddp_trainable = None, None
         for group in groups:
             group["base_lr"] = group["lr"]
         self.trainable_parameters = sum(p.numel() for g in groups for p in g["params"])
@@ -175,6 +245,58 @@ class Trainer:
                                              weight_decay=self.config.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.amp == "fp16")
         self.epoch, self.step, self.history = 0, 0, []
+
+    # ------------------------------------------------------------------------------ distributed
+
+    def _check_distributed(self, strategy: Strategy) -> None:
+        if self.config.distributed == "fsdp" and not isinstance(strategy, (LoRA, Adapters)):
+            raise ValueError(f"TrainConfig: distributed='fsdp' supports the lora and adapters strategies, not "
+                             f"{strategy.name!r}; use distributed='ddp'")
+
+    @torch.no_grad()
+    def _broadcast_from_rank0(self) -> None:
+        """Every rank starts from rank 0's weights (DDP does this itself; FSDP2 would mix the ranks' shards)."""
+        for tensor in self.model.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0)
+
+    def _keys_to_save(self, groups: list[dict]) -> set[str]:
+        """The state_dict keys a checkpoint holds: every key, or the trained parameters and the buffers."""
+        state = self.model.state_dict(keep_vars=True)
+        if not self.strategy.checkpoint_trained_only:
+            return set(state)
+        kept = {id(p) for g in groups for p in g["params"]} | {id(b) for b in self.model.buffers()}
+        return {k for k, v in state.items() if id(v) in kept}
+
+    def _parallel(self, module: nn.Module) -> nn.Module:
+        """The module that trains this epoch: under "ddp" wrapped in DistributedDataParallel, rebuilt when
+        its set of trainable parameters changed (DDP's reducer only knows those present when it was built)."""
+        if self.config.distributed != "ddp":
+            return module
+        trainable = [name for name, p in module.named_parameters() if p.requires_grad]
+        if self._ddp is None or self._ddp.module is not module or self._ddp_trainable != trainable:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = None if self.device.type == "cpu" else [self.device]
+            self._ddp, self._ddp_trainable = DistributedDataParallel(module, device_ids=device_ids), trainable
+        return self._ddp
+
+    def _rank_loader(self, data: Dataset, batch_size: int, order) -> DataLoader:
+        """This rank's slice of each global batch of `order` (all of it in a single process)."""
+        batches = BatchSampler(order, batch_size, drop_last=False)
+        if self.world_size > 1:
+            batches = distributed.RankBatches(batches, self.rank, self.world_size)
+        return DataLoader(data, batch_sampler=batches)
+
+    def _global_batch_sizes(self, size: int, batch_size: int) -> list[int]:
+        return [min(batch_size, size - start) for start in range(0, size, batch_size)]
+
+    def _own_size(self, global_size: int) -> int:
+        """Samples of a global batch that this rank trains on (0: it runs a placeholder sample weighted 0)."""
+        start, stop = distributed.shard_bounds(global_size, self.rank, self.world_size)
+        return stop - start
+
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
+        return values if self.world_size == 1 else distributed.all_reduce_sum(values, self.device)
 
     # ---------------------------------------------------------------------------------- schedule
 
@@ -203,24 +325,29 @@ class Trainer:
         from tqdm.auto import tqdm
 
         c = self.config
-        generator = torch.Generator().manual_seed(_epoch_seed(c.seed, epoch))
-        torch.manual_seed(_epoch_seed(c.seed, epoch))  # dropout and anything else random in the epoch
-        batches = iter(DataLoader(data, batch_size=c.batch_size, shuffle=True, generator=generator))
+        generator = torch.Generator().manual_seed(_epoch_seed(c.seed, epoch))  # the same order on every rank
+        torch.manual_seed(_epoch_seed(c.seed, epoch, self.rank))  # dropout and anything else random in the epoch
+        loader = self._rank_loader(data, c.batch_size, RandomSampler(data, generator=generator))
+        batches = zip(self._global_batch_sizes(len(data), c.batch_size), loader)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         total_loss, correct, seen = 0.0, 0, 0
-        bar = tqdm(total=self._steps_per_epoch(), desc=f"epoch {epoch + 1}/{c.epochs}", disable=not c.progress,
-                   leave=False)
+        bar = tqdm(total=self._steps_per_epoch(), desc=f"epoch {epoch + 1}/{c.epochs}",
+                   disable=not c.progress or self.rank != 0, leave=False)
         while window := list(islice(batches, c.grad_accum)):
-            window = [_split_batch(_to(b, self.device)) for b in window]
-            count = sum(_batch_size(targets) for _, targets in window)
-            for inputs, targets in window:
-                with self._autocast():
-                    logits = self._forward(module, inputs)
-                    loss = self.loss_fn(logits, targets)
-                self.scaler.scale(loss / count).backward()
-                total_loss += loss.item()
-                correct += int((logits.argmax(-1) == targets).sum())
-            seen += count
+            count = sum(global_size for global_size, _ in window)  # samples in this optimizer step, on all ranks
+            for index, (global_size, batch) in enumerate(window):
+                inputs, targets = _split_batch(_to(batch, self.device))
+                own = self._own_size(global_size)
+                with distributed.gradient_sync(module, sync=index == len(window) - 1):
+                    with self._autocast():
+                        logits = self._forward(module, inputs)
+                        loss = self.loss_fn(logits, targets)
+                    # ranks' gradients are averaged: world_size / count makes the average the global batch's mean
+                    self.scaler.scale((loss if own else loss * 0) * self.world_size / count).backward()
+                if own:
+                    total_loss += loss.item()
+                    correct += int((logits.argmax(-1) == targets).sum())
+                    seen += own
             for group in self.optimizer.param_groups:
                 group["lr"] = group["base_lr"] * self._lr_factor(self.step)
             if c.max_grad_norm is not None:
@@ -231,40 +358,55 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+            bar.set_postfix(loss=f"{total_loss / max(seen, 1):.4f}", acc=f"{correct / max(seen, 1):.3f}")
         bar.close()
+        total_loss, correct, seen = self._sum_over_ranks([total_loss, correct, seen])
         return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
     @torch.no_grad()
     def evaluate(self, module: nn.Module | None = None, data: Dataset | None = None) -> dict:
-        """Mean loss and accuracy of `module` (default: the model) on `data` (default: eval_data)."""
+        """Mean loss and accuracy of `module` (default: the model) on `data` (default: eval_data).
+        Distributed: every rank calls it and evaluates its slice of each batch; the results are global."""
         module = self.model if module is None else module
         data = self.eval_data if data is None else data
         was_training = module.training
         module.eval()
         total_loss, correct, seen = 0.0, 0, 0
-        for batch in DataLoader(data, batch_size=self.config.eval_batch_size):
+        loader = self._rank_loader(data, self.config.eval_batch_size, SequentialSampler(data))
+        for global_size, batch in zip(self._global_batch_sizes(len(data), self.config.eval_batch_size), loader):
             inputs, targets = _split_batch(_to(batch, self.device))
             with self._autocast():
-                logits = self._forward(module, inputs)
-            total_loss += self.loss_fn(logits, targets).item()
-            correct += int((logits.argmax(-1) == targets).sum())
-            seen += _batch_size(targets)
+                logits = self._forward(module, inputs)  # also for a placeholder: FSDP's all-gathers need every rank
+            if self._own_size(global_size):
+                total_loss += self.loss_fn(logits, targets).item()
+                correct += int((logits.argmax(-1) == targets).sum())
+                seen += _batch_size(targets)
         module.train(was_training)
+        total_loss, correct, seen = self._sum_over_ranks([total_loss, correct, seen])
         return {"eval_loss": total_loss / max(seen, 1), "eval_accuracy": correct / max(seen, 1)}
 
     @torch.no_grad()
     def _cached(self, data: Dataset) -> TensorDataset:
-        """The head's inputs for every sample of `data`, with the targets (FeatureExtraction caching)."""
+        """The head's inputs for every sample of `data`, with the targets (FeatureExtraction caching).
+        Distributed: each rank runs the backbone on ceil(n / world_size) samples (wrapping around) and
+        the ranks exchange the results."""
+        own = data
+        if self.world_size > 1:
+            per_rank = math.ceil(len(data) / self.world_size)
+            own = Subset(data, [(self.rank * per_rank + i) % len(data) for i in range(per_rank)])
+        head_dtype = next(self.strategy._head_module(self.model).parameters()).dtype  # autocast may return less
         features, labels = [], []
-        for batch in DataLoader(data, batch_size=self.config.eval_batch_size):
+        for batch in DataLoader(own, batch_size=self.config.eval_batch_size):
             inputs, targets = _split_batch(_to(batch, self.device))
             if isinstance(inputs, dict):
                 raise ValueError("FeatureExtraction: cache_features needs (inputs, targets) batches")
             with self._autocast():
-                features.append(self.strategy.features(self.model, inputs).float())
+                features.append(self.strategy.features(self.model, inputs).to(head_dtype))
             labels.append(targets)
-        return TensorDataset(torch.cat(features), torch.cat(labels))
+        features, labels = torch.cat(features), torch.cat(labels)
+        if self.world_size > 1:
+            features, labels = distributed.gather_rows(features, len(data)), distributed.gather_rows(labels, len(data))
+        return TensorDataset(features, labels)
 
     def fit(self, resume: bool = True) -> nn.Module:
         """Train for config.epochs (continuing from output_dir's checkpoint when resume) and return the model."""
@@ -280,7 +422,7 @@ class Trainer:
             started = time.perf_counter()
             self.strategy.on_epoch_start(self.model, epoch)
             self.strategy.set_train_mode(self.model)
-            record = {"epoch": epoch + 1, **self._train_epoch(module, train_data, epoch)}
+            record = {"epoch": epoch + 1, **self._train_epoch(self._parallel(module), train_data, epoch)}
             if eval_data is not None:
                 record.update(self.evaluate(module, eval_data))
             record["seconds"] = time.perf_counter() - started
@@ -288,36 +430,42 @@ class Trainer:
             self.epoch = epoch + 1
             if self.output_dir is not None:
                 self._save_checkpoint()
-                self._write_metrics()
+                if self.rank == 0:
+                    self._write_metrics()
         self.model.eval()
         return self.model
 
     # ------------------------------------------------------------------------------ checkpoints
 
-    def _fingerprint(self) -> dict:
-        return {k: list(v.shape) for k, v in self.model.state_dict().items()}
-
     def _save_checkpoint(self) -> None:
-        final = os.path.join(self.output_dir, CHECKPOINT)
-        tmp, old = final + ".tmp", final + ".old"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        save_state(self.model.state_dict(), os.path.join(tmp, "model.safetensors"))
+        """Every rank calls it (FSDP2 shards are gathered collectively); rank 0 writes, the others wait."""
+        model_state = {k: distributed.full_tensor(v) for k, v in self.model.state_dict().items()
+                       if k in self._checkpoint_keys}
         optim = self.optimizer.state_dict()
         tensors, scalars = {}, {}
         for index, entry in optim["state"].items():
             for key, value in entry.items():
                 if isinstance(value, torch.Tensor):
-                    tensors[f"{index}.{key}"] = value
+                    tensors[f"{index}.{key}"] = distributed.full_tensor(value)
                 else:
                     scalars[f"{index}.{key}"] = value
-        save_state(tensors, os.path.join(tmp, "optimizer.safetensors"))
-        meta = {
-            "epoch": self.epoch, "step": self.step, "history": self.history,
-            "param_groups": optim["param_groups"], "optimizer_scalars": scalars,
-            "scaler": self.scaler.state_dict(), "strategy": self.strategy.config(),
-            "config": asdict(self.config), "model_keys": self._fingerprint(),
-        }
+        if self.rank == 0:
+            self._write_checkpoint(model_state, tensors, {
+                "epoch": self.epoch, "step": self.step, "history": self.history,
+                "param_groups": optim["param_groups"], "optimizer_scalars": scalars,
+                "scaler": self.scaler.state_dict(), "strategy": self.strategy.config(),
+                "config": asdict(self.config), "model_keys": self._model_keys,
+                "frozen_fingerprint": self._frozen_fingerprint,
+            })
+        distributed.barrier()
+
+    def _write_checkpoint(self, model_state: dict, optimizer_tensors: dict, meta: dict) -> None:
+        final = os.path.join(self.output_dir, CHECKPOINT)
+        tmp, old = final + ".tmp", final + ".old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        save_state(model_state, os.path.join(tmp, "model.safetensors"))
+        save_state(optimizer_tensors, os.path.join(tmp, "optimizer.safetensors"))
         with open(os.path.join(tmp, "trainer.json"), "w") as f:
             json.dump(meta, f, indent=1)
         if os.path.isdir(final):
@@ -337,12 +485,26 @@ class Trainer:
         if meta["strategy"] != json.loads(json.dumps(self.strategy.config())):
             raise ValueError(f"{where} was written with strategy {meta['strategy']}, this run uses "
                              f"{self.strategy.config()}; use another output_dir or resume=False")
-        check_same_model(self.model, meta["model_keys"], where)
-        load_state(self.model, os.path.join(directory, "model.safetensors"), where)
+        check_same_model(self._model_keys, meta["model_keys"], where)
+        changed = _differing(self._frozen_fingerprint, meta.get("frozen_fingerprint", {}))
+        if changed:
+            raise ValueError(f"{where} was trained on another pre-trained base: the frozen tensor(s) "
+                             f"{changed[:5]}{' ...' if len(changed) > 5 else ''} differ from this model's; "
+                             "load the base it was trained from, or use another output_dir or resume=False")
+        model_file = os.path.join(directory, "model.safetensors")
+        tensors = load_file(model_file)
+        if set(tensors) != self._checkpoint_keys:
+            raise ValueError(f"{where}: {model_file} holds the tensors {sorted(tensors)[:5]}..., expected exactly "
+                             f"{sorted(self._checkpoint_keys)[:5]}... ({len(self._checkpoint_keys)} tensors)")
+        own = self.model.state_dict()
+        for key, value in tensors.items():
+            distributed.copy_into(own[key], value)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         state: dict[int, dict] = {}
         for key, value in load_file(os.path.join(directory, "optimizer.safetensors")).items():
             index, name = key.split(".", 1)
-            state.setdefault(int(index), {})[name] = value.to(self.device)
+            # per-element state (moments, momentum) is sharded like its parameter under FSDP2
+            state.setdefault(int(index), {})[name] = distributed.shard_like(value.to(self.device), params[int(index)])
         for key, value in meta["optimizer_scalars"].items():
             index, name = key.split(".", 1)
             state.setdefault(int(index), {})[name] = value
