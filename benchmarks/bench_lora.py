@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 import lowrank
 from lowrank import _backends
+from lowrank._machine import cpu_model
 from lowrank.ops import lora_linear, lora_linear_reference
 
 MODES = ("inference", "forward", "backward", "forward+backward")
@@ -482,22 +483,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def describe_device(device: torch.device) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return {"type": "cuda", "name": name, "slug": _slug(name)}
-    model = _cpu_model()
+    model = cpu_model()
     return {
         "type": "cpu",
         "name": f"{model}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads",

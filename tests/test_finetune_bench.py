@@ -25,7 +25,14 @@ def digits_root():
     return str(root)
 
 
-def test_quick_run_covers_every_strategy_and_writes_its_files(tmp_path, digits_root, capsys):
+@pytest.fixture
+def keep_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_run_covers_every_strategy_and_writes_its_files(tmp_path, digits_root, capsys, keep_torch_threads):
     assert bench.main(["--quick", "--no-progress", "--data-root", digits_root, "--out-dir", str(tmp_path)]) == 0
     table = capsys.readouterr().out
     report = json.loads((tmp_path / "finetune_digits_quick.json").read_text())
@@ -81,7 +88,7 @@ def test_cross_validation_picks_the_best_rate_and_the_smaller_on_ties(monkeypatc
     assert transform is None  # held-out images are not augmented
 
 
-def test_missing_data_names_the_file(tmp_path, capsys):
+def test_missing_data_names_the_file(tmp_path, capsys, keep_torch_threads):
     assert bench.main(["--quick", "--no-progress", "--data-root", str(tmp_path), "--out-dir", str(tmp_path)]) == 2
     assert "mnist_5k.csv.gz" in capsys.readouterr().err
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
+import os
 import statistics
 import sys
 import tempfile
@@ -41,14 +41,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from lowrank._machine import cpu_model
 from lowrank.data import (DigitArrays, DigitDataset, load_digits, sample_per_class, split_indices,
                           target_pool_eval_split)
 from lowrank.data.augment import RandomAffine
 from lowrank.finetune.models import SmallCNN, SmallViT
-from lowrank.finetune.multistage import MultiStage, Stage
+from lowrank.finetune.multistage import FINAL, MultiStage, Stage
 from lowrank.finetune.strategies import (Adapters, FeatureExtraction, FullFineTuning, LoRA, PrefixTuning,
                                          PromptTuning, Strategy)
-from lowrank.finetune.trainer import TrainConfig, Trainer
+from lowrank.finetune.trainer import TrainConfig, Trainer, load_state
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 IMAGE_SIZE, CHANNELS, PER_CLASS = 28, 3, 10
@@ -205,19 +206,22 @@ def transfer(pretrained: nn.Module, arch: str, method: str, train: Dataset, test
     model = trainer.fit(resume=False)
     seconds = time.perf_counter() - start
     return {"accuracy": _evaluate(model, test, config), "trainable_parameters": trainer.trainable_parameters,
-            "seconds": seconds, "lr": lr}
+            "seconds": seconds, "lr": lr, "train_accuracy": trainer.history[-1]["train_accuracy"]}
 
 
 def transfer_in_stages(pretrained: nn.Module, arch: str, method: str, stages: list[tuple[str, Dataset, float]],
                        test: Dataset, config: TrainConfig) -> dict:
-    """MultiStage over (name, train data, lr) stages with `method` each time: accuracy on `test` at the end."""
+    """MultiStage over (name, train data, lr) stages with `method` each time: accuracy on `test` at the
+    end, and after the first stage (what the intermediate domain did to the final target)."""
     with tempfile.TemporaryDirectory() as workdir:
         plan = MultiStage([Stage(name, METHODS[method].make(arch), train, None, replace(config, lr=lr))
                            for name, train, lr in stages], workdir)
         start = time.perf_counter()
         model = plan.run(copy.deepcopy(pretrained), resume=False)
         seconds = time.perf_counter() - start
-    return {"accuracy": _evaluate(model, test, config),
+        first_stage = copy.deepcopy(pretrained)  # every stage finishes as the plain architecture (LoRA merged)
+        load_state(first_stage, os.path.join(plan.stage_dir(0), FINAL), "first stage")
+    return {"accuracy": _evaluate(model, test, config), "after_first_stage_accuracy": _evaluate(first_stage, test, config),
             "trainable_parameters": plan.results[-1]["trainable_parameters"], "seconds": seconds,
             "lr": [lr for _, _, lr in stages]}
 
@@ -274,7 +278,7 @@ def write_plot(rows: list[dict], path: Path) -> bool:
     markers = {"cnn": "o", "vit": "s"}
     for axes, target in zip(figure.subplots(1, len(TARGETS), sharey=True), TARGETS):
         for row in rows:
-            if target not in row["targets"]:
+            if target not in row["targets"] or row["method"].startswith("multistage_"):  # those are in the table
                 continue
             result = row["targets"][target]
             axes.errorbar(row["trainable_parameters"], result["mean"], yerr=result["std"], capsize=3,
@@ -358,7 +362,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="transfer runs per strategy, seeds 0..seeds-1")
     parser.add_argument("--models", default="all", help=f"'all' or a comma list of {', '.join(ARCHITECTURES)}")
     parser.add_argument("--methods", default="all", help=f"'all' or a comma list of {', '.join(METHODS)}")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: the models are small, and on a small shared CPU more threads "
+                             "wait on each other)")
     parser.add_argument("--data-root", default=None,
                         help="folder with mnist/, usps/, mnist_m/ (default: LOWRANK_DATA or ../shared/data/digits)")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
@@ -374,8 +380,9 @@ def main(argv=None) -> int:
         parser.error(str(err))
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     config = replace(TRANSFER, epochs=1, progress=False) if args.quick else replace(TRANSFER, progress=False)
 
     started = time.perf_counter()
@@ -398,7 +405,7 @@ def main(argv=None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / ("finetune_digits" + ("_quick" if args.quick else ""))
     report = {"command": "python -m lowrank.finetune.bench " + " ".join(sys.argv[1:] if argv is None else argv),
-              "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+              "machine": cpu_model(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "quick": args.quick, "total_seconds": seconds,
               "pretraining": {arch: {k: v for k, v in p.items() if k != "model"} for arch, p in pretrained.items()},
               "transfer_config": {"epochs": config.epochs, "batch_size": config.batch_size,
@@ -406,7 +413,7 @@ def main(argv=None) -> int:
               "summary": rows, "runs": runs}
     Path(f"{stem}.json").write_text(json.dumps(report, indent=1))
     Path(f"{stem}.md").write_text(f"Target test accuracy, mean ± std over seeds; total {seconds:.0f} s on "
-                                  f"{torch.get_num_threads()} threads.\n\n{text}\n")
+                                  f"{torch.get_num_threads()} torch thread(s), {cpu_model()}.\n\n{text}\n")
     _log(f"wrote {stem}.json and {stem}.md ({seconds:.0f} s in all)")
     if write_plot(rows, Path(f"{stem}.png")):
         _log(f"wrote {stem}.png")
