@@ -24,6 +24,7 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from lowrank.finetune.distributed import barrier, is_main_process
@@ -144,10 +145,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         results = run_config(load_config(args.config))
+        if is_main_process():
+            for result in results:
+                print(json.dumps(result))
     except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if is_main_process():
-        for result in results:
-            print(json.dumps(result))
+    finally:  # under torchrun the Trainer joined the process group; leave it before the process exits
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
