@@ -295,6 +295,26 @@ def test_usps_framing_puts_digits_in_mnists_20x20_box():
     assert ink_box(usps_source.source_train.images, -1.0 + 1e-6) == (4, 23, 4, 23)
 
 
+def test_per_domain_normalisation_uses_each_domains_training_statistics():
+    task = get_task("mnist-mnistm", normalisation="per_domain")
+    normalised = load_task_data(task, seed=0, n_source=300, n_target=400, n_test=200)
+    raw = load_task_data(get_task("mnist-mnistm", normalisation="fixed"), seed=0, n_source=300, n_target=400,
+                         n_test=200)
+    for images in (normalised.source_train.images, normalised.target_train.tensors[0]):
+        torch.testing.assert_close(images.mean((0, 2, 3)), torch.zeros(3), atol=1e-4, rtol=0)
+        torch.testing.assert_close(images.std((0, 2, 3)), torch.ones(3), atol=1e-4, rtol=0)
+    # The test split and the source validation set reuse their domain's training statistics, not their own.
+    pool = raw.target_train.tensors[0]
+    mean, std = pool.mean((0, 2, 3), keepdim=True), pool.std((0, 2, 3), keepdim=True)
+    torch.testing.assert_close(normalised.target_test.images, (raw.target_test.images - mean) / std, atol=1e-4, rtol=0)
+    source = raw.source_train.images
+    mean, std = source.mean((0, 2, 3), keepdim=True), source.std((0, 2, 3), keepdim=True)
+    torch.testing.assert_close(normalised.source_val.images, (raw.source_val.images - mean) / std, atol=1e-4, rtol=0)
+    assert raw.source_train.images.min() == -1 and raw.source_train.images.max() == 1  # fixed: (x - 0.5) / 0.5
+    with pytest.raises(ValueError, match="normalisation must be one of fixed, per_domain"):
+        get_task("mnist-usps", normalisation="batch")
+
+
 def test_framing_and_network_choices_are_checked():
     with pytest.raises(ValueError, match="framing must be one of mnist_box, stretch"):
         get_task("mnist-usps", framing="crop")
@@ -333,12 +353,12 @@ def test_bench_cli_quick(tmp_path, capsys):
     assert (tmp_path / "da_mnist-usps_source_only+adda_quick.png").stat().st_size > 0
 
 
-def test_bench_cli_framing_names_its_files(tmp_path, capsys):
+def test_bench_cli_framing_and_normalisation_name_their_files(tmp_path, capsys):
     assert bench.main(["--task", "usps-mnist", "--method", "source_only", "--seeds", "1", "--quick", "--framing",
-                       "stretch", "--no-progress", "--out-dir", str(tmp_path)]) == 0
-    assert "usps-mnist (lenet network, USPS framing stretch)" in capsys.readouterr().out
-    report = json.loads((tmp_path / "da_usps-mnist_source_only_stretch_quick.json").read_text())
-    assert report["framing"] == "stretch"
+                       "stretch", "--normalisation", "per_domain", "--no-progress", "--out-dir", str(tmp_path)]) == 0
+    assert "usps-mnist (lenet network, USPS framing stretch, per_domain normalisation)" in capsys.readouterr().out
+    report = json.loads((tmp_path / "da_usps-mnist_source_only_stretch_per_domain_quick.json").read_text())
+    assert report["framing"] == "stretch" and report["normalisation"] == "per_domain"
     with pytest.raises(SystemExit):
         bench.main(["--task", "mnist-mnistm", "--framing", "stretch", "--out-dir", str(tmp_path)])
     assert "has no USPS domain" in capsys.readouterr().err

@@ -4,14 +4,15 @@
     python -m lowrank.da.bench --task usps-mnist --method adda,dann --seeds 5
     python -m lowrank.da.bench --task mnist-usps --method dann --quick     # tiny smoke run
     python -m lowrank.da.bench --task mnist-usps --framing stretch         # USPS upscaled 16 -> 28
+    python -m lowrank.da.bench --task mnist-mnistm --normalisation fixed   # (x - 0.5) / 0.5 for both domains
 
 For each method and seed 0..seeds-1: draw the seed's source and target samples (lowrank.da.tasks),
 fit on labelled source and unlabelled target batches, and measure accuracy on the target test
 split (and on the source validation set). Prints one table, mean ± std (sample std over seeds)
 of target accuracy beside the published numbers, and writes <out-dir>/da_<task>.json (every run,
 with its training log) and da_<task>.png (a bar chart; needs matplotlib); with a subset of methods
-the files are da_<task>_<method+method>.*, and a USPS framing other than the task's default
-(lowrank.da.tasks: "mnist_box") adds _<framing>.
+the files are da_<task>_<method+method>.*, and a USPS framing or a normalisation other than the
+task's own (lowrank.da.tasks) adds _<framing> or _<normalisation>.
 
 How each choice was made (none on target labels; the target test split is only ever reported):
   fixed from the papers   DANN's SGD (lr 0.01, momentum 0.9), its λ_p and μ_p schedules and 64 + 64
@@ -36,7 +37,7 @@ from pathlib import Path
 import torch
 
 from lowrank.da.methods import METHODS, make_method
-from lowrank.da.tasks import FRAMINGS, TASKS, get_task, load_task_data, make_loader
+from lowrank.da.tasks import FRAMINGS, NORMALISATIONS, TASKS, get_task, load_task_data, make_loader
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
@@ -104,7 +105,8 @@ def summarise(task: str, methods: list[str], runs: list[dict]) -> list[dict]:
 
 def table(task, rows: list[dict]) -> str:
     framing = f", USPS framing {task.framing}" if task.framing else ""
-    lines = [f"{task.name} ({task.network} network{framing}): target test accuracy, mean ± std over seeds "
+    lines = [f"{task.name} ({task.network} network{framing}, {task.normalisation} normalisation): target test "
+             "accuracy, mean ± std over seeds "
              "(published: ADDA paper, Table 2)", "",
              "| Method | ours | published | seeds | source val | train s/run |", "| --- | --- | --- | --- | --- | --- |"]
     for row in rows:
@@ -145,6 +147,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="runs per method, seeds 0..seeds-1")
     parser.add_argument("--framing", choices=list(FRAMINGS), default=None,
                         help="how USPS digits are framed at 28x28 (MNIST<->USPS tasks; default: mnist_box)")
+    parser.add_argument("--normalisation", choices=list(NORMALISATIONS), default=None,
+                        help="pixel normalisation (default: the task's; lowrank.da.tasks)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a small shared CPU more threads wait on each other)")
     parser.add_argument("--data-root", default=None, help="folder with mnist/, usps/, mnist_m/, svhn/ (default: LOWRANK_DATA "
@@ -154,7 +158,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
-        task = get_task(args.task, framing=args.framing)
+        task = get_task(args.task, framing=args.framing, normalisation=args.normalisation)
         methods = _methods(args.method)
     except ValueError as err:
         parser.error(str(err))
@@ -180,10 +184,13 @@ def main(argv=None) -> int:
     print(table(task, rows))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     # --method all writes da_<task>; a subset writes da_<task>_<methods>, leaving the full table alone.
-    own_framing = task.framing == get_task(task.name).framing
+    own = get_task(task.name)
+    variant = "".join(f"_{mine}" for mine, default in ((task.framing, own.framing),
+                                                        (task.normalisation, own.normalisation)) if mine != default)
     stem = args.out_dir / (f"da_{task.name}" + ("" if args.method == "all" else "_" + "+".join(methods))
-                           + ("" if own_framing else f"_{task.framing}") + ("_quick" if args.quick else ""))
-    report = {"task": task.name, "framing": task.framing, "network": task.network, "quick": args.quick,
+                           + variant + ("_quick" if args.quick else ""))
+    report = {"task": task.name, "framing": task.framing, "network": task.network,
+              "normalisation": task.normalisation, "quick": args.quick,
               "threads": args.threads, "torch": torch.__version__,
               "command": "python -m lowrank.da.bench " + " ".join(sys.argv[1:] if argv is None else argv),
               "summary": rows, "runs": runs}

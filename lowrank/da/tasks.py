@@ -14,6 +14,10 @@ resizes USPS to 20x20 and centres it in 28x28, so digits are the same size in bo
 "stretch" upscales USPS 16x16 -> 28x28, digits then ~40% larger than MNIST's. The choice follows the
 two data sets' documented framing, not any accuracy.
 
+Normalisation (Task.normalisation): "fixed" maps every domain's pixels by (x - 0.5) / 0.5;
+"per_domain" standardises each domain by the per-channel mean and std of its own training images
+(the source sample; for the target, the unlabelled pool), applied to its validation or test split too.
+
 Source and target samples are drawn per seed. A source validation set (500 images outside the
 training sample) is the only labelled data besides the source training set that methods or
 hyper-parameter choices may look at; the target pool is handed out without labels.
@@ -29,14 +33,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from lowrank.data import DigitArrays, DigitDataset, load_digits, sample_subset, split_indices, target_pool_eval_split
+from lowrank.data import (DigitArrays, DigitDataset, load_digits, prepare_images, sample_subset, split_indices,
+                          target_pool_eval_split)
 
-__all__ = ["Task", "TASKS", "FRAMINGS", "get_task", "TaskData", "load_task_data", "make_loader"]
+__all__ = ["Task", "TASKS", "FRAMINGS", "NORMALISATIONS", "get_task", "TaskData", "load_task_data", "make_loader"]
 
 SOURCE_VAL_SIZE = 500
 MNISTM_EVAL_SIZE = 3000
 TARGET_SEED_OFFSET = 10_000  # target draws use seed + offset: independent of the source draw
 FRAMINGS = {"mnist_box": 20, "stretch": None}  # USPS framing -> the box its digits are resized into
+NORMALISATIONS = ("fixed", "per_domain")
 
 
 @dataclass(frozen=True)
@@ -52,8 +58,12 @@ class Task:
     n_target: Optional[int]  # unlabelled target images sampled per seed (None: the whole pool)
     framing: Optional[str] = None  # how USPS images are framed: a key of FRAMINGS (tasks with USPS only)
     network: str = "lenet"  # the network family every method uses: a key of lowrank.da.models.NETWORKS
+    normalisation: str = "fixed"  # one of NORMALISATIONS
 
     def __post_init__(self):
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(f"task {self.name}: normalisation must be one of {', '.join(NORMALISATIONS)}, "
+                             f"got {self.normalisation!r}")
         uses_usps = "usps" in (self.source, self.target)
         if (self.framing is None) == uses_usps or (uses_usps and self.framing not in FRAMINGS):
             raise ValueError(f"task {self.name}: framing must be one of {', '.join(FRAMINGS)} when a domain is USPS "
@@ -73,8 +83,9 @@ TASKS = {
 }
 
 
-def get_task(task, framing: Optional[str] = None) -> Task:
-    """A Task, or its name: one of TASKS; `framing` (a key of FRAMINGS) overrides its USPS framing."""
+def get_task(task, framing: Optional[str] = None, normalisation: Optional[str] = None) -> Task:
+    """A Task, or its name: one of TASKS; `framing` (a key of FRAMINGS) overrides its USPS framing,
+    `normalisation` (one of NORMALISATIONS) its normalisation."""
     if not isinstance(task, Task):
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
@@ -83,6 +94,8 @@ def get_task(task, framing: Optional[str] = None) -> Task:
         if task.framing is None:
             raise ValueError(f"task {task.name}: has no USPS domain, so no framing to choose (got {framing!r})")
         task = replace(task, framing=framing)
+    if normalisation is not None and normalisation != task.normalisation:
+        task = replace(task, normalisation=normalisation)
     return task
 
 
@@ -108,11 +121,6 @@ def load_task_data(task, seed: int, root: Optional[str] = None, n_source: Option
     root = None if root is None else str(root)
     source = _load(task.source, task.source_split, root)
     target = _load(task.target, task.target_split, root)
-    prepare_source = functools.partial(DigitDataset, size=task.image_size, channels=task.channels,
-                                       box=task.box(task.source))
-    prepare_target = functools.partial(DigitDataset, size=task.image_size, channels=task.channels,
-                                       box=task.box(task.target))
-
     # Source: a validation set of SOURCE_VAL_SIZE, then the training sample from the rest.
     rest, val = split_indices(len(source), min(SOURCE_VAL_SIZE, len(source) // 5), seed, source.labels)
     wanted = n_source if n_source is not None else (task.n_source or len(rest))
@@ -129,6 +137,8 @@ def load_task_data(task, seed: int, root: Optional[str] = None, n_source: Option
     if n_test is not None:
         target_test = target_test.subset(sample_subset(len(target_test), min(n_test, len(target_test)), 0))
 
+    prepare_source = _preparation(task, task.source, source.subset(train))
+    prepare_target = _preparation(task, task.target, target.subset(pool))
     target_images = prepare_target(target.subset(pool)).images
     return TaskData(
         source_train=prepare_source(source.subset(train)),
@@ -136,6 +146,17 @@ def load_task_data(task, seed: int, root: Optional[str] = None, n_source: Option
         target_train=TensorDataset(target_images),
         target_test=prepare_target(target_test),
     )
+
+
+def _preparation(task: Task, domain: str, training: DigitArrays):
+    """DigitDataset for `domain`'s images, normalised as the task says (per_domain: by the channel
+    statistics of `training`, the domain's training images)."""
+    shape = {"size": task.image_size, "channels": task.channels, "box": task.box(domain)}
+    if task.normalisation == "fixed":
+        return functools.partial(DigitDataset, mean=0.5, std=0.5, **shape)
+    pixels = prepare_images(training.images, mean=0.0, std=1.0, **shape)
+    mean, std = pixels.mean((0, 2, 3)), pixels.std((0, 2, 3)).clamp_min(1e-3)  # clamp: a blank domain stays finite
+    return functools.partial(DigitDataset, mean=mean.tolist(), std=std.tolist(), **shape)
 
 
 def make_loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True, drop_last: bool = True):
