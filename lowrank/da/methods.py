@@ -425,8 +425,9 @@ class ADDA(DAMethod):
 
     1. pre-train the source encoder and classifier on the source (`source_steps`);
     2. initialise the target encoder from the source encoder;
-    3. train the target encoder against the discriminator (FC 500-500-2) with the inverted-label
-       GAN loss, both with Adam lr 2e-4, β1 0.5 (`adapt_steps`); source encoder and classifier fixed;
+    3. train the target encoder against the task network's discriminator (the paper's FC 500-500-2
+       on the LeNet tasks) with the inverted-label GAN loss, both with Adam lr 2e-4, β1 0.5
+       (`adapt_steps`); source encoder and classifier fixed;
     4. predict with the target encoder and the source classifier.
     """
 
