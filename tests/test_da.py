@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from lowrank.da import (ADDA, DANN, METHODS, Classifier, CoGAN, Discriminator, DomainConfusion, LeNetEncoder, SourceOnly,
-                        get_task, load_task_data, make_loader, make_method)
+                        build_network, get_task, load_task_data, make_loader, make_method)
 from lowrank.da import bench
+from lowrank import data as lowrank_data
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -265,6 +266,79 @@ def test_protocol_sizes_and_unlabelled_target():
     assert not (torch.cdist(pool_images[:500], test_images) == 0).any()  # disjoint parts of the file
 
 
+def ink_box(images: torch.Tensor, threshold: float = 0.0) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) rows/columns, inclusive, holding any pixel above `threshold` in the
+    normalised images [N, 1, H, W] (background -1 after (x - 0.5) / 0.5)."""
+    ink = (images > threshold).any(0)[0]
+    rows, cols = ink.any(1).nonzero().flatten(), ink.any(0).nonzero().flatten()
+    return rows.min().item(), rows.max().item(), cols.min().item(), cols.max().item()
+
+
+def test_usps_framing_puts_digits_in_mnists_20x20_box():
+    boxed = load_task_data("mnist-usps", seed=0, n_source=200, n_target=200, n_test=200)
+    stretched = load_task_data(get_task("mnist-usps", framing="stretch"), seed=0, n_source=200, n_target=200,
+                               n_test=200)
+    assert get_task("mnist-usps").framing == "mnist_box" and get_task("usps-mnist").framing == "mnist_box"
+    for images in (boxed.target_test.images, boxed.target_train.tensors[0]):
+        assert images.shape[1:] == (1, 28, 28)
+        assert ink_box(images, -1.0 + 1e-6) == (4, 23, 4, 23)  # nothing outside the centred 20x20 box
+        assert (images[:, :, :4] == -1).all() and (images[:, :, 24:] == -1).all()
+    top, bottom, left, right = ink_box(stretched.target_test.images, 0.0)
+    assert bottom - top + 1 > 24 and right - left + 1 > 24  # the plain upscale fills the frame
+    torch.testing.assert_close(boxed.source_train.images, stretched.source_train.images, rtol=0, atol=0)  # MNIST as is
+    # Per image, the boxed USPS digit is about as tall as the MNIST ones (within 2 pixels on the mean).
+    heights = lambda x: torch.stack([torch.tensor(ink_box(i[None], 0.0)) for i in x]).float()  # noqa: E731
+    usps_h, mnist_h = heights(boxed.target_test.images[:100]), heights(boxed.source_train.images[:100])
+    usps_height, mnist_height = (usps_h[:, 1] - usps_h[:, 0]).mean(), (mnist_h[:, 1] - mnist_h[:, 0]).mean()
+    assert abs(usps_height - mnist_height) < 2, (usps_height, mnist_height)
+    usps_source = load_task_data("usps-mnist", seed=0, n_source=100, n_target=20, n_test=20)
+    assert ink_box(usps_source.source_train.images, -1.0 + 1e-6) == (4, 23, 4, 23)
+
+
+def test_per_domain_normalisation_uses_each_domains_training_statistics():
+    task = get_task("mnist-mnistm", normalisation="per_domain")
+    normalised = load_task_data(task, seed=0, n_source=300, n_target=400, n_test=200)
+    raw = load_task_data(get_task("mnist-mnistm", normalisation="fixed"), seed=0, n_source=300, n_target=400,
+                         n_test=200)
+    for images in (normalised.source_train.images, normalised.target_train.tensors[0]):
+        torch.testing.assert_close(images.mean((0, 2, 3)), torch.zeros(3), atol=1e-4, rtol=0)
+        torch.testing.assert_close(images.std((0, 2, 3)), torch.ones(3), atol=1e-4, rtol=0)
+    # The test split and the source validation set reuse their domain's training statistics, not their own.
+    pool = raw.target_train.tensors[0]
+    mean, std = pool.mean((0, 2, 3), keepdim=True), pool.std((0, 2, 3), keepdim=True)
+    torch.testing.assert_close(normalised.target_test.images, (raw.target_test.images - mean) / std, atol=1e-4, rtol=0)
+    source = raw.source_train.images
+    mean, std = source.mean((0, 2, 3), keepdim=True), source.std((0, 2, 3), keepdim=True)
+    torch.testing.assert_close(normalised.source_val.images, (raw.source_val.images - mean) / std, atol=1e-4, rtol=0)
+    assert raw.source_train.images.min() == -1 and raw.source_train.images.max() == 1  # fixed: (x - 0.5) / 0.5
+    with pytest.raises(ValueError, match="normalisation must be one of fixed, per_domain"):
+        get_task("mnist-usps", normalisation="batch")
+
+
+def test_framing_and_network_choices_are_checked():
+    with pytest.raises(ValueError, match="framing must be one of mnist_box, stretch"):
+        get_task("mnist-usps", framing="crop")
+    with pytest.raises(ValueError, match="task mnist-mnistm: has no USPS domain"):
+        get_task("mnist-mnistm", framing="stretch")
+    with pytest.raises(ValueError, match="unknown network 'resnet'"):
+        build_network("resnet", "encoder")
+    with pytest.raises(ValueError, match="unknown network part 'head'"):
+        build_network("lenet", "head")
+    with pytest.raises(ValueError, match="box must lie in 1..size"):
+        lowrank_data.prepare_images(torch.zeros(1, 16, 16, 1, dtype=torch.uint8).numpy(), size=28, box=19)
+
+
+def test_mnistm_uses_the_dann_papers_network():
+    dann = DANN("mnist-mnistm", progress=False)
+    convs = [m for m in dann.encoder.features if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(3, 32), (32, 48)]
+    assert dann.encoder.out_features == 48 * 5 * 5 and isinstance(dann.encoder.fc, torch.nn.Identity)
+    widths = lambda module: [m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear)]  # noqa: E731
+    assert widths(dann.classifier) == [100, 100, 10] and widths(dann.discriminator) == [100, 2]
+    assert dann.predict(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert widths(DANN("mnist-usps", progress=False).discriminator) == [500, 500, 2]  # ADDA's, for MNIST<->USPS
+
+
 def test_bench_cli_quick(tmp_path, capsys):
     rc = bench.main(["--task", "mnist-usps", "--method", "source_only,adda", "--seeds", "2", "--quick",
                      "--no-progress", "--out-dir", str(tmp_path)])
@@ -274,8 +348,20 @@ def test_bench_cli_quick(tmp_path, capsys):
     report = json.loads((tmp_path / "da_mnist-usps_source_only+adda_quick.json").read_text())
     assert [row["method"] for row in report["summary"]] == ["source_only", "adda"]
     assert len(report["runs"]) == 4 and all(0.0 <= r["target_accuracy"] <= 1.0 for r in report["runs"])
+    assert report["framing"] == "mnist_box" and report["network"] == "lenet"
     pytest.importorskip("matplotlib")
     assert (tmp_path / "da_mnist-usps_source_only+adda_quick.png").stat().st_size > 0
+
+
+def test_bench_cli_framing_and_normalisation_name_their_files(tmp_path, capsys):
+    assert bench.main(["--task", "usps-mnist", "--method", "source_only", "--seeds", "1", "--quick", "--framing",
+                       "stretch", "--normalisation", "per_domain", "--no-progress", "--out-dir", str(tmp_path)]) == 0
+    assert "usps-mnist (lenet network, USPS framing stretch, per_domain normalisation)" in capsys.readouterr().out
+    report = json.loads((tmp_path / "da_usps-mnist_source_only_stretch_per_domain_quick.json").read_text())
+    assert report["framing"] == "stretch" and report["normalisation"] == "per_domain"
+    with pytest.raises(SystemExit):
+        bench.main(["--task", "mnist-mnistm", "--framing", "stretch", "--out-dir", str(tmp_path)])
+    assert "has no USPS domain" in capsys.readouterr().err
 
 
 def test_bench_cli_errors(tmp_path, capsys):

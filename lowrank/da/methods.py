@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank.da.models import Classifier, Discriminator, LeNetEncoder, check_feature_sizes
+from lowrank.da.models import LeNetEncoder, build_network, check_feature_sizes
 from lowrank.da.tasks import Task, get_task
 from lowrank.nn import DANNLambdaScheduler, GradientReversal
 
@@ -155,11 +155,13 @@ class DAMethod:
         self.log_path, self.log_every, self.progress = log_path, max(int(log_every), 1), progress
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            self.encoder = encoder if encoder is not None else LeNetEncoder(self.task.channels, self.task.image_size)
+            self.encoder = encoder if encoder is not None else build_network(
+                self.task.network, "encoder", self.task.channels, self.task.image_size)
             if not isinstance(getattr(self.encoder, "out_features", None), int):
                 raise ValueError(f"{type(self).__name__}: the encoder must have an integer `out_features` attribute "
                                  "(its feature size), as LeNetEncoder has")
-            self.classifier = classifier if classifier is not None else Classifier(self.encoder.out_features)
+            self.classifier = classifier if classifier is not None else build_network(
+                self.task.network, "classifier", in_features=self.encoder.out_features)
             check_feature_sizes(type(self).__name__, self.encoder, classifier=self.classifier)
             self._build(discriminator)
             self._rng_state = torch.get_rng_state()
@@ -334,8 +336,11 @@ def _source_optimizer(modules, hp: dict) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=hp["source_lr"], betas=(0.9, 0.999), weight_decay=hp["weight_decay"])
 
 
-def _check_discriminator(method: str, encoder: nn.Module, discriminator: nn.Module) -> nn.Module:
-    check_feature_sizes(method, encoder, discriminator=discriminator)
+def _discriminator(method: DAMethod, discriminator: Optional[nn.Module]) -> nn.Module:
+    """The given discriminator, checked against the encoder, or the task network's own."""
+    if discriminator is None:
+        return build_network(method.task.network, "discriminator", in_features=method.encoder.out_features)
+    check_feature_sizes(type(method).__name__, method.encoder, discriminator=discriminator)
     return discriminator
 
 
@@ -377,8 +382,7 @@ class DANN(DAMethod):
                 "grl_backend": None}
 
     def _build(self, discriminator):
-        disc = discriminator if discriminator is not None else Discriminator(self.encoder.out_features)
-        self.discriminator = _check_discriminator(type(self).__name__, self.encoder, disc)
+        self.discriminator = _discriminator(self, discriminator)
         self.grl = GradientReversal(0.0, backend=self.hparams["grl_backend"])
         params = [p for m in (self.encoder, self.classifier, self.discriminator) for p in m.parameters()]
         self.optimizer = torch.optim.SGD(params, lr=self.hparams["lr"], momentum=self.hparams["momentum"],
@@ -421,8 +425,9 @@ class ADDA(DAMethod):
 
     1. pre-train the source encoder and classifier on the source (`source_steps`);
     2. initialise the target encoder from the source encoder;
-    3. train the target encoder against the discriminator (FC 500-500-2) with the inverted-label
-       GAN loss, both with Adam lr 2e-4, β1 0.5 (`adapt_steps`); source encoder and classifier fixed;
+    3. train the target encoder against the task network's discriminator (the paper's FC 500-500-2
+       on the LeNet tasks) with the inverted-label GAN loss, both with Adam lr 2e-4, β1 0.5
+       (`adapt_steps`); source encoder and classifier fixed;
     4. predict with the target encoder and the source classifier.
     """
 
@@ -430,8 +435,7 @@ class ADDA(DAMethod):
     defaults = {**_SOURCE_DEFAULTS, "adapt_steps": 2000, "adapt_lr": 2e-4, "adapt_beta1": 0.5}
 
     def _build(self, discriminator):
-        disc = discriminator if discriminator is not None else Discriminator(self.encoder.out_features)
-        self.discriminator = _check_discriminator(type(self).__name__, self.encoder, disc)
+        self.discriminator = _discriminator(self, discriminator)
         self.target_encoder = copy.deepcopy(self.encoder)  # overwritten from the source encoder after phase 1
         hp = self.hparams
         self.source_optimizer = _source_optimizer([self.encoder, self.classifier], hp)
@@ -502,8 +506,7 @@ class DomainConfusion(DAMethod):
     defaults = {**_SOURCE_DEFAULTS, "steps": 2000, "confusion_weight": 0.1, "adapt_lr": 2e-4, "adapt_beta1": 0.5}
 
     def _build(self, discriminator):
-        disc = discriminator if discriminator is not None else Discriminator(self.encoder.out_features)
-        self.discriminator = _check_discriminator(type(self).__name__, self.encoder, disc)
+        self.discriminator = _discriminator(self, discriminator)
         hp = self.hparams
         self.optimizer = _source_optimizer([self.encoder, self.classifier], hp)
         self.discriminator_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=hp["adapt_lr"],

@@ -1,19 +1,27 @@
 """The networks every domain-adaptation method shares, so that methods differ only in training.
 
-    LeNetEncoder   conv5x5(20) - maxpool2 - ReLU - conv5x5(50) - dropout2d - maxpool2 - ReLU - fc(500)
-    Classifier     ReLU - dropout - fc(10)
-    Discriminator  fc(500) - ReLU - fc(500) - ReLU - fc(2)      (ADDA's FC 500-500-2)
+A task names its network family (Task.network, a key of NETWORKS); build_network makes its parts:
 
-This is the LeNet of the ADDA paper (Tzeng et al. 2017) for MNIST<->USPS at 28x28; the same
-layers take 32x32 images with 3 channels for MNIST->MNIST-M (the flattened size follows the input).
+    "lenet"       the LeNet of the ADDA paper (Tzeng et al. 2017), for MNIST<->USPS at 28x28:
+        LeNetEncoder   conv5x5(20) - maxpool2 - ReLU - conv5x5(50) - dropout2d - maxpool2 - ReLU - fc(500)
+        Classifier     ReLU - dropout - fc(10)
+        Discriminator  fc(500) - ReLU - fc(500) - ReLU - fc(2)      (ADDA's FC 500-500-2)
+    "dann_mnist"  the MNIST->MNIST-M network of the DANN paper (Ganin et al. 2016), no dropout:
+        LeNetEncoder   conv5x5(32) - maxpool2 - ReLU - conv5x5(48) - maxpool2 - ReLU  (flattened, no fc)
+        Classifier     fc(100) - ReLU - fc(100) - ReLU - fc(10)
+        Discriminator  fc(100) - ReLU - fc(2)                        (the paper's fc 100 - 1 logistic)
+
+The encoder's flattened size follows the input (32x32 with 3 channels for MNIST->MNIST-M).
 """
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 from torch import nn
 
-__all__ = ["LeNetEncoder", "Classifier", "Discriminator", "check_feature_sizes"]
+__all__ = ["LeNetEncoder", "Classifier", "Discriminator", "NETWORKS", "build_network", "check_feature_sizes"]
 
 NUM_CLASSES = 10
 
@@ -21,18 +29,23 @@ NUM_CLASSES = 10
 class LeNetEncoder(nn.Module):
     """Images [N, in_channels, image_size, image_size] -> features [N, feature_dim]."""
 
-    def __init__(self, in_channels: int = 1, image_size: int = 28, feature_dim: int = 500, dropout: float = 0.5):
+    def __init__(self, in_channels: int = 1, image_size: int = 28, feature_dim: Optional[int] = 500,
+                 dropout: float = 0.5, widths: Sequence[int] = (20, 50)):
+        """feature_dim=None: no fc layer, the features are the flattened convolution maps."""
         super().__init__()
         spatial = ((image_size - 4) // 2 - 4) // 2
         if spatial < 1:
             raise ValueError(f"LeNetEncoder: image_size must be at least 16, got {image_size}")
-        self.in_channels, self.image_size, self.out_features = in_channels, image_size, feature_dim
+        first, second = widths
+        flat = second * spatial * spatial
+        self.in_channels, self.image_size = in_channels, image_size
+        self.out_features = flat if feature_dim is None else feature_dim
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 20, kernel_size=5), nn.MaxPool2d(2), nn.ReLU(),
-            nn.Conv2d(20, 50, kernel_size=5), nn.Dropout2d(dropout), nn.MaxPool2d(2), nn.ReLU(),
+            nn.Conv2d(in_channels, first, kernel_size=5), nn.MaxPool2d(2), nn.ReLU(),
+            nn.Conv2d(first, second, kernel_size=5), nn.Dropout2d(dropout), nn.MaxPool2d(2), nn.ReLU(),
             nn.Flatten(),
         )
-        self.fc = nn.Linear(50 * spatial * spatial, feature_dim)
+        self.fc = nn.Identity() if feature_dim is None else nn.Linear(flat, feature_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expected = (self.in_channels, self.image_size, self.image_size)
@@ -45,10 +58,15 @@ class LeNetEncoder(nn.Module):
 class Classifier(nn.Module):
     """Features [N, in_features] -> class logits [N, 10]."""
 
-    def __init__(self, in_features: int = 500, num_classes: int = NUM_CLASSES, dropout: float = 0.5):
+    def __init__(self, in_features: int = 500, num_classes: int = NUM_CLASSES, dropout: float = 0.5,
+                 hidden: Sequence[int] = ()):
         super().__init__()
         self.in_features = in_features
-        self.layers = nn.Sequential(nn.ReLU(), nn.Dropout(dropout), nn.Linear(in_features, num_classes))
+        layers = [nn.ReLU(), nn.Dropout(dropout)]
+        for width in hidden:
+            layers += [nn.Linear(in_features, width), nn.ReLU()]
+            in_features = width
+        self.layers = nn.Sequential(*layers, nn.Linear(in_features, num_classes))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         _check_input("Classifier", features, self.in_features)
@@ -58,18 +76,41 @@ class Classifier(nn.Module):
 class Discriminator(nn.Module):
     """Features [N, in_features] -> domain logits [N, 2] (0: source, 1: target)."""
 
-    def __init__(self, in_features: int = 500, hidden: int = 500):
+    def __init__(self, in_features: int = 500, hidden: Sequence[int] = (500, 500)):
         super().__init__()
         self.in_features = in_features
-        self.layers = nn.Sequential(
-            nn.Linear(in_features, hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden), nn.ReLU(),
-            nn.Linear(hidden, 2),
-        )
+        layers = []
+        for width in hidden:
+            layers += [nn.Linear(in_features, width), nn.ReLU()]
+            in_features = width
+        self.layers = nn.Sequential(*layers, nn.Linear(in_features, 2))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         _check_input("Discriminator", features, self.in_features)
         return self.layers(features)
+
+
+NETWORKS = {
+    "lenet": {"encoder": {"widths": (20, 50), "feature_dim": 500, "dropout": 0.5},
+              "classifier": {"hidden": (), "dropout": 0.5}, "discriminator": {"hidden": (500, 500)}},
+    "dann_mnist": {"encoder": {"widths": (32, 48), "feature_dim": None, "dropout": 0.0},
+                   "classifier": {"hidden": (100, 100), "dropout": 0.0}, "discriminator": {"hidden": (100,)}},
+}
+
+
+def build_network(network: str, part: str, channels: int = 1, image_size: int = 28, in_features: int = 0) -> nn.Module:
+    """A fresh `part` ("encoder": from channels and image_size; "classifier" or "discriminator": from
+    in_features) of the NETWORKS family `network`."""
+    if network not in NETWORKS:
+        raise ValueError(f"unknown network {network!r}: expected one of {', '.join(NETWORKS)}")
+    spec = NETWORKS[network]
+    if part == "encoder":
+        return LeNetEncoder(channels, image_size, **spec["encoder"])
+    if part == "classifier":
+        return Classifier(in_features, **spec["classifier"])
+    if part == "discriminator":
+        return Discriminator(in_features, **spec["discriminator"])
+    raise ValueError(f"unknown network part {part!r}: expected encoder, classifier or discriminator")
 
 
 def _check_input(owner: str, features: torch.Tensor, in_features: int) -> None:

@@ -110,11 +110,15 @@ class DigitArrays:
 
 
 def prepare_images(images: np.ndarray, size: int | None = 28, channels: int = 1,
-                   mean: float | Sequence[float] = 0.5, std: float | Sequence[float] = 0.5) -> torch.Tensor:
+                   mean: float | Sequence[float] = 0.5, std: float | Sequence[float] = 0.5,
+                   box: int | None = None) -> torch.Tensor:
     """uint8 images [N, H, W, C] -> float32 [N, channels, size, size]: (x / 255 - mean) / std.
 
     Grey becomes colour by repeating the channel and colour becomes grey by ITU-R 601 luma;
-    resizing is bilinear (antialiased when shrinking). size=None keeps H x W.
+    resizing is bilinear (antialiased when shrinking). size=None keeps H x W. With `box`, the
+    image is resized to box x box and centred on a zero (background) frame of size x size: MNIST's
+    framing (digits size-normalised into a 20x20 box of the 28x28 image) for digits that fill
+    their frame, as USPS's do.
     """
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"prepare_images: images must be uint8 [N, H, W, 1 or 3], got {images.dtype} {images.shape}")
@@ -130,10 +134,23 @@ def prepare_images(images: np.ndarray, size: int | None = 28, channels: int = 1,
         x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
     elif x.shape[1] == 1 and channels == 3:
         x = x.expand(-1, 3, -1, -1)
-    if size is not None and tuple(x.shape[-2:]) != (size, size) and x.shape[0] > 0:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=size < max(x.shape[-2:]))
+    if box is not None:
+        if size is None or not 0 < box <= size or (size - box) % 2:
+            raise ValueError(f"prepare_images: box must lie in 1..size and differ from size by an even number, "
+                             f"got box={box}, size={size}")
+        x = _resize(x, box)
+        margin = (size - box) // 2
+        x = F.pad(x, (margin, margin, margin, margin))
+    elif size is not None:
+        x = _resize(x, size)
     return ((x - mean_t) / std_t).contiguous()
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == (size, size) or x.shape[0] == 0:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=size < max(x.shape[-2:]))
 
 
 class DigitDataset(Dataset):
@@ -145,9 +162,9 @@ class DigitDataset(Dataset):
 
     def __init__(self, arrays: DigitArrays, size: int | None = 28, channels: int = 1,
                  mean: float | Sequence[float] = 0.5, std: float | Sequence[float] = 0.5,
-                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None, box: int | None = None):
         self.name = arrays.name
-        self.images = prepare_images(arrays.images, size, channels, mean, std)
+        self.images = prepare_images(arrays.images, size, channels, mean, std, box)
         self.labels = torch.from_numpy(arrays.labels.copy())
         self.transform = transform
 
