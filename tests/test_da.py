@@ -116,15 +116,17 @@ def test_dann_step_reverses_the_domain_gradient_into_the_encoder(data):
         module.eval()  # no dropout: the reference below sees the same network
     method.grl.lambda_ = 0.7
     xs, ys = next(iter(make_loader(data.source_train, 16, 0)))
-    (xt,) = next(iter(make_loader(data.target_train, 16, 1)))
+    (xt,) = next(iter(make_loader(data.target_train, 8, 1)))
 
-    # Reference: L_y and L_d differentiated separately, without any gradient reversal.
+    # Reference: L_y and L_d differentiated separately, without any gradient reversal; L_d is the
+    # paper's source mean plus target mean (unequal batches: not the pooled mean, nor twice it).
     params = {n: p for n, p in method.encoder.named_parameters()}
     disc_params = dict(method.discriminator.named_parameters())
     features = method.encoder(torch.cat([xs, xt]))
     class_loss = F.cross_entropy(method.classifier(features[:16]), ys)
-    domains = torch.cat([torch.zeros(16, dtype=torch.long), torch.ones(16, dtype=torch.long)])
-    domain_loss = F.cross_entropy(method.discriminator(features), domains)
+    domain_logits = method.discriminator(features)
+    domain_loss = (F.cross_entropy(domain_logits[:16], torch.zeros(16, dtype=torch.long))
+                   + F.cross_entropy(domain_logits[16:], torch.ones(8, dtype=torch.long)))
     grad_y = torch.autograd.grad(class_loss, list(params.values()), retain_graph=True)
     grad_d = torch.autograd.grad(domain_loss, list(params.values()) + list(disc_params.values()))
 
@@ -134,6 +136,7 @@ def test_dann_step_reverses_the_domain_gradient_into_the_encoder(data):
                                      seen.update({"d." + n: p.grad.clone() for n, p in disc_params.items()}), step())
     record = method._train_step("adapt", _Once((xs, ys)), _Once((xt,)))
     assert record["lambda"] == pytest.approx(0.7)
+    assert record["domain_loss"] == pytest.approx(domain_loss.item() / 2, rel=1e-5)
     for i, name in enumerate(params):  # θ_f moves along ∂L_y − λ ∂L_d
         torch.testing.assert_close(seen[name], grad_y[i] - 0.7 * grad_d[i], rtol=1e-4, atol=1e-6)
         assert not torch.allclose(seen[name], grad_y[i] + 0.7 * grad_d[i], rtol=1e-4, atol=1e-6)
