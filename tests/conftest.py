@@ -32,15 +32,27 @@ def _poisoned_cuda_memory():
     yield
 
 
-@pytest.fixture(scope="module")
-def usps_root():
-    """The digit data root holding USPS (test_finetune, test_distributed CLI runs); skips without it."""
+def _data_root_with(*domains: str) -> str:
+    """The digit data root (lowrank.data.default_root) if it holds every domain's folder; else the test skips."""
     from lowrank.data import default_root
 
     try:
         root = default_root()
     except FileNotFoundError:
         pytest.skip("no digit data")
-    if not (root / "usps").is_dir():
-        pytest.skip("no USPS data")
+    missing = [domain for domain in domains if not (root / domain).is_dir()]
+    if missing:
+        pytest.skip(f"the digit data lacks {missing}")
     return str(root)
+
+
+@pytest.fixture(scope="module")
+def usps_root():
+    """The digit data root holding USPS (test_finetune, test_distributed CLI runs)."""
+    return _data_root_with("usps")
+
+
+@pytest.fixture(scope="module")
+def digits_root():
+    """The digit data root holding MNIST, USPS and MNIST-M (the fine-tuning comparison)."""
+    return _data_root_with("mnist", "usps", "mnist_m")

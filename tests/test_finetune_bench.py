@@ -12,19 +12,6 @@ from lowrank.data.augment import RandomAffine
 from lowrank.finetune import bench
 
 
-@pytest.fixture(scope="module")
-def digits_root():
-    from lowrank.data import default_root
-
-    try:
-        root = default_root()
-    except FileNotFoundError:
-        pytest.skip("no digit data")
-    if not all((root / domain).is_dir() for domain in ("mnist", "usps", "mnist_m")):
-        pytest.skip("the digit data lacks mnist/, usps/ or mnist_m/")
-    return str(root)
-
-
 @pytest.fixture
 def keep_torch_threads():
     threads = torch.get_num_threads()
