@@ -153,8 +153,10 @@ def frozen_fingerprint(state: dict[str, torch.Tensor]) -> dict[str, list[float]]
     """[sum, sum of |x|, sum of x²] in float64 of each tensor: tells one pre-trained base from another cheaply."""
     fingerprint = {}
     for key, value in state.items():
-        value = value.detach().double()
-        fingerprint[key] = [value.sum().item(), value.abs().sum().item(), value.square().sum().item()]
+        value = value.detach()  # reduced in float64 without a float64 copy of the (possibly large) tensor
+        norm = torch.linalg.vector_norm(value, dtype=torch.float64).item()
+        fingerprint[key] = [value.sum(dtype=torch.float64).item(), value.abs().sum(dtype=torch.float64).item(),
+                            norm * norm]
     return fingerprint
 
 
@@ -229,7 +231,8 @@ class Trainer:
         groups = strategy.param_groups(self.model, self.config.lr)
         self._model_keys = key_shapes(self.model)
         self._checkpoint_keys = self._keys_to_save(groups)
-        self._frozen_fingerprint = frozen_fingerprint(
+        # Only checkpoints use it, and it reads every frozen weight: skipped without an output_dir.
+        self._frozen_fingerprint = None if self.output_dir is None else frozen_fingerprint(
             {k: v for k, v in self.model.state_dict().items() if k not in self._checkpoint_keys})
         if self.config.distributed == "fsdp":
             distributed.fully_shard_model(self.model, self.device)
