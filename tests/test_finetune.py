@@ -276,6 +276,21 @@ def test_multistage_resumes_at_the_stage_where_it_stopped(tmp_path, monkeypatch)
         changed.run(tiny_vit())
 
 
+def test_multistage_joins_the_process_group_before_writing_files(tmp_path, monkeypatch):
+    # Under torchrun every rank runs MultiStage; rank 0 is known only after joining the group.
+    ddp = [Stage(s.name, s.strategy, s.train_data, s.eval_data, config(distributed="ddp")) for s in stages()]
+
+    def join(device):
+        assert not (tmp_path / "run").exists(), "stages.json was written before joining the process group"
+        raise RuntimeError("joined")
+
+    monkeypatch.setattr("lowrank.finetune.multistage.init_distributed", join)
+    with pytest.raises(RuntimeError, match="joined"):
+        MultiStage(ddp, tmp_path / "run").run(tiny_vit())
+    with pytest.raises(ValueError, match="same distributed setting"):
+        MultiStage([ddp[0], stages()[1]], tmp_path / "run")
+
+
 def cli_config(tmp_path, root, **overrides):
     stage = {
         "name": "usps", "strategy": {"name": "lora", "r": 2, "backend": "torch"},

@@ -12,8 +12,8 @@ run() resumes where a run stopped: finished stages are replayed for their struct
 (prepare + finish, no training), the last finished stage's weights are loaded, and the stage in
 progress continues from its epoch checkpoint.
 
-Under torchrun with distributed="ddp" stages, every rank runs the stages and rank 0 alone writes
-the files. distributed="fsdp" is refused: it shards the model in place, so a stage's result could
+Under torchrun with distributed="ddp" stages (all stages or none), every rank runs the stages and
+rank 0 alone writes the files. distributed="fsdp" is refused: it shards the model in place, so a stage's result could
 not be finished (merged) and handed to the next stage.
 """
 
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from lowrank.finetune.distributed import barrier, is_main_process
+from lowrank.finetune.distributed import barrier, init_distributed, is_main_process
 from lowrank.finetune.strategies import Strategy
 from lowrank.finetune.trainer import TrainConfig, Trainer, load_state, save_state
 
@@ -57,6 +57,10 @@ class MultiStage:
         if sharded:
             raise ValueError(f"MultiStage: stage(s) {sharded} use distributed='fsdp', which shards the model in place "
                              "so it cannot pass to the next stage; use distributed='ddp' or a Trainer")
+        settings = {s.config.distributed for s in stages}
+        if len(settings) > 1:
+            raise ValueError(f"MultiStage: every stage must use the same distributed setting, got "
+                             f"{[(s.name, s.config.distributed) for s in stages]}")
         self.stages, self.output_dir, self.loss_fn = stages, os.fspath(output_dir), loss_fn
         self.results: list[dict] = []
 
@@ -83,6 +87,8 @@ class MultiStage:
 
     def run(self, model: nn.Module, resume: bool = True) -> nn.Module:
         """Train every stage in order (resuming a stopped run when resume) and return the final model."""
+        if self.stages[0].config.distributed is not None:  # join first, so that rank 0 alone writes stages.json
+            init_distributed(torch.device(self.stages[0].config.device))
         self._check_plan()
         done = 0
         while resume and done < len(self.stages) and os.path.isfile(os.path.join(self.stage_dir(done), FINAL)):
