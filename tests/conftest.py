@@ -56,3 +56,12 @@ def usps_root():
 def digits_root():
     """The digit data root holding MNIST, USPS and MNIST-M (the fine-tuning comparison)."""
     return _data_root_with("mnist", "usps", "mnist_m")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: small training runs are faster and do not fight other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,17 +15,10 @@ from torch.utils.data import DataLoader
 from lowrank.da import (ADDA, DANN, METHODS, Classifier, CoGAN, Discriminator, DomainConfusion, LeNetEncoder, SourceOnly,
                         build_network, get_task, load_task_data, make_loader, make_method)
 from lowrank.da import bench
+from lowrank.da.tasks import variant_suffix
 from lowrank import data as lowrank_data
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +258,7 @@ def test_protocol_sizes_and_unlabelled_target():
     assert mnistm.source_train.images.shape[1:] == (3, 32, 32)
     assert len(mnistm.target_train) + len(mnistm.target_test) == 9001 and len(mnistm.target_test) == 3000
     test_images = mnistm.target_test.images.flatten(1)
-    pool_images = mnistm.target_train.tensors[0].flatten(1)
+    pool_images = mnistm.target_train.images.flatten(1)
     assert not (torch.cdist(pool_images[:500], test_images) == 0).any()  # disjoint parts of the file
 
 
@@ -282,7 +275,7 @@ def test_usps_framing_puts_digits_in_mnists_20x20_box():
     stretched = load_task_data(get_task("mnist-usps", framing="stretch"), seed=0, n_source=200, n_target=200,
                                n_test=200)
     assert get_task("mnist-usps").framing == "mnist_box" and get_task("usps-mnist").framing == "mnist_box"
-    for images in (boxed.target_test.images, boxed.target_train.tensors[0]):
+    for images in (boxed.target_test.images, boxed.target_train.images):
         assert images.shape[1:] == (1, 28, 28)
         assert ink_box(images, -1.0 + 1e-6) == (4, 23, 4, 23)  # nothing outside the centred 20x20 box
         assert (images[:, :, :4] == -1).all() and (images[:, :, 24:] == -1).all()
@@ -303,11 +296,11 @@ def test_per_domain_normalisation_uses_each_domains_training_statistics():
     normalised = load_task_data(task, seed=0, n_source=300, n_target=400, n_test=200)
     raw = load_task_data(get_task("mnist-mnistm", normalisation="fixed"), seed=0, n_source=300, n_target=400,
                          n_test=200)
-    for images in (normalised.source_train.images, normalised.target_train.tensors[0]):
+    for images in (normalised.source_train.images, normalised.target_train.images):
         torch.testing.assert_close(images.mean((0, 2, 3)), torch.zeros(3), atol=1e-4, rtol=0)
         torch.testing.assert_close(images.std((0, 2, 3)), torch.ones(3), atol=1e-4, rtol=0)
     # The test split and the source validation set reuse their domain's training statistics, not their own.
-    pool = raw.target_train.tensors[0]
+    pool = raw.target_train.images
     mean, std = pool.mean((0, 2, 3), keepdim=True), pool.std((0, 2, 3), keepdim=True)
     torch.testing.assert_close(normalised.target_test.images, (raw.target_test.images - mean) / std, atol=1e-4, rtol=0)
     source = raw.source_train.images
@@ -316,6 +309,27 @@ def test_per_domain_normalisation_uses_each_domains_training_statistics():
     assert raw.source_train.images.min() == -1 and raw.source_train.images.max() == 1  # fixed: (x - 0.5) / 0.5
     with pytest.raises(ValueError, match="normalisation must be one of fixed, per_domain"):
         get_task("mnist-usps", normalisation="batch")
+
+
+def test_augmentation_warps_training_images_only_and_fills_with_background():
+    assert get_task("mnist-usps").augment and get_task("usps-mnist").augment and not get_task("mnist-mnistm").augment
+    augmented = load_task_data("usps-mnist", seed=0, n_source=20, n_target=20, n_test=20)
+    plain = load_task_data(get_task("usps-mnist", augment=False), seed=0, n_source=20, n_target=20, n_test=20)
+    assert plain.source_train.transform is None and plain.target_train.transform is None
+    for dataset in (augmented.source_train, augmented.target_train):
+        torch.testing.assert_close(dataset.images, getattr(plain, "source_train" if dataset is augmented.source_train
+                                                           else "target_train").images, rtol=0, atol=0)
+        first, again = dataset[3][0], dataset[3][0]
+        assert first.shape == dataset.images[3].shape and not torch.equal(first, again)  # a new warp per read
+        assert first.min() >= -1 - 1e-6 and (first == -1).float().mean() > 0.3  # outside the digit: background
+    for split in ("source_val", "target_test"):
+        assert getattr(augmented, split).transform is None
+    # per_domain normalisation: the fill is each channel's normalised black, so a black image stays black.
+    mnistm = load_task_data(get_task("mnist-mnistm", augment=True), seed=0, n_source=20, n_target=20, n_test=20)
+    fill = mnistm.target_train.transform.fill
+    assert fill.shape == (3, 1, 1)
+    black = fill.expand(3, 32, 32).clone()
+    torch.testing.assert_close(mnistm.target_train.transform(black), black, rtol=0, atol=1e-6)
 
 
 def test_framing_and_network_choices_are_checked():
@@ -342,6 +356,24 @@ def test_mnistm_uses_the_dann_papers_network():
     assert widths(DANN("mnist-usps", progress=False).discriminator) == [500, 500, 2]  # ADDA's, for MNIST<->USPS
 
 
+def test_batch_norm_network_and_task_variants():
+    task = get_task("mnist-mnistm", network="dann_mnist_bn")
+    dann = DANN(task, progress=False)
+    norms = lambda module: [type(m).__name__ for m in module.modules() if "BatchNorm" in type(m).__name__]  # noqa: E731
+    assert norms(dann.encoder) == ["BatchNorm2d"] * 2
+    assert norms(dann.classifier) == ["BatchNorm1d"] * 2 and norms(dann.discriminator) == ["BatchNorm1d"]
+    assert isinstance(dann.encoder.features[0], torch.nn.Conv2d)  # CoGAN's target stream replaces features[0]
+    assert [k for k in LeNetEncoder().state_dict()] == ["features.0.weight", "features.0.bias", "features.3.weight",
+                                                         "features.3.bias", "fc.weight", "fc.bias"]  # keys as before
+    cogan = CoGAN(get_task("mnist-usps", network="dann_mnist_bn"), progress=False)
+    assert cogan.predict(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="unknown network 'resnet'"):
+        get_task("mnist-usps", network="resnet")
+    assert variant_suffix(get_task("mnist-mnistm")) == ""
+    assert variant_suffix(get_task("mnist-usps", framing="stretch", network="dann_mnist", augment=False)) == \
+        "_stretch_dann_mnist_noaugment"
+
+
 def test_bench_cli_quick(tmp_path, capsys):
     rc = bench.main(["--task", "mnist-usps", "--method", "source_only,adda", "--seeds", "2", "--quick",
                      "--no-progress", "--out-dir", str(tmp_path)])
@@ -359,9 +391,13 @@ def test_bench_cli_quick(tmp_path, capsys):
 def test_bench_cli_framing_and_normalisation_name_their_files(tmp_path, capsys):
     assert bench.main(["--task", "usps-mnist", "--method", "source_only", "--seeds", "1", "--quick", "--framing",
                        "stretch", "--normalisation", "per_domain", "--no-progress", "--out-dir", str(tmp_path)]) == 0
-    assert "usps-mnist (lenet network, USPS framing stretch, per_domain normalisation)" in capsys.readouterr().out
+    assert "usps-mnist (lenet network, USPS framing stretch, per_domain normalisation, augmented)" in capsys.readouterr().out
     report = json.loads((tmp_path / "da_usps-mnist_source_only_stretch_per_domain_quick.json").read_text())
     assert report["framing"] == "stretch" and report["normalisation"] == "per_domain"
+    assert bench.main(["--task", "mnist-usps", "--method", "source_only", "--seeds", "1", "--quick", "--augment",
+                       "off", "--no-progress", "--out-dir", str(tmp_path)]) == 0
+    assert "fixed normalisation): target test" in capsys.readouterr().out
+    assert json.loads((tmp_path / "da_mnist-usps_source_only_noaugment_quick.json").read_text())["augment"] is False
     with pytest.raises(SystemExit):
         bench.main(["--task", "mnist-mnistm", "--framing", "stretch", "--out-dir", str(tmp_path)])
     assert "has no USPS domain" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Unsupervised domain adaptation on the digit benchmarks: Source only, DANN, ADDA, domain
 confusion, CoGAN, on one shared encoder/classifier per task (see lowrank.da.methods), and the
-benchmark against the ADDA paper's table: python -m lowrank.da.bench."""
+benchmark against the ADDA paper's table: python -m lowrank.da.bench. Label-free selection of a
+method's settings by reverse validation: python -m lowrank.da.select."""
 
 from lowrank.da.methods import ADDA, DANN, CoGAN, DAMethod, DomainConfusion, METHODS, SourceOnly, make_method
 from lowrank.da.models import NETWORKS, Classifier, Discriminator, LeNetEncoder, build_network

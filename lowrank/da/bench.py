@@ -5,14 +5,15 @@
     python -m lowrank.da.bench --task mnist-usps --method dann --quick     # tiny smoke run
     python -m lowrank.da.bench --task mnist-usps --framing stretch         # USPS upscaled 16 -> 28
     python -m lowrank.da.bench --task mnist-mnistm --normalisation fixed   # (x - 0.5) / 0.5 for both domains
+    python -m lowrank.da.bench --task mnist-usps --augment off             # no random affine warps
 
 For each method and seed 0..seeds-1: draw the seed's source and target samples (lowrank.da.tasks),
 fit on labelled source and unlabelled target batches, and measure accuracy on the target test
 split (and on the source validation set). Prints one table, mean ± std (sample std over seeds)
 of target accuracy beside the published numbers, and writes <out-dir>/da_<task>.json (every run,
 with its training log) and da_<task>.png (a bar chart; needs matplotlib); with a subset of methods
-the files are da_<task>_<method+method>.*, and a USPS framing or a normalisation other than the
-task's own (lowrank.da.tasks) adds _<framing> or _<normalisation>.
+the files are da_<task>_<method+method>.*, and a USPS framing, normalisation, network or
+augmentation other than the task's own adds a suffix (lowrank.da.tasks.variant_suffix).
 
 How each choice was made (none on target labels; the target test split is only ever reported):
   fixed from the papers   DANN's SGD (lr 0.01, momentum 0.9), its λ_p and μ_p schedules and 64 + 64
@@ -21,10 +22,13 @@ How each choice was made (none on target labels; the target test split is only e
                           paper's MNIST->MNIST-M network for that task: lowrank.da.models)
   from the data sets'     USPS framed as MNIST frames its digits (20x20 box centred in 28x28,
   documentation           lowrank.da.tasks; --framing stretch gives the plain 16 -> 28 upscale)
+  source validation       augmentation (random affine warps) of the training images: on where it
+                          raises Source only's source validation accuracy on every seed (MNIST<->USPS)
   label-free diagnostic   per-domain normalisation for MNIST->MNIST-M: with fixed normalisation
                           DANN's domain loss falls far under ln 2 (--normalisation fixed gives it)
   for the time budget     step counts and CoGAN's batch of 32 (one run <= 3 minutes on the 2-core
                           CPU, 1 thread); source training Adam 1e-3, weight decay 5e-4, not tuned
+Label-free checks of other settings: python -m lowrank.da.select (reverse validation).
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from pathlib import Path
 import torch
 
 from lowrank.da.methods import METHODS, make_method
-from lowrank.da.tasks import FRAMINGS, NORMALISATIONS, TASKS, get_task, load_task_data, make_loader
+from lowrank.da.models import NETWORKS
+from lowrank.da.tasks import FRAMINGS, NORMALISATIONS, TASKS, get_task, load_task_data, make_loader, variant_suffix
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
@@ -107,7 +112,8 @@ def summarise(task: str, methods: list[str], runs: list[dict]) -> list[dict]:
 
 def table(task, rows: list[dict]) -> str:
     framing = f", USPS framing {task.framing}" if task.framing else ""
-    lines = [f"{task.name} ({task.network} network{framing}, {task.normalisation} normalisation): target test "
+    augment = ", augmented" if task.augment else ""
+    lines = [f"{task.name} ({task.network} network{framing}, {task.normalisation} normalisation{augment}): target test "
              "accuracy, mean ± std over seeds "
              "(published: ADDA paper, Table 2)", "",
              "| Method | ours | published | seeds | source val | train s/run |", "| --- | --- | --- | --- | --- | --- |"]
@@ -151,6 +157,10 @@ def main(argv=None) -> int:
                         help="how USPS digits are framed at 28x28 (MNIST<->USPS tasks; default: mnist_box)")
     parser.add_argument("--normalisation", choices=list(NORMALISATIONS), default=None,
                         help="pixel normalisation (default: the task's; lowrank.da.tasks)")
+    parser.add_argument("--network", choices=list(NETWORKS), default=None,
+                        help="the network every method uses (default: the task's; lowrank.da.models)")
+    parser.add_argument("--augment", choices=("on", "off"), default=None,
+                        help="random affine warps of the training images (default: the task's; lowrank.da.tasks)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a small shared CPU more threads wait on each other)")
     parser.add_argument("--data-root", default=None, help="folder with mnist/, usps/, mnist_m/, svhn/ (default: LOWRANK_DATA "
@@ -160,7 +170,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
-        task = get_task(args.task, framing=args.framing, normalisation=args.normalisation)
+        augment = None if args.augment is None else args.augment == "on"
+        task = get_task(args.task, framing=args.framing, normalisation=args.normalisation, augment=augment,
+                        network=args.network)
         methods = _methods(args.method)
     except ValueError as err:
         parser.error(str(err))
@@ -186,13 +198,11 @@ def main(argv=None) -> int:
     print(table(task, rows))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     # --method all writes da_<task>; a subset writes da_<task>_<methods>, leaving the full table alone.
-    own = get_task(task.name)
-    variant = "".join(f"_{mine}" for mine, default in ((task.framing, own.framing),
-                                                        (task.normalisation, own.normalisation)) if mine != default)
+    variant = variant_suffix(task)
     stem = args.out_dir / (f"da_{task.name}" + ("" if args.method == "all" else "_" + "+".join(methods))
                            + variant + ("_quick" if args.quick else ""))
     report = {"task": task.name, "framing": task.framing, "network": task.network,
-              "normalisation": task.normalisation, "quick": args.quick,
+              "normalisation": task.normalisation, "augment": task.augment, "quick": args.quick,
               "threads": args.threads, "torch": torch.__version__,
               "command": "python -m lowrank.da.bench " + " ".join(sys.argv[1:] if argv is None else argv),
               "summary": rows, "runs": runs}

@@ -15,12 +15,13 @@ class RandomAffine:
 
     degrees: the rotation is uniform in ±degrees; scale: (low, high) zoom factors; translate: the
     shift is uniform in ±translate·size per axis. Pixels outside the source take `fill` (the
-    normalised background: -1 for DigitDataset's default mean 0.5, std 0.5). Draws from torch's
+    normalised background: -1 for DigitDataset's default mean 0.5, std 0.5; a [C, 1, 1] tensor
+    gives each channel its own). Draws from torch's
     global RNG, so the Trainer's per-epoch seeding makes it reproducible.
     """
 
     def __init__(self, degrees: float = 10.0, scale: tuple[float, float] = (0.9, 1.1), translate: float = 0.1,
-                 fill: float = -1.0):
+                 fill: float | torch.Tensor = -1.0):
         if degrees < 0 or translate < 0 or not 0 < scale[0] <= scale[1]:
             raise ValueError(f"RandomAffine: need degrees >= 0, translate >= 0 and 0 < scale[0] <= scale[1], got "
                              f"degrees={degrees}, scale={scale}, translate={translate}")
