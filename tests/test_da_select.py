@@ -62,7 +62,7 @@ def test_cli_quick_writes_the_choice(tmp_path, capsys):
                            "--no-progress", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "reverse validation (chosen:" in out and out.count("| {'steps': 8, 'lr': ") == 2
-    report = json.loads((tmp_path / "da_select_usps-mnist_dann_quick.json").read_text())
+    report = json.loads((tmp_path / "da_select_usps-mnist_dann_lr_quick.json").read_text())
     assert [c["hparams"]["lr"] for c in report["candidates"]] == [0.01, 0.003]
     assert report["chosen"] == selection.select(report["candidates"])["hparams"]
     with pytest.raises(SystemExit):

@@ -12,7 +12,8 @@ source labels are read. The highest score wins; a tie goes to the earlier candid
 
     python -m lowrank.da.select --task mnist-mnistm --method dann --grid lr=0.01,0.003 --seed 0
 
-prints one row per candidate and writes <out-dir>/da_select_<task>_<method>.json. The forward
+prints one row per candidate and writes <out-dir>/da_select_<task>_<method>[_<variant>]_<names>.json
+(<names>: the grid's hyper-parameter names joined by "+"; variant: lowrank.da.tasks.variant_suffix). The forward
 model's target test accuracy is reported beside each score, to show how well the criterion
 tracks it; it takes no part in the choice.
 """
@@ -156,7 +157,9 @@ def main(argv=None) -> int:
                      f"{r['target_accuracy']:.3f} | {r['seconds']:.0f} |")
     print("\n".join(lines))
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = args.out_dir / f"da_select_{task.name}_{args.method}{variant_suffix(task)}{'_quick' if args.quick else ''}.json"
+    searched = "+".join(dict.fromkeys(key for candidate in candidates for key in candidate)) or "defaults"
+    path = args.out_dir / (f"da_select_{task.name}_{args.method}{variant_suffix(task)}_{searched}"
+                           f"{'_quick' if args.quick else ''}.json")
     path.write_text(json.dumps({"task": task.name, "method": args.method, "seed": args.seed,
                                 "normalisation": task.normalisation, "network": task.network,
                                 "augment": task.augment, "quick": args.quick,
