@@ -403,6 +403,20 @@ def test_bench_cli_framing_and_normalisation_name_their_files(tmp_path, capsys):
     assert "has no USPS domain" in capsys.readouterr().err
 
 
+def test_bench_cli_sets_hyper_parameters_of_one_method(tmp_path, capsys):
+    assert bench.main(["--task", "mnist-usps", "--method", "dann", "--set", "lr=0.003", "--set", "steps=4", "--seeds",
+                       "1", "--quick", "--no-progress", "--out-dir", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "da_mnist-usps_dann_lr0.003_steps4_quick.json").read_text())
+    assert report["runs"][0]["hparams"]["lr"] == 0.003 and report["runs"][0]["hparams"]["steps"] == 4
+    assert report["runs"][0]["history"][-1]["step"] == 4
+    for argv, message in ((["--method", "all", "--set", "lr=0.1"], "--set needs exactly one --method"),
+                          (["--method", "adda", "--set", "lr=0.1"], "adda has no hyper-parameter 'lr'"),
+                          (["--method", "dann", "--set", "lr=0.1,0.2"], "expected one value")):
+        with pytest.raises(SystemExit):
+            bench.main(["--task", "mnist-usps", *argv, "--out-dir", str(tmp_path)])
+        assert message in capsys.readouterr().err
+
+
 def test_bench_cli_errors(tmp_path, capsys):
     assert bench.main(["--task", "svhn-mnist", "--quick", "--out-dir", str(tmp_path)]) == 2
     assert "train_32x32.mat" in capsys.readouterr().err

@@ -6,6 +6,7 @@
     python -m lowrank.da.bench --task mnist-usps --framing stretch         # USPS upscaled 16 -> 28
     python -m lowrank.da.bench --task mnist-mnistm --normalisation fixed   # (x - 0.5) / 0.5 for both domains
     python -m lowrank.da.bench --task mnist-usps --augment off             # no random affine warps
+    python -m lowrank.da.bench --task mnist-mnistm --method dann --set lr=0.003 --set steps=3600
 
 For each method and seed 0..seeds-1: draw the seed's source and target samples (lowrank.da.tasks),
 fit on labelled source and unlabelled target batches, and measure accuracy on the target test
@@ -13,7 +14,8 @@ split (and on the source validation set). Prints one table, mean ± std (sample 
 of target accuracy beside the published numbers, and writes <out-dir>/da_<task>.json (every run,
 with its training log) and da_<task>.png (a bar chart; needs matplotlib); with a subset of methods
 the files are da_<task>_<method+method>.*, and a USPS framing, normalisation, network or
-augmentation other than the task's own adds a suffix (lowrank.da.tasks.variant_suffix).
+augmentation other than the task's own adds a suffix (lowrank.da.tasks.variant_suffix), and each
+--set name=value adds _<name><value>.
 
 How each choice was made (none on target labels; the target test split is only ever reported):
   fixed from the papers   DANN's SGD (lr 0.01, momentum 0.9), its λ_p and μ_p schedules and 64 + 64
@@ -76,12 +78,31 @@ def _methods(spec: str) -> list[str]:
     return names
 
 
-def run_one(task: str, method: str, seed: int, data, quick: bool, progress: bool) -> dict:
+def parse_assignment(method: str, spec: str) -> tuple[str, list]:
+    """"lr=0.01,0.003" -> ("lr", [0.01, 0.003]), values typed as JSON reads them (else strings);
+    the name must be one of `method`'s hyper-parameters."""
+    name, sep, values = spec.partition("=")
+    if not sep or not values:
+        raise ValueError(f"{spec!r}: expected name=value[,value...]")
+    if name not in METHODS[method].defaults:
+        raise ValueError(f"{spec!r}: {method} has no hyper-parameter {name!r}; it takes {sorted(METHODS[method].defaults)}")
+    return name, [_typed(value) for value in values.split(",")]
+
+
+def _typed(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def run_one(task: str, method: str, seed: int, data, quick: bool, progress: bool, settings: dict | None = None) -> dict:
+    """One fit and evaluation; `settings` override the method's hyper-parameters."""
     overrides = {}
     if quick:
         overrides = {k: QUICK_STEPS for k in ("steps", "source_steps", "adapt_steps") if k in METHODS[method].defaults}
     model = make_method(method, task, seed=seed, progress=progress, log_every=QUICK_STEPS // 2 if quick else 100,
-                        **overrides)
+                        **{**overrides, **(settings or {})})
     batch_size = model.hparams["batch_size"]
     start = time.perf_counter()
     model.fit(make_loader(data.source_train, batch_size, seed), make_loader(data.target_train, batch_size, seed + 1))
@@ -161,6 +182,8 @@ def main(argv=None) -> int:
                         help="the network every method uses (default: the task's; lowrank.da.models)")
     parser.add_argument("--augment", choices=("on", "off"), default=None,
                         help="random affine warps of the training images (default: the task's; lowrank.da.tasks)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="override a hyper-parameter of the one --method (repeatable; e.g. a lowrank.da.select choice)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a small shared CPU more threads wait on each other)")
     parser.add_argument("--data-root", default=None, help="folder with mnist/, usps/, mnist_m/, svhn/ (default: LOWRANK_DATA "
@@ -174,6 +197,14 @@ def main(argv=None) -> int:
         task = get_task(args.task, framing=args.framing, normalisation=args.normalisation, augment=augment,
                         network=args.network)
         methods = _methods(args.method)
+        if args.set and len(methods) != 1:
+            raise ValueError(f"--set needs exactly one --method, got {', '.join(methods)}")
+        settings = {}
+        for spec in args.set:
+            name, values = parse_assignment(methods[0], spec)
+            if len(values) != 1:
+                raise ValueError(f"--set {spec!r}: expected one value")
+            settings[name] = values[0]
     except ValueError as err:
         parser.error(str(err))
     if args.seeds < 1:
@@ -188,7 +219,7 @@ def main(argv=None) -> int:
             print(f"lowrank.da.bench: cannot load the data for task {task}: {err}", file=sys.stderr)
             return 2
         for method in methods:
-            run = run_one(task.name, method, seed, data, args.quick, not args.no_progress)
+            run = run_one(task.name, method, seed, data, args.quick, not args.no_progress, settings)
             print(f"{method} seed {seed}: target {run['target_accuracy']:.4f}, source val "
                   f"{run['source_val_accuracy']:.4f}, {run['train_seconds']:.0f} s", file=sys.stderr, flush=True)
             runs.append(run)
@@ -200,7 +231,8 @@ def main(argv=None) -> int:
     # --method all writes da_<task>; a subset writes da_<task>_<methods>, leaving the full table alone.
     variant = variant_suffix(task)
     stem = args.out_dir / (f"da_{task.name}" + ("" if args.method == "all" else "_" + "+".join(methods))
-                           + variant + ("_quick" if args.quick else ""))
+                           + variant + "".join(f"_{name}{value}" for name, value in settings.items())
+                           + ("_quick" if args.quick else ""))
     report = {"task": task.name, "framing": task.framing, "network": task.network,
               "normalisation": task.normalisation, "augment": task.augment, "quick": args.quick,
               "threads": args.threads, "torch": torch.__version__,

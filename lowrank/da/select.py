@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from lowrank.da.bench import DEFAULT_OUT_DIR, QUICK_SIZES, QUICK_STEPS
+from lowrank.da.bench import DEFAULT_OUT_DIR, QUICK_SIZES, QUICK_STEPS, parse_assignment
 from lowrank.da.methods import METHODS, make_method
 from lowrank.da.models import NETWORKS
 from lowrank.da.tasks import (NORMALISATIONS, TASKS, TaskData, UnlabelledImages, get_task, load_task_data, make_loader,
@@ -87,24 +87,12 @@ def select(results: list[dict]) -> dict:
     return max(results, key=lambda r: r["reverse_accuracy"])  # max keeps the first of equal keys
 
 
-def _value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def parse_grid(method: str, specs: list[str]) -> list[dict]:
     """["lr=0.01,0.003", "steps=2000"] -> every combination, as hyper-parameter dicts, in order."""
     axes = []
     for spec in specs:
-        name, sep, values = spec.partition("=")
-        if not sep or not values:
-            raise ValueError(f"--grid {spec!r}: expected name=value[,value...]")
-        if name not in METHODS[method].defaults:
-            raise ValueError(f"--grid {spec!r}: {method} has no hyper-parameter {name!r}; it takes "
-                             f"{sorted(METHODS[method].defaults)}")
-        axes.append([(name, _value(v)) for v in values.split(",")])
+        name, values = parse_assignment(method, spec)
+        axes.append([(name, value) for value in values])
     return [dict(combination) for combination in itertools.product(*axes)]
 
 
