@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lowrank.da import get_task, load_task_data
-from lowrank.da import select as selection
+from lowrank.da import bench, select as selection
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -15,7 +15,7 @@ def test_backward_fit_learns_the_forward_pseudo_labels_and_is_scored_on_source_v
     task = get_task("mnist-usps", augment=False)
     data = load_task_data(task, seed=0, n_source=40, n_target=30, n_test=20)
     made, fitted = [], []
-    real_make = selection.make_method
+    real_make = bench.make_method
 
     def recording_make(*args, **kwargs):
         method = real_make(*args, **kwargs)
@@ -24,7 +24,7 @@ def test_backward_fit_learns_the_forward_pseudo_labels_and_is_scored_on_source_v
         made.append(method)
         return method
 
-    monkeypatch.setattr(selection, "make_method", recording_make)
+    monkeypatch.setattr(bench, "make_method", recording_make)
     result = selection.reverse_validation("dann", task, 0, data, {"steps": 3, "batch_size": 8})
     forward, backward = made
     (forward_source, forward_target), (backward_source, backward_target) = fitted
@@ -33,7 +33,7 @@ def test_backward_fit_learns_the_forward_pseudo_labels_and_is_scored_on_source_v
     assert torch.equal(backward_source.labels, expected)  # pseudo-labels, not the (unavailable) target labels
     assert backward_source.images is data.target_train
     assert torch.equal(backward_target.images, data.source_train.images) and len(backward_target[0]) == 1
-    loader = selection.make_loader(data.source_val, 1000, 0, shuffle=False, drop_last=False)
+    loader = bench.make_loader(data.source_val, 1000, 0, shuffle=False, drop_last=False)
     assert result["reverse_accuracy"] == backward.evaluate(loader)
     assert result["source_val_accuracy"] == forward.evaluate(loader)
     assert sum(result["pseudo_label_counts"]) == len(data.target_train)

@@ -96,20 +96,32 @@ def _typed(text: str):
         return text
 
 
+def quick_steps(method: str) -> dict:
+    """The step-count overrides of a --quick run of `method`."""
+    return {k: QUICK_STEPS for k in ("steps", "source_steps", "adapt_steps") if k in METHODS[method].defaults}
+
+
+def fit_method(method: str, task, seed: int, source, target, progress: bool, **kwargs):
+    """make_method(method, task, seed=seed, ...) fitted on `source` (labelled) and `target` datasets,
+    each in its own seeded order."""
+    model = make_method(method, task, seed=seed, progress=progress, **kwargs)
+    batch_size = model.hparams["batch_size"]
+    return model.fit(make_loader(source, batch_size, seed), make_loader(target, batch_size, seed + 1))
+
+
+def accuracy(model, dataset) -> float:
+    return model.evaluate(make_loader(dataset, 1000, 0, shuffle=False, drop_last=False))
+
+
 def run_one(task: str, method: str, seed: int, data, quick: bool, progress: bool, settings: dict | None = None) -> dict:
     """One fit and evaluation; `settings` override the method's hyper-parameters."""
-    overrides = {}
-    if quick:
-        overrides = {k: QUICK_STEPS for k in ("steps", "source_steps", "adapt_steps") if k in METHODS[method].defaults}
-    model = make_method(method, task, seed=seed, progress=progress, log_every=QUICK_STEPS // 2 if quick else 100,
-                        **{**overrides, **(settings or {})})
-    batch_size = model.hparams["batch_size"]
     start = time.perf_counter()
-    model.fit(make_loader(data.source_train, batch_size, seed), make_loader(data.target_train, batch_size, seed + 1))
+    model = fit_method(method, task, seed, data.source_train, data.target_train, progress,
+                       log_every=QUICK_STEPS // 2 if quick else 100,
+                       **{**(quick_steps(method) if quick else {}), **(settings or {})})
     seconds = time.perf_counter() - start
-    evaluate = lambda dataset: model.evaluate(make_loader(dataset, 1000, 0, shuffle=False, drop_last=False))
-    return {"method": method, "seed": seed, "target_accuracy": evaluate(data.target_test),
-            "source_val_accuracy": evaluate(data.source_val), "train_seconds": seconds,
+    return {"method": method, "seed": seed, "target_accuracy": accuracy(model, data.target_test),
+            "source_val_accuracy": accuracy(model, data.source_val), "train_seconds": seconds,
             "sizes": {"source_train": len(data.source_train), "target_train": len(data.target_train),
                       "target_test": len(data.target_test)},
             "hparams": model.hparams, "history": model.history}

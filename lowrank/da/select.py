@@ -30,11 +30,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from lowrank.da.bench import DEFAULT_OUT_DIR, QUICK_SIZES, QUICK_STEPS, parse_assignment
-from lowrank.da.methods import METHODS, make_method
+from lowrank.da.bench import DEFAULT_OUT_DIR, QUICK_SIZES, accuracy, fit_method, parse_assignment, quick_steps
+from lowrank.da.methods import METHODS
 from lowrank.da.models import NETWORKS
-from lowrank.da.tasks import (NORMALISATIONS, TASKS, TaskData, UnlabelledImages, get_task, load_task_data, make_loader,
-                              variant_suffix)
+from lowrank.da.tasks import NORMALISATIONS, TASKS, TaskData, UnlabelledImages, get_task, load_task_data, variant_suffix
 
 __all__ = ["reverse_validation", "select", "parse_grid"]
 
@@ -56,26 +55,18 @@ def _predict_all(method, images: torch.Tensor, batch_size: int = 1000) -> torch.
     return torch.cat([method.predict(images[i:i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
 
 
-def _evaluate(method, dataset) -> float:
-    return method.evaluate(make_loader(dataset, 1000, 0, shuffle=False, drop_last=False))
-
-
 def reverse_validation(method: str, task, seed: int, data: TaskData, hparams: dict, progress: bool = False) -> dict:
     """Fit `method` forward and backward with `hparams` (steps overrides included); returns the
     reverse-validation score and the forward model's source validation and target test accuracy."""
     start = time.perf_counter()
-    forward = make_method(method, task, seed=seed, progress=progress, **hparams)
-    batch_size = forward.hparams["batch_size"]
-    forward.fit(make_loader(data.source_train, batch_size, seed), make_loader(data.target_train, batch_size, seed + 1))
+    forward = fit_method(method, task, seed, data.source_train, data.target_train, progress, **hparams)
     pseudo_labels = _predict_all(forward, data.target_train.images)
-
-    backward = make_method(method, task, seed=seed, progress=progress, **hparams)
     source_images = UnlabelledImages(data.source_train.images, data.source_train.transform)
-    backward.fit(make_loader(_PseudoLabelled(data.target_train, pseudo_labels), batch_size, seed),
-                 make_loader(source_images, batch_size, seed + 1))
-    return {"hparams": hparams, "reverse_accuracy": _evaluate(backward, data.source_val),
-            "source_val_accuracy": _evaluate(forward, data.source_val),
-            "target_accuracy": _evaluate(forward, data.target_test),  # reported only, never used to choose
+    backward = fit_method(method, task, seed, _PseudoLabelled(data.target_train, pseudo_labels), source_images,
+                          progress, **hparams)
+    return {"hparams": hparams, "reverse_accuracy": accuracy(backward, data.source_val),
+            "source_val_accuracy": accuracy(forward, data.source_val),
+            "target_accuracy": accuracy(forward, data.target_test),  # reported only, never used to choose
             "pseudo_label_counts": torch.bincount(pseudo_labels, minlength=10).tolist(),
             "seconds": time.perf_counter() - start}
 
@@ -124,8 +115,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"lowrank.da.select: cannot load the data for task {task.name}: {err}", file=sys.stderr)
         return 2
-    steps = {k: QUICK_STEPS for k in ("steps", "source_steps", "adapt_steps")
-             if k in METHODS[args.method].defaults} if args.quick else {}
+    steps = quick_steps(args.method) if args.quick else {}
     results = []
     for candidate in candidates:
         result = reverse_validation(args.method, task, args.seed, data, {**steps, **candidate},
