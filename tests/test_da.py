@@ -384,6 +384,7 @@ def test_bench_cli_quick(tmp_path, capsys):
     assert [row["method"] for row in report["summary"]] == ["source_only", "adda"]
     assert len(report["runs"]) == 4 and all(0.0 <= r["target_accuracy"] <= 1.0 for r in report["runs"])
     assert report["framing"] == "mnist_box" and report["network"] == "lenet"
+    assert report["threads"] == torch.get_num_threads()  # no --threads: torch's own count, recorded
     pytest.importorskip("matplotlib")
     assert (tmp_path / "da_mnist-usps_source_only+adda_quick.png").stat().st_size > 0
 
@@ -426,6 +427,9 @@ def test_bench_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--task", "mnist-usps", "--method", "cogan2", "--out-dir", str(tmp_path)])
     assert "unknown method" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--task", "mnist-usps", "--threads", "0", "--out-dir", str(tmp_path)])
+    assert "expected an integer of at least 1, got 0" in capsys.readouterr().err
 
 
 def test_cogan_shares_all_but_the_first_convolution(data):

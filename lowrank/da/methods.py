@@ -590,7 +590,7 @@ class CoGAN(DAMethod):
     through its own first convolution and the shared layers."""
 
     name = "cogan"
-    defaults = {"steps": 2000, "batch_size": 32, "lr": 2e-4, "beta1": 0.5, "noise_dim": 100, "class_weight": 1.0}
+    defaults = {"steps": 3200, "batch_size": 32, "lr": 2e-4, "beta1": 0.5, "noise_dim": 100, "class_weight": 1.0}
 
     def _build(self, discriminator):
         if not isinstance(self.encoder, LeNetEncoder):

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from lowrank.da.bench import DEFAULT_OUT_DIR, QUICK_SIZES, accuracy, fit_method, parse_assignment, quick_steps
+from lowrank.da.bench import (DEFAULT_OUT_DIR, QUICK_SIZES, accuracy, fit_method, parse_assignment, positive_int,
+                              quick_steps)
 from lowrank.da.methods import METHODS
 from lowrank.da.models import NETWORKS
 from lowrank.da.tasks import NORMALISATIONS, TASKS, TaskData, UnlabelledImages, get_task, load_task_data, variant_suffix
@@ -95,7 +96,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--normalisation", choices=list(NORMALISATIONS), default=None)
     parser.add_argument("--network", choices=list(NETWORKS), default=None)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch threads (default: torch's, every core; use 1 for runs side by side)")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--quick", action="store_true", help="tiny samples and a few steps: a smoke test")
@@ -109,7 +111,8 @@ def main(argv=None) -> int:
         candidates = parse_grid(args.method, args.grid) if args.grid else [{}]
     except ValueError as err:
         parser.error(str(err))
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:
         data = load_task_data(task, args.seed, root=args.data_root, **(QUICK_SIZES if args.quick else {}))
     except (FileNotFoundError, ValueError) as err:
@@ -140,7 +143,7 @@ def main(argv=None) -> int:
                            f"{'_quick' if args.quick else ''}.json")
     path.write_text(json.dumps({"task": task.name, "method": args.method, "seed": args.seed,
                                 "normalisation": task.normalisation, "network": task.network,
-                                "augment": task.augment, "quick": args.quick,
+                                "augment": task.augment, "quick": args.quick, "threads": torch.get_num_threads(),
                                 "command": "python -m lowrank.da.select " + " ".join(sys.argv[1:] if argv is None
                                                                                       else argv),
                                 "chosen": chosen["hparams"], "candidates": results}, indent=1))
