@@ -290,7 +290,9 @@ class Trainer:
             batches = distributed.RankBatches(batches, self.rank, self.world_size)
         return DataLoader(data, batch_sampler=batches)
 
-    def _global_batch_sizes(self, size: int, batch_size: int) -> list[int]:
+    @staticmethod
+    def _global_batch_sizes(size: int, batch_size: int) -> list[int]:
+        """Sizes of the batches of `batch_size` that `size` samples fall into, the last one short."""
         return [min(batch_size, size - start) for start in range(0, size, batch_size)]
 
     def _own_size(self, global_size: int) -> int:
