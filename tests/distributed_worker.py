@@ -11,6 +11,7 @@ checkpoint (train into a checkpoint dir), resume_after (first train that many ep
 wrong_base (then resume that checkpoint onto a model from another seed).
 """
 
+import gc
 import json
 import os
 import sys
@@ -113,7 +114,13 @@ def main(plan_path, out):
     for scenario in plan:
         os.makedirs(os.path.join(out, scenario["name"]), exist_ok=True)
         run(scenario, out, probe, int(os.environ["RANK"]))
+    gc.collect()  # free the runs' DDP/FSDP state (reference cycles) while the group is still alive
     dist.destroy_process_group()
+    # Every result is written; skip interpreter finalisation, where gloo's threads can abort a rank
+    # ("terminate called without an active exception", seen once in CI; cf. pytorch/pytorch#179291).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
