@@ -13,8 +13,8 @@ run() resumes where a run stopped: finished stages are replayed for their struct
 progress continues from its epoch checkpoint.
 
 Under torchrun with distributed="ddp" stages (all stages or none), every rank runs the stages and
-rank 0 alone writes the files. distributed="fsdp" is refused: it shards the model in place, so a stage's result could
-not be finished (merged) and handed to the next stage.
+rank 0 alone writes the files. distributed="fsdp" is refused: it shards the model in place, so a
+stage's result could not be finished (merged) and handed to the next stage.
 """
 
 from __future__ import annotations
