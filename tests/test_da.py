@@ -6,6 +6,7 @@ Runs use tiny real samples (a few dozen images) and a few steps: they check beha
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -255,11 +256,26 @@ def test_protocol_sizes_and_unlabelled_target():
     other = load_task_data("mnist-usps", seed=1)
     assert not torch.equal(task.source_train.images, other.source_train.images)
     mnistm = load_task_data("mnist-mnistm", seed=0, n_source=32)
-    assert mnistm.source_train.images.shape[1:] == (3, 32, 32)
+    assert mnistm.source_train.images.shape[1:] == (3, 28, 28)
     assert len(mnistm.target_train) + len(mnistm.target_test) == 9001 and len(mnistm.target_test) == 3000
     test_images = mnistm.target_test.images.flatten(1)
     pool_images = mnistm.target_train.images.flatten(1)
     assert not (torch.cdist(pool_images[:500], test_images) == 0).any()  # disjoint parts of the file
+
+
+def test_mnistm_source_never_holds_the_digits_behind_the_evaluation_images():
+    task = get_task("mnist-mnistm", normalisation="fixed")
+    data = load_task_data(task, seed=0)
+    assert (len(data.source_train), len(data.source_val)) == (11_500, 500)  # 4500 + 500 of mnist_5k, 7000 of test
+    mnist_test = lowrank_data.load_digits("mnist", "test")
+    pool, evaluation = lowrank_data.target_pool_eval_split(9001, 3000, seed=0)  # MNIST-M test image i: MNIST test i
+    prepare = lambda arrays: lowrank_data.prepare_images(arrays.images, 28, 3, 0.5, 0.5)  # noqa: E731
+    digits = lambda images: {image.numpy().tobytes() for image in images}  # noqa: E731
+    source = digits(data.source_train.images) | digits(data.source_val.images)
+    assert not source & digits(prepare(mnist_test.subset(evaluation)))
+    assert digits(prepare(mnist_test.subset(pool))) <= source  # and every other test digit is in
+    with pytest.raises(ValueError, match="source_test_digits needs MNIST -> the MNIST-M test file"):
+        replace(get_task("usps-mnist"), source_test_digits=True)
 
 
 def ink_box(images: torch.Tensor, threshold: float = 0.0) -> tuple[int, int, int, int]:
@@ -325,10 +341,11 @@ def test_augmentation_warps_training_images_only_and_fills_with_background():
     for split in ("source_val", "target_test"):
         assert getattr(augmented, split).transform is None
     # per_domain normalisation: the fill is each channel's normalised black, so a black image stays black.
-    mnistm = load_task_data(get_task("mnist-mnistm", augment=True), seed=0, n_source=20, n_target=20, n_test=20)
+    task = get_task("mnist-mnistm", augment=True, normalisation="per_domain")
+    mnistm = load_task_data(task, seed=0, n_source=20, n_target=20, n_test=20)
     fill = mnistm.target_train.transform.fill
     assert fill.shape == (3, 1, 1)
-    black = fill.expand(3, 32, 32).clone()
+    black = fill.expand(3, 28, 28).clone()
     torch.testing.assert_close(mnistm.target_train.transform(black), black, rtol=0, atol=1e-6)
 
 
@@ -349,10 +366,20 @@ def test_mnistm_uses_the_dann_papers_network():
     dann = DANN("mnist-mnistm", progress=False)
     convs = [m for m in dann.encoder.features if isinstance(m, torch.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels) for c in convs] == [(3, 32), (32, 48)]
-    assert dann.encoder.out_features == 48 * 5 * 5 and isinstance(dann.encoder.fc, torch.nn.Identity)
+    assert dann.encoder.out_features == 768 and isinstance(dann.encoder.fc, torch.nn.Identity)  # the paper's 48*4*4
+    assert dann.hparams["steps"] == 11000 and DANN("mnist-usps", progress=False).hparams["steps"] == 2000  # TASK_DEFAULTS
+    assert DANN("mnist-mnistm", steps=7, progress=False).hparams["steps"] == 7  # a keyword still wins
     widths = lambda module: [m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear)]  # noqa: E731
     assert widths(dann.classifier) == [100, 100, 10] and widths(dann.discriminator) == [100, 2]
-    assert dann.predict(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert dann.predict(torch.zeros(2, 3, 28, 28)).shape == (2, 10)
+    # channels_last is a speed choice only: the same weights give the same features up to rounding.
+    assert convs[0].weight.is_contiguous(memory_format=torch.channels_last)
+    plain = LeNetEncoder(3, 28, feature_dim=None, dropout=0.0, widths=(32, 48))
+    assert not plain.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    dann.encoder.load_state_dict(plain.state_dict())
+    assert convs[0].weight.is_contiguous(memory_format=torch.channels_last)  # loading keeps the layout
+    images = torch.randn(5, 3, 28, 28)
+    torch.testing.assert_close(dann.encoder(images), plain(images), rtol=1e-5, atol=1e-5)
     assert widths(DANN("mnist-usps", progress=False).discriminator) == [500, 500, 2]  # ADDA's, for MNIST<->USPS
 
 

@@ -477,6 +477,12 @@ def test_digit_arrays_validation():
     sub = arrays.subset(np.array([2, 0]))
     np.testing.assert_array_equal(sub.images, images[[2, 0]])
     assert sub.labels.tolist() == [2, 0] and sub.name == "x"
+    both = sub.concat(arrays.subset([1]))
+    np.testing.assert_array_equal(both.images, images[[2, 0, 1]])
+    assert both.labels.tolist() == [2, 0, 1] and both.name == "x"
+    grey = data.DigitArrays(images[..., :1].copy(), labels.astype(np.int64), "grey")
+    with pytest.raises(ValueError, match=r"DigitArrays x: cannot append grey, whose images are \(\d+, \d+, 1\)"):
+        arrays.concat(grey)
 
 
 # --------------------------------------------------------------------------- protocol helpers

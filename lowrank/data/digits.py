@@ -105,6 +105,14 @@ class DigitArrays:
         indices = np.asarray(indices, dtype=np.int64)
         return DigitArrays(self.images[indices], self.labels[indices], self.name)
 
+    def concat(self, other: DigitArrays) -> DigitArrays:
+        """This set's digits followed by `other`'s (same image shape)."""
+        if other.images.shape[1:] != self.images.shape[1:]:
+            raise ValueError(f"DigitArrays {self.name}: cannot append {other.name}, whose images are "
+                             f"{other.images.shape[1:]}, not {self.images.shape[1:]}")
+        return DigitArrays(np.concatenate([self.images, other.images]), np.concatenate([self.labels, other.labels]),
+                           self.name)
+
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels, minlength=NUM_CLASSES)
 
