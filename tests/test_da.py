@@ -266,7 +266,7 @@ def test_protocol_sizes_and_unlabelled_target():
 def test_mnistm_source_never_holds_the_digits_behind_the_evaluation_images():
     task = get_task("mnist-mnistm", normalisation="fixed")
     data = load_task_data(task, seed=0)
-    assert (len(data.source_train), len(data.source_val)) == (11_500, 500)  # 4500 + 500 of mnist_5k, 7000 of test
+    assert (len(data.source_train), len(data.source_val)) == (11_500, 500)  # of mnist_5k's 5000 and 7000 test digits
     mnist_test = lowrank_data.load_digits("mnist", "test")
     pool, evaluation = lowrank_data.target_pool_eval_split(9001, 3000, seed=0)  # MNIST-M test image i: MNIST test i
     prepare = lambda arrays: lowrank_data.prepare_images(arrays.images, 28, 3, 0.5, 0.5)  # noqa: E731

@@ -3,10 +3,11 @@
     mnist-usps    source 2000 MNIST (of mnist_5k), target 1800 USPS train (unlabelled),
                   evaluated on USPS test (2007); 28x28 grey, USPS framed as MNIST (below)
     usps-mnist    source 1800 USPS train, target 2000 MNIST (unlabelled), evaluated on MNIST test
-    mnist-mnistm  source 11500 MNIST: mnist_5k's 4500 and the 7000 MNIST test digits that no
-                  evaluation image is made from (below); target: a pool of the MNIST-M test file
-                  (unlabelled), evaluated on a disjoint 3000 of it (fixed split); 28x28 colour, the
-                  DANN paper's input and network (lowrank.da.models, "dann_mnist")
+    mnist-mnistm  source 11500 MNIST (and the 500 validation digits) of mnist_5k's 5000 and the
+                  7000 MNIST test digits no evaluation image is made from (below); target: a pool
+                  of the MNIST-M test file (unlabelled), evaluated on a disjoint 3000 of it (fixed
+                  split); 28x28 colour, the DANN paper's input and network (lowrank.da.models,
+                  "dann_mnist")
     svhn-mnist    source SVHN train, target 2000 MNIST, evaluated on MNIST test; 32x32 grey
 
 USPS framing (Task.framing, for the MNIST<->USPS tasks): MNIST's digits are size-normalised into a
