@@ -14,7 +14,8 @@ A task names its network family (Task.network, a key of NETWORKS); build_network
         Discriminator  fc(100) - ReLU - fc(2)                        (the paper's fc 100 - 1 logistic)
     "dann_mnist_bn"  the same with batch norm after every convolution and hidden fc (before the
         ReLU): without it, DANN's reversed gradient can blow the features up (seed 0 of
-        MNIST->MNIST-M: 97% of them zero, the largest 1022, the class loss stuck at ln 10).
+        MNIST->MNIST-M under the earlier 32x32 protocol: 97% of them zero, the largest 1022,
+        the class loss stuck at ln 10).
 
 The encoder's flattened size follows the input (768 = 48x4x4 from MNIST->MNIST-M's 28x28 colour
 images, as in the paper).
