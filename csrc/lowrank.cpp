@@ -3,6 +3,10 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#ifdef LOWRANK_WITH_CUDA
+#include <cuda_runtime_api.h>  // CUDART_VERSION: the toolkit this extension was compiled with
+#endif
+
 #ifndef LOWRANK_TORCH_VERSION
 #error "LOWRANK_TORCH_VERSION must be defined by setup.py"
 #endif
@@ -25,7 +29,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["torch_version"] = LOWRANK_TORCH_VERSION;
 #ifdef LOWRANK_WITH_CUDA
     info["with_cuda"] = true;
-    info["cuda_version"] = std::to_string(CUDA_VERSION / 1000) + "." + std::to_string(CUDA_VERSION % 1000 / 10);
+    info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
 #else
     info["with_cuda"] = false;
     info["cuda_version"] = pybind11::none();
