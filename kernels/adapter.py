@@ -164,10 +164,11 @@ def _activation_grad_kernel(
 
 # ---------------------------------------------------------------- host side
 
+# Register budgets (accumulator values per thread), from sm_90 compiles: the residual tile
+# loaded in the epilogue, and the activation's derivative beside z, spill at 128 and 64.
 _down_projection_tuned = _autotuned(_down_projection_kernel)
-_residual_matmul_tuned = _autotuned(_residual_matmul_kernel)
-_activation_grad_tuned = _autotuned(_activation_grad_kernel)
-
+_residual_matmul_tuned = _autotuned(_residual_matmul_kernel, accumulator_budget=lambda options: 64 if options["HAS_RESIDUAL"] else 128)
+_activation_grad_tuned = _autotuned(_activation_grad_kernel, accumulator_budget=lambda options: 32)
 
 
 def _down_projection(h, w_down, b_down, activation, scaling):
@@ -256,7 +257,10 @@ def backward(grad_out, h, z, w_down, w_up, activation, scaling, residual,
         )
     dz, a_s = _activation_grad(grad_out, w_up, z, activation, scaling, needs_dw_up)
     dh = _residual_matmul(dz, w_down, None, 0.0, grad_out if residual else None) if needs_dh else None
-    dw_down = _matmul(dz.t(), h) if needs_dw_down else None
+    dw_down = None
+    if needs_dw_down:  # as dW_dᵀ = hᵀ·dz [D, Bn], D along the tile rows (wgmma-sized tiles)
+        dw_down = w_down.new_empty(w_down.shape)
+        _matmul(h.t(), dz, out=dw_down.t())
     db_down = dz.sum(0) if needs_db_down else None
     dw_up = _matmul(grad_out.t(), a_s) if needs_dw_up else None
     db_up = grad_out.sum(0).mul_(scaling) if needs_db_up else None

@@ -67,13 +67,12 @@ def _grad_reverse_kernel(
 # ---------------------------------------------------------------- host side
 
 
-def _config() -> tuple[int, int, int]:
+def _config(device: torch.device) -> tuple[int, int, int]:
     """(BLOCK, max programs, num_warps): on the GPU, enough programs to fill every SM a few
     times over; in the interpreter, blocks small enough that test sizes loop several times."""
     if _backends.triton_interpret():
         return 64, 3, 1
-    properties = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return 2048, 8 * properties.multi_processor_count, 8
+    return 2048, 8 * _backends.multiprocessor_count(device), 8
 
 
 def _merged_dims(t: torch.Tensor) -> tuple[list[int], list[int]]:
@@ -100,7 +99,7 @@ def _check(grad: torch.Tensor, lambda_: torch.Tensor) -> None:
 
 def _launch(grad: torch.Tensor, out: torch.Tensor, lambda_: torch.Tensor, sizes=(), strides=()) -> None:
     """out (flat) = −λ·grad, grad read flat when no sizes are given, else through sizes/strides."""
-    block, max_programs, num_warps = _config()
+    block, max_programs, num_warps = _config(grad.device)
     # A CPU λ is read on the host (no device sync); a device λ through its pointer (no sync either).
     on_device = lambda_.device.type != "cpu"
     pad = MAX_DIMS - len(sizes)

@@ -40,11 +40,15 @@ def _mix32(h):
 
 
 @triton.jit
-def _keep_mask(seed_ptr, rows, cols, threshold):
-    """Keep bits of hash_dropout.keep_mask for the tile rows × cols."""
+def _keep_mask(seed_ptr, rows, cols, threshold, TRANSPOSED: tl.constexpr):
+    """Keep bits of hash_dropout.keep_mask for the tile rows × cols, laid out [rows, cols], or
+    [cols, rows] if TRANSPOSED (the mask of the tensor that an operand is the transpose of)."""
     seed_key = _mix32(tl.load(seed_ptr).to(tl.uint32))
     row_key = _mix32(rows.to(tl.uint32) ^ seed_key)
-    bits = _mix32(cols.to(tl.uint32)[None, :] ^ row_key[:, None])
+    if TRANSPOSED:
+        bits = _mix32(cols.to(tl.uint32)[:, None] ^ row_key[None, :])
+    else:
+        bits = _mix32(cols.to(tl.uint32)[None, :] ^ row_key[:, None])
     return bits >= threshold
 
 
@@ -113,15 +117,14 @@ def _lora_matmul_kernel(
     n_in = offs_n < N
     lora_scale = _to_acc(lora_scale, ACC_DTYPE)
 
-    if DROPOUT:
-        # D acts on the low-rank term only, so it is added after the main loop.
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    else:
-        # Seeding the accumulator costs one small dot and no extra registers.
-        acc = lora_scale * _low_rank_tile(
-            l_ptr, r_ptr, offs_m, offs_n, M, N, R, stride_lm, stride_lr, stride_rr, stride_rn,
-            ACC_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R,
-        )
+    # The accumulator is seeded with the low-rank term: one small dot, and no second
+    # [BLOCK_M, BLOCK_N] tile held through the main loop (which made large tiles spill).
+    acc = lora_scale * _low_rank_tile(
+        l_ptr, r_ptr, offs_m, offs_n, M, N, R, stride_lm, stride_lr, stride_rr, stride_rn,
+        ACC_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R,
+    )
+    if DROPOUT:  # D acts on the low-rank term only, which is all the accumulator holds yet
+        acc = tl.where(_keep_mask(seed_ptr, offs_m, offs_n, threshold, False), acc, 0.0)
 
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + rk[None, :] * stride_ak
@@ -134,13 +137,6 @@ def _lora_matmul_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    if DROPOUT:
-        low_rank = _low_rank_tile(
-            l_ptr, r_ptr, offs_m, offs_n, M, N, R, stride_lm, stride_lr, stride_rr, stride_rn,
-            ACC_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R,
-        )
-        keep = _keep_mask(seed_ptr, offs_m, offs_n, threshold)
-        acc += tl.where(keep, lora_scale * low_rank, 0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_in, other=0.0).to(ACC_DTYPE)[None, :]
 
@@ -148,43 +144,54 @@ def _lora_matmul_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
 
 
+# What _matmul_kernel's hash-dropout mask applies to: nothing, a, or the tensor a is the transpose of.
+NO_DROPOUT, DROPOUT_A, DROPOUT_A_TRANSPOSED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+
 @triton.jit
 def _matmul_kernel(
     a_ptr, b_ptr, seed_ptr, c_ptr,
-    M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    M, N, K, K_PER_SPLIT,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn,
     alpha: tl.float64, threshold,
     M_KEY, N_KEY, K_KEY,
-    DROPOUT_A: tl.constexpr, DROPOUT_B: tl.constexpr,
+    DROPOUT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """c[M, N] = alpha·a[M, K]·b[K, N]; DROPOUT_A/B zero the dropped elements of that operand
-    (the mask is indexed by the operand's own (row, col)); alpha carries the 1/(1-p)."""
+    """c[s, M, N] = alpha·a[:, k_s]·b[k_s, :] over slice s = program_id(1) of the reduction,
+    k_s = [s·K_PER_SPLIT, (s+1)·K_PER_SPLIT) ∩ [0, K) (one slice: the whole product).
+    DROPOUT zeroes the dropped elements of a (DROPOUT_A: mask indexed by a's (row, col)) or
+    of the tensor a is the transpose of (DROPOUT_A_TRANSPOSED: by (col, row)); alpha carries
+    the 1/(1-p)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    split = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_in = offs_m < M
     n_in = offs_n < N
+    k_begin = split * K_PER_SPLIT
+    k_end = min(K, k_begin + K_PER_SPLIT)
 
     rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + rk[None, :] * stride_ak
-    b_ptrs = b_ptr + rk[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + (k_begin + rk)[None, :].to(tl.int64) * stride_ak
+    b_ptrs = b_ptr + (k_begin + rk)[:, None].to(tl.int64) * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + rk
-        k_in = offs_k < K
+        k_in = offs_k < k_end
         a = tl.load(a_ptrs, mask=m_in[:, None] & k_in[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_in[:, None] & n_in[None, :], other=0.0)
-        if DROPOUT_A:
-            a = tl.where(_keep_mask(seed_ptr, offs_m, offs_k, threshold), a, tl.zeros_like(a))
-        if DROPOUT_B:
-            b = tl.where(_keep_mask(seed_ptr, offs_k, offs_n, threshold), b, tl.zeros_like(b))
+        if DROPOUT == DROPOUT_A:
+            a = tl.where(_keep_mask(seed_ptr, offs_m, offs_k, threshold, False), a, tl.zeros_like(a))
+        elif DROPOUT == DROPOUT_A_TRANSPOSED:
+            a = tl.where(_keep_mask(seed_ptr, offs_k, offs_m, threshold, True), a, tl.zeros_like(a))
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
+    c_ptrs = (c_ptr + split.to(tl.int64) * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm
+              + offs_n.to(tl.int64)[None, :] * stride_cn)
     tl.store(c_ptrs, (_to_acc(alpha, ACC_DTYPE) * acc).to(c_ptr.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
 
 
@@ -253,7 +260,8 @@ INFERENCE_FUSED_MAX_ROWS = 256
 
 # Hopper-oriented search space (tile M, N, K, warps, stages). Half precision and TF32 run on
 # tensor cores (wgmma wants 64-row multiples per warpgroup); IEEE fp32 and fp64 run tl.dot on
-# FMA units, which keep whole operand slices in registers, so only the small tiles stay.
+# FMA units, which keep whole operand slices in registers, so only the small tiles with
+# BLOCK_K = 32 stay (at 16, triton 3.8 spills the 64×64 tile with a bias).
 _GPU_TILES = [
     (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
     (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4), (64, 64, 64, 4, 3),
@@ -267,40 +275,63 @@ def _fit(block: int, dim: int) -> int:
     return min(block, max(16, triton.next_power_of_2(dim)))
 
 
-def _prune_tiles(configs, named_args, **kwargs):
-    """Drop tiles that suit neither the dtype nor the problem: shrink each to the padded
-    problem size (the skinny rank-r matmuls would otherwise waste most of a tile)."""
-    M, N, K = named_args["M"], named_args["N"], named_args["K"]
-    dtype = next(arg.dtype for arg in named_args.values() if isinstance(arg, torch.Tensor))  # the first operand's
-    on_fma = kwargs["DOT_PRECISION"] == "ieee" and dtype not in (torch.float16, torch.bfloat16)
-    kept = {}
-    for config in configs:
-        block_m, block_n, block_k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        if on_fma and (block_m * block_n > _FMA_MAX_TILE or block_k > 32):
-            continue
-        fitted = (_fit(block_m, M), _fit(block_n, N), _fit(block_k, K), config.num_warps, config.num_stages)
-        kept.setdefault(fitted, config)
-    return [
-        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=warps, num_stages=stages)
-        for bm, bn, bk, warps, stages in kept
-    ]
+def _tile_pruner(accumulator_budget):
+    """The autotuner's early pruning for one kernel. accumulator_budget(launch constexprs) is
+    the most accumulator values per thread (BLOCK_M·BLOCK_N / threads) the kernel may hold:
+    128 fp32 values (a 128×256 tile over 8 warps) fit beside one accumulator's pointers and
+    pipeline; kernels holding more live tiles, or heavy epilogues, get less.
+    tests/compile_triton_sm90.py checks that no config left in a search space spills on sm_90."""
+
+    def prune(configs, named_args, **kwargs):
+        """Drop tiles that suit neither the dtype, the kernel's register budget nor the problem:
+        shrink each to the padded problem size (the skinny rank-r matmuls would otherwise waste
+        most of a tile)."""
+        M, N, K = named_args["M"], named_args["N"], named_args["K"]
+        dtype = next(arg.dtype for arg in named_args.values() if isinstance(arg, torch.Tensor))  # the first operand's
+        on_fma = kwargs["DOT_PRECISION"] == "ieee" and dtype not in (torch.float16, torch.bfloat16)
+        budget = accumulator_budget(kwargs)
+        kept = {}
+        for config in configs:
+            block_m, block_n, block_k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            if on_fma and (block_m * block_n > _FMA_MAX_TILE or block_k != 32):
+                continue
+            block_m, block_n, block_k, warps = _fit(block_m, M), _fit(block_n, N), _fit(block_k, K), config.num_warps
+            if on_fma:  # FMA layouts spread thinner than 16 accumulators per thread spill (fp64 on sm_90)
+                warps = min(warps, max(1, block_m * block_n // (16 * 32)))
+            if block_m * block_n > budget * 32 * warps:
+                continue
+            fitted = (block_m, block_n, block_k, warps, config.num_stages)
+            kept.setdefault(fitted, config)
+        return [
+            triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=warps, num_stages=stages)
+            for bm, bn, bk, warps, stages in kept
+        ]
+
+    return prune
 
 
-def _autotuned(kernel):
-    """The kernel with Hopper autotuning, keyed by power-of-two size buckets (M_KEY, N_KEY, K_KEY)
-    so that varying sequence lengths reuse one measurement; dtypes are part of Triton's key."""
+def _autotuned(kernel, tiles=_GPU_TILES, accumulator_budget=lambda options: 128):
+    """The kernel with Hopper autotuning over `tiles`, keyed by power-of-two size buckets
+    (M_KEY, N_KEY, K_KEY) so that varying sequence lengths reuse one measurement; dtypes are part
+    of Triton's key. Timings persist in Triton's cache (TRITON_CACHE_DIR, default ~/.triton/cache),
+    so a new process reuses them instead of timing every config again."""
     configs = [
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=warps, num_stages=stages)
-        for bm, bn, bk, warps, stages in _GPU_TILES
+        for bm, bn, bk, warps, stages in tiles
     ]
     return triton.autotune(
-        configs, key=["M_KEY", "N_KEY", "K_KEY", "DOT_PRECISION"], prune_configs_by={"early_config_prune": _prune_tiles}
+        configs, key=["M_KEY", "N_KEY", "K_KEY", "DOT_PRECISION"],
+        prune_configs_by={"early_config_prune": _tile_pruner(accumulator_budget)}, cache_results=True,
     )(kernel)
 
 
-_lora_matmul_tuned = _autotuned(_lora_matmul_kernel)
+# Inference runs at few rows, where reading W bounds the kernel: no 256-wide tiles, narrow ones
+# for more programs, and a smaller budget for x·Aᵀ, a second accumulator held through the K loop.
+_INFERENCE_TILES = [tile for tile in _GPU_TILES if max(tile[:2]) <= 128] + [(64, 32, 128, 4, 3)]
+# With dropout, the keep mask of the whole tile is live beside the accumulator.
+_lora_matmul_tuned = _autotuned(_lora_matmul_kernel, accumulator_budget=lambda options: 64 if options["DROPOUT"] else 128)
 _matmul_tuned = _autotuned(_matmul_kernel)
-_inference_tuned = _autotuned(_inference_kernel)
+_inference_tuned = _autotuned(_inference_kernel, _INFERENCE_TILES, lambda options: 64)
 
 
 def _dot_options(dtype: torch.dtype) -> dict:
@@ -310,34 +341,70 @@ def _dot_options(dtype: torch.dtype) -> dict:
     )
 
 
-def _launch(kernel, tuned_kernel, dtype: torch.dtype, M: int, N: int, K: int, *args, **options) -> None:
-    """Launch for an [M, N] output reduced over K: autotuned on the GPU, fixed tiles in the interpreter."""
+def _launch(kernel, tuned_kernel, dtype: torch.dtype, M: int, N: int, K: int, *args, splits: int = 1,
+            **options) -> None:
+    """Launch for an [M, N] output reduced over K (in `splits` slices along grid axis 1):
+    autotuned on the GPU, fixed tiles in the interpreter."""
     options.update(_dot_options(dtype), M_KEY=triton.next_power_of_2(M), N_KEY=triton.next_power_of_2(N),
                    K_KEY=triton.next_power_of_2(K))
     if _backends.triton_interpret():
         config = dict(_INTERPRETER_CONFIG, BLOCK_M=_fit(32, M), BLOCK_N=_fit(32, N), BLOCK_K=_fit(32, K))
-        grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
+        grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]), splits)
         kernel[grid](*args, **options, **config)
         return
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
     tuned_kernel[grid](*args, **options)
 
 
-def _matmul(a, b, alpha=1.0, dropout_p=0.0, seed=None, dropout_on="none"):
-    """alpha·a·b for strided 2-D a [M, K], b [K, N]; dropout_on is "a", "b" or "none"."""
+# Split reductions: the rank-r products (xa, dyB, dA, dB) have outputs of one or a few tile
+# columns, so an unsplit grid leaves most SMs idle. Aim for _PROGRAMS_PER_SM programs per SM
+# (estimated with 128×128 tiles), each slice a multiple of _SPLIT_QUANTUM long.
+_PROGRAMS_PER_SM = 2
+_SPLIT_QUANTUM = 512
+# In the interpreter: 8 programs wanted, 32×32 tiles and 32-long slices, so test shapes split too.
+_INTERPRETER_SPLIT = dict(programs=8, tile=32, quantum=32)
+
+
+def _split_length(device: torch.device, M: int, N: int, K: int) -> int:
+    """The length of each slice of the K reduction of an [M, N] output (K itself: no split)."""
+    if _backends.triton_interpret():
+        programs, tile, quantum = (_INTERPRETER_SPLIT[key] for key in ("programs", "tile", "quantum"))
+    else:
+        programs, tile, quantum = _PROGRAMS_PER_SM * _backends.multiprocessor_count(device), 128, _SPLIT_QUANTUM
+    tiles = triton.cdiv(M, tile) * triton.cdiv(N, tile)
+    splits = min(triton.cdiv(programs, tiles), triton.cdiv(K, quantum))
+    if splits <= 1:
+        return K
+    return triton.cdiv(triton.cdiv(K, splits), quantum) * quantum
+
+
+def _matmul(a, b, alpha=1.0, dropout_p=0.0, seed=None, dropout_on=NO_DROPOUT, out=None):
+    """alpha·a·b for strided 2-D a [M, K], b [K, N], written into `out` (any strides; default a
+    new [M, N] tensor). dropout_on: NO_DROPOUT, DROPOUT_A or DROPOUT_A_TRANSPOSED. A reduction
+    too long for the output's tiles to fill the GPU is split: fp32 (fp64) partial products, one
+    per slice, are summed in a fixed order, so results stay deterministic."""
     (M, K), N = a.shape, b.shape[1]
-    c = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    c = torch.empty((M, N), dtype=a.dtype, device=a.device) if out is None else out
     if c.numel() == 0:
         return c
+    split_length = _split_length(a.device, M, N, K)
+    splits = triton.cdiv(K, split_length) if K else 1
+    if splits == 1:
+        target, stride_split = c, 0
+    else:  # [splits, M, N] partial products
+        accumulate = torch.float64 if a.dtype == torch.float64 else torch.float32
+        target = torch.empty((splits, M, N), dtype=accumulate, device=a.device)
+        stride_split = target.stride(0)
     _launch(
         _matmul_kernel, _matmul_tuned, a.dtype, M, N, K,
-        a, b, seed, c,
-        M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        a, b, seed, target,
+        M, N, K, split_length,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), stride_split, target.stride(-2), target.stride(-1),
         alpha, hash_dropout.threshold(dropout_p),
-        DROPOUT_A=dropout_p > 0.0 and dropout_on == "a",
-        DROPOUT_B=dropout_p > 0.0 and dropout_on == "b",
+        DROPOUT=dropout_on if dropout_p > 0.0 else NO_DROPOUT, splits=splits,
     )
+    if splits > 1:
+        c.copy_(target.sum(0))
     return c
 
 
@@ -373,7 +440,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     """(y, xa): xa = D⊙x·Aᵀ [M, r], then y = x·Wᵀ + s·xa·Bᵀ + b written by one kernel."""
     _check_dtype(x)
     keep_scale = 1.0 / (1.0 - dropout_p)
-    xa = _matmul(x, lora_A.t(), alpha=keep_scale, dropout_p=dropout_p, seed=seed, dropout_on="a")
+    xa = _matmul(x, lora_A.t(), alpha=keep_scale, dropout_p=dropout_p, seed=seed, dropout_on=DROPOUT_A)
     y = _lora_matmul(x, weight.t(), xa, lora_B.t(), bias, scaling)
     return y, xa
 
@@ -417,7 +484,11 @@ def backward(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, ne
     keep_scale = 1.0 / (1.0 - dropout_p)
     dyB = _matmul(grad_y, lora_B)
     dx = _lora_matmul(grad_y, weight, dyB, lora_A, None, scaling * keep_scale, dropout_p, seed) if needs_dx else None
-    dA = _matmul(dyB.t(), x, alpha=scaling * keep_scale, dropout_p=dropout_p, seed=seed, dropout_on="b")
+    # dA [r, K] is computed as dAᵀ = (D⊙x)ᵀ·dyB [K, r]: K along the tile rows gives wgmma-sized
+    # tiles, where r along them would give 16-row ones.
+    dA = lora_A.new_empty(lora_A.shape)
+    _matmul(x.t(), dyB, alpha=scaling * keep_scale, dropout_p=dropout_p, seed=seed,
+            dropout_on=DROPOUT_A_TRANSPOSED, out=dA.t())
     dB = _matmul(grad_y.t(), xa, alpha=scaling)
     dW = _matmul(grad_y.t(), x) if needs_dweight else None
     db = grad_y.sum(0) if needs_dbias else None

@@ -10,6 +10,7 @@ Backends:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import NamedTuple
@@ -41,6 +42,12 @@ EXTENSION, _EXTENSION_PROBLEM = _load_extension()
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessor_count(device: torch.device) -> int:
+    """The SM count of a CUDA device, which the Triton launchers size their grids by."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _status(name: str) -> BackendStatus:

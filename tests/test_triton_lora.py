@@ -244,18 +244,56 @@ def test_opcheck(p):
     torch.library.opcheck(torch.ops.lowrank.lora_linear.default, (x, weight, bias, lora_A, lora_B, 0.5, p, _seed(p), "triton"))
 
 
-def test_gpu_tile_search_space_fits_dtype_and_shape():
-    """The autotuner's pruning: FMA dtypes keep only small tiles, tiles shrink to padded sizes."""
-    configs = triton_lora._lora_matmul_tuned.configs
+def test_gpu_tile_search_space_fits_dtype_shape_and_register_budget():
+    """The autotuner's pruning: FMA dtypes keep only small tiles, tiles shrink to padded sizes,
+    and a kernel variant holding more live tiles gets a smaller register budget."""
+    tuned = triton_lora._lora_matmul_tuned
 
-    def pruned(M, N, K, dtype, precision="ieee"):
+    def pruned(M, N, K, dtype, precision="ieee", dropout=False):
         args = {"M": M, "N": N, "K": K, "a_ptr": torch.empty(0, dtype=dtype)}
-        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in
-                triton_lora._prune_tiles(configs, args, DOT_PRECISION=precision)]
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in
+                tuned.early_config_prune(tuned.configs, args, DOT_PRECISION=precision, DROPOUT=dropout)]
 
-    assert (128, 256, 64) in pruned(8192, 4096, 4096, torch.bfloat16)
-    assert all(m * n <= 64 * 64 and k <= 32 for m, n, k in pruned(8192, 4096, 4096, torch.float32))
-    assert any(m * n > 64 * 64 for m, n, k in pruned(8192, 4096, 4096, torch.float32, "tf32"))
-    assert {n for _, n, _ in pruned(8192, 16, 4096, torch.float16)} == {16}  # skinny x·Aᵀ
-    assert {m for m, _, _ in pruned(1, 4096, 4096, torch.float16)} == {16}  # decoding
+    assert (128, 256, 64, 8) in pruned(8192, 4096, 4096, torch.bfloat16)
+    assert all(m * n <= 64 * 64 and k <= 32 for m, n, k, _ in pruned(8192, 4096, 4096, torch.float32))
+    assert any(m * n > 64 * 64 for m, n, _, _ in pruned(8192, 4096, 4096, torch.float32, "tf32"))
+    assert {n for _, n, _, _ in pruned(8192, 16, 4096, torch.float16)} == {16}  # skinny x·Aᵀ
+    assert {m for m, _, _, _ in pruned(1, 4096, 4096, torch.float16)} == {16}  # decoding
     assert pruned(8192, 4096, 4096, torch.float64)
+    with_dropout = pruned(8192, 4096, 4096, torch.bfloat16, dropout=True)
+    assert (128, 128, 64, 8) in with_dropout
+    assert all(m * n <= 64 * 32 * warps for m, n, _, warps in with_dropout)
+
+
+@pytest.mark.parametrize("dropout_on", ["none", "a", "a_transposed"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_split_reduction_matches_reference(dropout_on, dtype, poisoned_empty):
+    """A reduction split into slices (the last one partial) sums to the unsplit product, with the
+    dropout mask of a, or of the tensor a is the transpose of, applied per element."""
+    M, K, N, p, alpha = 40, 150, 5, 0.3, 1.5
+    length = triton_lora._split_length(torch.device(DEVICE), M, N, K)
+    assert length < K and K % length, "the shape must split, with a partial last slice"
+    g = torch.Generator().manual_seed(3)
+    b = torch.randn(K, N, generator=g, dtype=torch.float64)
+    seed = _seed(p)
+    if dropout_on == "a_transposed":
+        dropped = torch.randn(K, M, generator=g, dtype=torch.float64)
+        a, a_ref = dropped.t(), (hash_dropout.apply(dropped, seed, p) * (1 - p)).t()
+        flag = triton_lora.DROPOUT_A_TRANSPOSED
+    else:
+        a = torch.randn(M, K, generator=g, dtype=torch.float64)
+        a_ref = hash_dropout.apply(a, seed, p) * (1 - p) if dropout_on == "a" else a
+        flag = triton_lora.DROPOUT_A if dropout_on == "a" else triton_lora.NO_DROPOUT
+    out = torch.empty(N, M, dtype=dtype, device=DEVICE).t()  # a strided output, written in place
+    triton_lora._matmul(a.to(dtype=dtype, device=DEVICE), b.to(dtype=dtype, device=DEVICE), alpha=alpha,
+                        dropout_p=p if dropout_on != "none" else 0.0, seed=seed, dropout_on=flag, out=out)
+    torch.testing.assert_close(out.double().cpu(), alpha * a_ref @ b, **TOL[dtype])
+
+
+def test_split_length_fills_hopper_with_the_rank_r_gradients(monkeypatch):
+    """At M=8192, K=N=4096, r=16 on a 132-SM GPU, dB [N, r] and dAᵀ [K, r] (32 tiles of 128
+    rows each) are reduced over M in 8 slices, 256 programs; the big dW stays unsplit."""
+    monkeypatch.setattr(_backends, "triton_interpret", lambda: False)
+    monkeypatch.setattr(_backends, "multiprocessor_count", lambda device: 132)
+    assert triton_lora._split_length(torch.device("cuda"), 4096, 16, 8192) == 1024
+    assert triton_lora._split_length(torch.device("cuda"), 4096, 4096, 8192) == 8192
