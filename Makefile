@@ -11,7 +11,16 @@ TORCH_PIN ?= torch==2.13.0
 MAX_JOBS ?= $(shell nproc)
 CONSTRAINTS := -c .ci/constraints.txt
 
-.PHONY: install test bench clean
+# The CUDA build check, for CI and for anyone changing csrc/ or kernels/ without a GPU: a
+# separate venv with the CUDA build of torch (from local disk on the dev and CI machines), the
+# extension built with LOWRANK_CUDA=1 from a copy of the tree, every native op checked for its
+# CUDA kernel, and every Triton kernel compiled for sm_90 with that venv's triton.
+CUDA_VENV ?= .venv-cuda
+CUDA_PY := $(CUDA_VENV)/bin/python
+CUDA_CONSTRAINTS := -c .ci/constraints-cuda.txt
+CUDA_ARCHS ?= 8.0;9.0+PTX
+
+.PHONY: install test bench cuda-check clean
 
 $(VENV)/.installed: pyproject.toml setup.py .ci/constraints.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh)
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -29,5 +38,22 @@ test: install
 bench: install
 	$(PY) -m benchmarks.bench_lora --plot
 
+$(CUDA_VENV)/.installed: .ci/constraints-cuda.txt
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_PY) -m pip install -q $(CUDA_CONSTRAINTS) --upgrade pip setuptools wheel
+	$(CUDA_PY) -m pip install -q $(CUDA_CONSTRAINTS) torch ninja pybind11 numpy safetensors
+	$(CUDA_PY) -c "import torch, sys; torch.version.cuda or sys.exit(f'torch {torch.__version__} is not a CUDA build')"
+	touch $@
+
+cuda-check: $(CUDA_VENV)/.installed
+	rm -rf $(CUDA_VENV)/src && mkdir $(CUDA_VENV)/src
+	git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C $(CUDA_VENV)/src
+	cd $(CUDA_VENV)/src && start=$$(date +%s) \
+	  && LOWRANK_CUDA=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" MAX_JOBS=$(MAX_JOBS) \
+	     ../bin/python -m pip install -q --no-build-isolation --no-deps . \
+	  && echo "CUDA build (LOWRANK_CUDA=1, TORCH_CUDA_ARCH_LIST=$(CUDA_ARCHS), MAX_JOBS=$(MAX_JOBS)): $$(( $$(date +%s) - start )) s"
+	$(CUDA_PY) .ci/check_cuda_build.py
+	$(CUDA_PY) tests/compile_triton_sm90.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info lowrank/_C*.so
+	rm -rf $(VENV) $(CUDA_VENV) build *.egg-info lowrank/_C*.so
