@@ -2,18 +2,29 @@
 
     python -m benchmarks.bench_lora                    # default shapes for the device
     python -m benchmarks.bench_lora --quick            # one small shape, few repeats: a smoke test
-    python -m benchmarks.bench_lora --device cuda --shapes 8192,4096,4096,16 --plot
+    python -m benchmarks.bench_lora --device cuda --shapes 8192,4096,4096,16 --dropout 0 0.1 --plot
 
-Every provider computes y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ with W, b frozen and x, A, B requiring grad:
+Every provider computes y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ with W, b frozen and x, A, B
+requiring grad:
   linear_frozen      nn.Linear alone with its weight frozen: the floor any LoRA layer pays
   eager_peft_style   base(x) + lora_B(lora_A(dropout(x))) * s in nn.Linear modules, as PEFT writes it
   hf_peft            PEFT's own LoRA layer (peft.get_peft_model around a one-Linear module)
+  unsloth_style      Unsloth's recipe: cuBLAS matmuls, the low-rank term added in place with
+                     addmm_, a hand-written backward (dropout 0 only, as Unsloth requires)
+  <baseline>_compiled  each of the four above through torch.compile (inductor compiles per
+                     shape: unless named in --providers, CUDA runs time them at the first shape
+                     only, CPU runs not at all, inductor's C++ builds being slow)
   lowrank_<backend>  lowrank.ops.lora_linear with that backend (auto: the fastest, measured per shape)
 
 Modes: inference (forward under no_grad, adapter unmerged); forward; backward alone (on a
-fresh forward graph each repeat, only the backward timed); forward+backward. Each provider is checked against lowrank.ops.lora_linear_reference before it
-is timed, and one that disagrees is reported instead of timed (exit status 1).
-Results: <out-dir>/lora_<device-slug>_<dtype>.json (all raw numbers) and .md, and .png with --plot.
+fresh forward graph each repeat, only the backward timed); forward+backward. --decode-shapes
+are timed in the inference mode only (few rows: decoding). Each provider is checked against
+lowrank.ops.lora_linear_reference before it is timed, with its dropout switched off (the masks
+are random: torch's, or lowrank's hash mask, which tests/ checks bit for bit), and one that
+disagrees is reported instead of timed (exit status 1). --max-minutes stops starting new shapes
+(after the first) once the run has taken that long; the report lists what was not run.
+Results: <out-dir>/lora_<device-slug>_<dtype>[_<tag>].json (all raw numbers) and .md, and .png
+with --plot.
 """
 
 from __future__ import annotations
@@ -83,10 +94,15 @@ class Shape:
         return f"M={self.M} K={self.K} N={self.N} r={self.r}"
 
 
+HEADLINE_SHAPE = Shape(8192, 4096, 4096, 16)  # the goals' shape, first so that a time budget never drops it
 DEFAULT_SHAPES = {
     "cpu": [Shape(1024, 1024, 1024, 16), Shape(4096, 1024, 1024, 16), Shape(4096, 1024, 1024, 64)],
-    "cuda": [Shape(M, KN, KN, r) for M in (1024, 8192) for KN in (1024, 4096) for r in (8, 16, 64)],
+    "cuda": [HEADLINE_SHAPE] + [shape for shape in (Shape(M, KN, KN, r) for M in (1024, 8192, 32768)
+                                                    for KN in (4096, 8192) for r in (8, 16, 64))
+                                if shape != HEADLINE_SHAPE],
 }
+DEFAULT_DECODE_SHAPES = {"cpu": [], "cuda": [Shape(M, KN, KN, 16) for KN in (4096, 8192) for M in (1, 16, 256)]}
+DEFAULT_DROPOUT = {"cpu": [0.0], "cuda": [0.0, 0.1]}
 DEFAULT_REPEATS = {"cpu": 10, "cuda": 100}
 DEFAULT_WARMUP = {"cpu": 2, "cuda": 10}
 QUICK_SHAPE = Shape(256, 128, 128, 8)
@@ -107,6 +123,7 @@ class Problem:
     lora_A: Tensor  # [r, K]
     lora_B: Tensor  # [N, r]; nonzero, unlike PEFT's init, so no provider can skip the adapter
     lora_alpha: int
+    dropout_p: float = 0.0  # lora_dropout, on the adapter's input only
 
     @property
     def scaling(self) -> float:
@@ -121,7 +138,8 @@ class Problem:
         return self.weight.dtype
 
 
-def make_problem(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Problem:
+def make_problem(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                 dropout_p: float = 0.0) -> Problem:
     generator = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*size: int, std: float) -> Tensor:
@@ -136,6 +154,7 @@ def make_problem(shape: Shape, device: torch.device, dtype: torch.dtype, seed: i
         lora_A=randn(r, K, std=K**-0.5),
         lora_B=randn(N, r, std=r**-0.5),
         lora_alpha=2 * r,
+        dropout_p=dropout_p,
     )
 
 
@@ -156,6 +175,10 @@ def input_set_count(shape: Shape, dtype: torch.dtype) -> int:
     return max(1, min(MAX_INPUT_SETS, math.ceil(ROTATION_BYTES / set_bytes)))
 
 
+def _no_dropout(enabled: bool) -> None:
+    """The dropout switch of a layer without dropout."""
+
+
 @dataclass
 class Layer:
     """One provider's implementation of a Problem: y = forward(x)."""
@@ -164,6 +187,7 @@ class Layer:
     held: tuple[Tensor, ...]  # the weights it holds: not activations, so not counted as saved
     lora_A: Optional[Tensor] = None  # the trained tensors; None for linear_frozen
     lora_B: Optional[Tensor] = None
+    set_dropout: Callable[[bool], None] = _no_dropout  # off while checked against the reference
 
     def clear_grads(self, x: Tensor) -> None:
         """Drop gradients so each repeat allocates them afresh, as after zero_grad(set_to_none=True)."""
@@ -182,7 +206,7 @@ def _frozen_linear(problem: Problem) -> nn.Linear:
 
 
 def _module_layer(module: nn.Module, lora_A: Optional[Tensor] = None, lora_B: Optional[Tensor] = None) -> Layer:
-    return Layer(module, tuple(module.parameters()), lora_A, lora_B)
+    return Layer(module, tuple(module.parameters()), lora_A, lora_B, module.train)
 
 
 class EagerLoraLinear(nn.Module):
@@ -193,7 +217,7 @@ class EagerLoraLinear(nn.Module):
         r, K = problem.lora_A.shape
         N = problem.weight.shape[0]
         self.base = _frozen_linear(problem)
-        self.dropout = nn.Identity()  # what PEFT uses for lora_dropout=0
+        self.dropout = nn.Dropout(problem.dropout_p) if problem.dropout_p > 0 else nn.Identity()  # as PEFT
         self.lora_A = nn.Linear(K, r, bias=False, device=problem.device, dtype=problem.dtype)
         self.lora_B = nn.Linear(r, N, bias=False, device=problem.device, dtype=problem.dtype)
         with torch.no_grad():
@@ -229,7 +253,7 @@ def build_hf_peft(problem: Problem) -> Layer:
     import peft  # only when asked for: it pulls in transformers
 
     config = peft.LoraConfig(
-        r=problem.shape.r, lora_alpha=problem.lora_alpha, target_modules=["proj"], lora_dropout=0.0
+        r=problem.shape.r, lora_alpha=problem.lora_alpha, target_modules=["proj"], lora_dropout=problem.dropout_p
     )
     layer = peft.get_peft_model(_OneLinear(_frozen_linear(problem)), config).base_model.model.proj
     # PEFT keeps bf16/fp16 adapters in fp32 by default; time it in the dtype every other provider uses.
@@ -241,39 +265,104 @@ def build_hf_peft(problem: Problem) -> Layer:
     return _module_layer(layer, lora_A, lora_B)
 
 
+class _AddmmLora(torch.autograd.Function):
+    """Unsloth's LoRA recipe (its matmul_lora and LoRA_W): y = x·Wᵀ + b, then s·(x·Aᵀ)·Bᵀ added
+    into y in place by addmm_; backward by hand, dx accumulated the same way."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
+        xa = x @ lora_A.t()
+        y = torch.addmm(bias, x, weight.t())
+        y.addmm_(xa, lora_B.t(), alpha=scaling)
+        ctx.save_for_backward(x, xa, weight, lora_A, lora_B)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, xa, weight, lora_A, lora_B = ctx.saved_tensors
+        dyB = grad_y @ lora_B
+        grad_x = grad_y @ weight
+        grad_x.addmm_(dyB, lora_A, alpha=ctx.scaling)
+        grad_A = (dyB.t() @ x).mul_(ctx.scaling)
+        grad_B = (grad_y.t() @ xa).mul_(ctx.scaling)
+        return grad_x, None, None, grad_A, grad_B, None
+
+
+def build_unsloth_style(problem: Problem) -> Layer:
+    weight, bias = problem.weight.clone(), problem.bias.clone()
+    lora_A = problem.lora_A.clone().requires_grad_()
+    lora_B = problem.lora_B.clone().requires_grad_()
+    scaling = problem.scaling
+
+    def forward(x: Tensor) -> Tensor:
+        return _AddmmLora.apply(x, weight, bias, lora_A, lora_B, scaling)
+
+    return Layer(forward, (weight, bias, lora_A, lora_B), lora_A, lora_B)
+
+
 def _lowrank_builder(backend: str) -> Callable[[Problem], Layer]:
     def build(problem: Problem) -> Layer:
         weight, bias = problem.weight.clone(), problem.bias.clone()
         lora_A = problem.lora_A.clone().requires_grad_()
         lora_B = problem.lora_B.clone().requires_grad_()
         scaling = problem.scaling
+        dropout = {"on": True}
 
         def forward(x: Tensor) -> Tensor:
-            return lora_linear(x, weight, bias, lora_A, lora_B, scaling, backend=backend)
+            dropout_p = problem.dropout_p if dropout["on"] else 0.0
+            return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend=backend)
 
-        return Layer(forward, (weight, bias, lora_A, lora_B), lora_A, lora_B)
+        def set_dropout(enabled: bool) -> None:
+            dropout["on"] = enabled
+
+        return Layer(forward, (weight, bias, lora_A, lora_B), lora_A, lora_B, set_dropout)
 
     return build
 
 
-BUILDERS: dict[str, Callable[[Problem], Layer]] = {
+def _compiled(build: Callable[[Problem], Layer]) -> Callable[[Problem], Layer]:
+    """A baseline through torch.compile (inductor): what a compiler buys without our kernels."""
+
+    def build_compiled(problem: Problem) -> Layer:
+        layer = build(problem)
+        return dataclasses.replace(layer, forward=torch.compile(layer.forward))
+
+    return build_compiled
+
+
+BASELINE_BUILDERS: dict[str, Callable[[Problem], Layer]] = {
     "linear_frozen": build_linear_frozen,
     "eager_peft_style": build_eager_peft_style,
     "hf_peft": build_hf_peft,
+    "unsloth_style": build_unsloth_style,
+}
+BUILDERS: dict[str, Callable[[Problem], Layer]] = {
+    **BASELINE_BUILDERS,
+    **{f"{name}_compiled": _compiled(build) for name, build in BASELINE_BUILDERS.items()},
     **{f"lowrank_{backend}": _lowrank_builder(backend) for backend in LOWRANK_BACKENDS},
 }
 PROVIDERS = tuple(BUILDERS)
+COMPILED_PROVIDERS = tuple(f"{name}_compiled" for name in BASELINE_BUILDERS)
+# Unsloth's fast path needs lora_dropout=0; at other rates these are left out.
+DROPOUT_FREE_PROVIDERS = ("unsloth_style", "unsloth_style_compiled")
 
 
 def build_layer(provider: str, problem: Problem) -> Layer:
     return BUILDERS[provider](problem)
 
 
-def skip_reasons(device: torch.device) -> dict[str, str]:
-    """The providers that cannot be timed on `device`, each with why."""
+def skip_reasons(device: torch.device, named: tuple[str, ...] = ()) -> dict[str, str]:
+    """The providers that cannot be timed on `device`, each with why; `named`: the providers the
+    user asked for by name."""
     reasons = {}
     if importlib.util.find_spec("peft") is None:
-        reasons["hf_peft"] = "peft is not installed (pip install peft)"
+        reasons["hf_peft"] = reasons["hf_peft_compiled"] = "peft is not installed (pip install peft)"
+    if device.type != "cuda":
+        # Inductor compiles C++ for the CPU for tens of seconds per shape; ask with --providers.
+        for provider in COMPILED_PROVIDERS:
+            if provider not in named:
+                reasons.setdefault(provider, "CPU runs time torch.compile only when named in --providers")
     statuses = lowrank.backends()
     for backend in LOWRANK_BACKENDS:
         provider, needed_device = f"lowrank_{backend}", BACKEND_DEVICE[backend]
@@ -291,8 +380,12 @@ def check_against_reference(layer: Layer, problem: Problem) -> None:
     """Raise AssertionError unless the layer's output and gradients match a float64 reference."""
     x, grad_y = make_inputs(problem, 1, rows=min(CHECK_ROWS, problem.shape.M), seed=2)[0]
     layer.clear_grads(x)
-    y = layer.forward(x)
-    y.backward(grad_y)
+    layer.set_dropout(False)
+    try:
+        y = layer.forward(x)
+        y.backward(grad_y)
+    finally:
+        layer.set_dropout(True)
 
     x64 = x.detach().double().requires_grad_()
     weight64, bias64 = problem.weight.double(), problem.bias.double()
@@ -424,10 +517,10 @@ def peak_cuda_bytes(layer: Layer, x: Tensor, grad_y: Tensor) -> int:
 
 
 def time_checked_providers(shape, problem, providers: list[str], build, check, inputs: list, repeats: int,
-                           warmup: int) -> tuple[list[dict], list[dict]]:
+                           warmup: int, modes: tuple[str, ...] = MODES) -> tuple[list[dict], list[dict]]:
     """Build each provider, check it against the float64 reference, time the ones that pass in
-    every mode: (one result row per timed provider, the providers that failed their check).
-    Shared by the LoRA, adapter benchmarks: `build(provider, problem)`, `check(layer, problem)`."""
+    every mode of `modes`: (one result row per timed provider, the providers that failed their
+    check). Shared by the LoRA, adapter benchmarks: `build(provider, problem)`, `check(layer, problem)`."""
     layers, failures = {}, []
     for provider in providers:
         try:
@@ -441,17 +534,18 @@ def time_checked_providers(shape, problem, providers: list[str], build, check, i
     if not layers:
         return [], failures
 
-    times = {mode: time_mode(layers, inputs, mode, repeats, warmup) for mode in MODES}
+    times = {mode: time_mode(layers, inputs, mode, repeats, warmup) for mode in modes}
     x, grad_y = inputs[0]
     on_cuda = x.is_cuda
+    training = "forward+backward" in modes
     rows = [
         {
             "shape": dataclasses.asdict(shape),
             "provider": provider,
-            "median_ms": {mode: statistics.median(times[mode][provider]) for mode in MODES},
-            "times_ms": {mode: times[mode][provider] for mode in MODES},
-            "saved_bytes": saved_activation_bytes(layer, x),
-            "peak_bytes": peak_cuda_bytes(layer, x, grad_y) if on_cuda else None,
+            "median_ms": {mode: statistics.median(times[mode][provider]) for mode in modes},
+            "times_ms": {mode: times[mode][provider] for mode in modes},
+            "saved_bytes": saved_activation_bytes(layer, x) if training else None,
+            "peak_bytes": peak_cuda_bytes(layer, x, grad_y) if on_cuda and training else None,
             "input_sets": len(inputs),
         }
         for provider, layer in layers.items()
@@ -460,18 +554,24 @@ def time_checked_providers(shape, problem, providers: list[str], build, check, i
 
 
 def benchmark_shape(
-    shape: Shape, providers: list[str], device: torch.device, dtype: torch.dtype, repeats: int, warmup: int
+    shape: Shape, providers: list[str], device: torch.device, dtype: torch.dtype, repeats: int, warmup: int,
+    dropout_p: float = 0.0, modes: tuple[str, ...] = MODES,
 ) -> tuple[list[dict], list[dict]]:
-    """(one result row per provider, the providers that failed their check) for one shape."""
-    problem = make_problem(shape, device, dtype)
+    """(one result row per provider, the providers that failed their check) for one shape and
+    dropout rate. The ratio to linear_frozen is of forward+backward, or of inference when only
+    that mode is timed."""
+    problem = make_problem(shape, device, dtype, dropout_p=dropout_p)
     inputs = make_inputs(problem, input_set_count(shape, dtype))
     rows, failures = time_checked_providers(
-        shape, problem, providers, build_layer, check_against_reference, inputs, repeats, warmup
+        shape, problem, providers, build_layer, check_against_reference, inputs, repeats, warmup, modes
     )
+    ratio_mode = "forward+backward" if "forward+backward" in modes else modes[0]
     baseline = next((row for row in rows if row["provider"] == BASELINE), None)
     for row in rows:
+        row["dropout_p"] = dropout_p
+        row["ratio_mode"] = ratio_mode
         row["ratio_to_linear_frozen"] = (
-            row["median_ms"]["forward+backward"] / baseline["median_ms"]["forward+backward"] if baseline else None
+            row["median_ms"][ratio_mode] / baseline["median_ms"][ratio_mode] if baseline else None
         )
     return rows, failures
 
@@ -525,15 +625,17 @@ def _format_mib(nbytes: Optional[int]) -> str:
 
 
 def markdown_table(report: dict) -> str:
+    """One row per (shape, dropout, provider); × linear_frozen is of fwd+bwd, or of inference on
+    the decode rows (the only mode they time)."""
     with_peak = report["device"]["type"] == "cuda"
-    header = ["M", "K", "N", "r", "provider", *MODE_COLUMNS.values(), "× linear_frozen", "saved MiB"]
+    header = ["M", "K", "N", "r", "p", "provider", *MODE_COLUMNS.values(), "× linear_frozen", "saved MiB"]
     header += ["peak MiB"] if with_peak else []
     alignments = ["---" if name == "provider" else "---:" for name in header]  # numbers right-aligned
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(alignments) + "|"]
     for row in report["results"]:
         shape, ratio = row["shape"], row["ratio_to_linear_frozen"]
-        cells = [str(shape[dim]) for dim in ("M", "K", "N", "r")] + [row["provider"]]
-        cells += [_format_ms(row["median_ms"][mode]) for mode in MODES]
+        cells = [str(shape[dim]) for dim in ("M", "K", "N", "r")] + [f"{row['dropout_p']:g}", row["provider"]]
+        cells += [_format_ms(row["median_ms"][mode]) if mode in row["median_ms"] else "—" for mode in MODES]
         cells += ["—" if ratio is None else f"{ratio:.2f}", _format_mib(row["saved_bytes"])]
         cells += [_format_mib(row["peak_bytes"])] if with_peak else []
         lines.append("| " + " | ".join(cells) + " |")
@@ -542,6 +644,7 @@ def markdown_table(report: dict) -> str:
 
 def report_notes(report: dict) -> list[str]:
     notes = [f"- skipped {provider}: {reason}" for provider, reason in report["skipped"].items()]
+    notes += [f"- not run, over the --max-minutes budget: {item}" for item in report["not_run"]]
     for failure in report["failed_checks"]:
         first_line = failure["error"].splitlines()[0]
         notes.append(f"- FAILED CHECK, not timed: {failure['provider']} at {Shape(**failure['shape'])}: {first_line}")
@@ -567,18 +670,20 @@ def write_plot(report: dict, path: Path) -> bool:
         from matplotlib.figure import Figure  # lazily: the benchmark itself does not need matplotlib
     except ImportError:
         return False
-    shapes = list(dict.fromkeys(Shape(**row["shape"]) for row in report["results"]))
-    columns = min(3, len(shapes))
-    rows = math.ceil(len(shapes) / columns)
+    panels = list(dict.fromkeys((Shape(**row["shape"]), row["dropout_p"], row["ratio_mode"])
+                                for row in report["results"]))
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
     figure = Figure(figsize=(5 * columns, 0.4 * len(PROVIDERS) * rows + 1.5), layout="constrained")
     axes = list(figure.subplots(rows, columns, squeeze=False).flat)
-    for axis, shape in zip(axes, shapes):
-        shape_rows = [row for row in report["results"] if Shape(**row["shape"]) == shape]
-        axis.barh([row["provider"] for row in shape_rows], [row["median_ms"]["forward+backward"] for row in shape_rows])
+    for axis, (shape, dropout_p, mode) in zip(axes, panels):
+        panel_rows = [row for row in report["results"]
+                      if (Shape(**row["shape"]), row["dropout_p"], row["ratio_mode"]) == (shape, dropout_p, mode)]
+        axis.barh([row["provider"] for row in panel_rows], [row["median_ms"][mode] for row in panel_rows])
         axis.invert_yaxis()  # providers top to bottom in table order
-        axis.set_title(str(shape), fontsize=9)
-        axis.set_xlabel("forward+backward ms (median)")
-    for axis in axes[len(shapes) :]:
+        axis.set_title(f"{shape} p={dropout_p:g}", fontsize=9)
+        axis.set_xlabel(f"{mode} ms (median)")
+    for axis in axes[len(panels) :]:
         axis.set_axis_off()
     figure.suptitle(f"LoRA linear, {report['device']['name']}, {report['dtype']}")
     figure.savefig(path, dpi=120)
@@ -607,6 +712,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _dropout_rate(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"a dropout rate is in [0, 1), got {text}")
+    return value
+
+
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.bench_lora",
@@ -616,6 +728,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
     parser.add_argument("--shapes", nargs="+", type=Shape.parse, metavar="M,K,N,r", help="default: a set per device")
+    parser.add_argument("--decode-shapes", nargs="*", type=Shape.parse, metavar="M,K,N,r",
+                        help="timed in the inference mode only (default: M=1,16,256 at K=N=4096,8192, r=16 on "
+                             "CUDA; none on CPU)")
+    parser.add_argument("--dropout", nargs="+", type=_dropout_rate, metavar="P",
+                        help="lora_dropout rates of the training shapes (default: 0 on CPU; 0 and 0.1 on CUDA)")
+    parser.add_argument("--max-minutes", type=float,
+                        help="start no shape but the first after this long (default: no limit)")
+    parser.add_argument("--tag", help="appended to the result files' names (lora_<device>_<dtype>_<tag>)")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, help="default: every provider that can run here")
     parser.add_argument("--repeats", type=_positive_int, help="timed repeats per mode (default 10 on CPU, 100 on CUDA)")
     parser.add_argument("--warmup", type=int, help="untimed repeats before them (default 2 on CPU, 10 on CUDA)")
@@ -642,11 +762,17 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     dtype_name = args.dtype or default_dtype_name(device)
     shapes = args.shapes or ([QUICK_SHAPE] if args.quick else DEFAULT_SHAPES[device.type])
+    decode_shapes = args.decode_shapes if args.decode_shapes is not None else (
+        [] if args.quick or args.shapes else DEFAULT_DECODE_SHAPES[device.type])
+    dropout_rates = args.dropout or ([0.0] if args.quick else DEFAULT_DROPOUT[device.type])
     repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS[device.type])
     warmup = args.warmup if args.warmup is not None else (QUICK_WARMUP if args.quick else DEFAULT_WARMUP[device.type])
     requested = args.providers or PROVIDERS
-    skipped = {provider: reason for provider, reason in skip_reasons(device).items() if provider in requested}
+    skipped = {provider: reason for provider, reason in skip_reasons(device, tuple(args.providers or ())).items()
+               if provider in requested}
     providers = [provider for provider in requested if provider not in skipped]
+    runs = [(shape, dropout_p, MODES) for shape in shapes for dropout_p in dropout_rates]
+    runs += [(shape, 0.0, ("inference",)) for shape in decode_shapes]
 
     report = {
         "benchmark": "lora_linear",
@@ -660,24 +786,50 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "lowrank_backends": {name: status._asdict() for name, status in lowrank.backends().items()},
         "skipped": skipped,
         "failed_checks": [],
+        "not_run": [],
         "results": [],
     }
-    for shape in shapes:
-        print(f"{shape}: timing {', '.join(providers)}", file=sys.stderr, flush=True)
-        rows, failures = benchmark_shape(shape, providers, device, DTYPES[dtype_name], repeats, warmup)
+    started = time.perf_counter()
+    for index, (shape, dropout_p, modes) in enumerate(runs):
+        what = f"{shape} p={dropout_p:g}" + ("" if modes == MODES else f" ({', '.join(modes)} only)")
+        over_budget = args.max_minutes is not None and time.perf_counter() - started > 60 * args.max_minutes
+        if index and over_budget:  # the first (the headline shape by default) always runs
+            report["not_run"].append(what)
+            continue
+        run_providers = providers
+        if index and not args.providers:  # inductor compiles per shape: by default, the first shape only
+            run_providers = [provider for provider in providers if provider not in COMPILED_PROVIDERS]
+            for provider in set(providers) - set(run_providers):
+                report["skipped"][f"{provider} after the first shape"] = (
+                    "compiled baselines run at the first shape unless named in --providers")
+        if dropout_p > 0:
+            run_providers = [provider for provider in run_providers if provider not in DROPOUT_FREE_PROVIDERS]
+            for provider in DROPOUT_FREE_PROVIDERS:
+                if provider in providers:
+                    report["skipped"][f"{provider} at p={dropout_p:g}"] = "Unsloth's fast path needs lora_dropout=0"
+        print(f"{what}: timing {', '.join(run_providers)}", file=sys.stderr, flush=True)
+        rows, failures = benchmark_shape(shape, run_providers, device, DTYPES[dtype_name], repeats, warmup,
+                                         dropout_p, modes)
         report["results"] += rows
         report["failed_checks"] += failures
     return report
 
 
+def write_reports(out_dir: Path, name: str, report: dict, markdown: str) -> Path:
+    """<out_dir>/<name>.json (every raw number) and .md; the stem, for further files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / name
+    Path(f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    Path(f"{stem}.md").write_text(markdown)
+    print(f"wrote {stem}.json and {stem}.md")
+    return stem
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     report = run_benchmark(args)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"lora_{report['device']['slug']}_{report['dtype']}"
-    Path(f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    Path(f"{stem}.md").write_text(markdown_report(report))
-    print(f"wrote {stem}.json and {stem}.md")
+    name = "_".join(["lora", report["device"]["slug"], report["dtype"]] + ([args.tag] if args.tag else []))
+    stem = write_reports(args.out_dir, name, report, markdown_report(report))
     if args.plot and report["results"]:
         if write_plot(report, Path(f"{stem}.png")):
             print(f"wrote {stem}.png")

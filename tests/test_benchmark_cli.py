@@ -69,7 +69,7 @@ def test_markdown_table_is_written_and_printed_last(quick_run):
     completed, report, out_dir = quick_run
     markdown = (out_dir / f"lora_{report['device']['slug']}_{report['dtype']}.md").read_text()
     table_rows = [line for line in markdown.splitlines() if line.startswith("| ")]
-    assert table_rows[0].startswith("| M | K | N | r | provider | infer ms | fwd ms | bwd ms | fwd+bwd ms |")
+    assert table_rows[0].startswith("| M | K | N | r | p | provider | infer ms | fwd ms | bwd ms | fwd+bwd ms |")
     assert len(table_rows) == 1 + len(report["results"])
     assert completed.stdout.rstrip().splitlines()[-1] == table_rows[-1]
 
@@ -119,3 +119,51 @@ def test_triton_interpreter_is_never_timed(bench_lora, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     device = bench_lora.resolve_device("auto")
     assert bench_lora.skip_reasons(device)["lowrank_triton"].startswith("TRITON_INTERPRET=1")
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_every_provider_matches_the_reference_with_and_without_dropout(bench_lora, dropout_p):
+    """Named providers too: the compiled baselines (slow on CPU, so off by default there) and
+    Unsloth's recipe, whose backward is written by hand. With dropout each is checked with it off."""
+    problem = bench_lora.make_problem(bench_lora.Shape(48, 40, 36, 4), torch.device("cpu"), torch.float32,
+                                      dropout_p=dropout_p)
+    providers = ["unsloth_style", "eager_peft_style_compiled", "lowrank_torch", "eager_peft_style"]
+    for provider in providers:
+        if dropout_p and provider in bench_lora.DROPOUT_FREE_PROVIDERS:
+            continue
+        layer = bench_lora.build_layer(provider, problem)
+        bench_lora.check_against_reference(layer, problem)
+        x, _ = bench_lora.make_inputs(problem, 1, seed=5)[0]
+        with torch.no_grad():
+            with_dropout = layer.forward(x)
+        layer.set_dropout(False)
+        with torch.no_grad():
+            without = layer.forward(x)
+        assert torch.equal(with_dropout, without) == (dropout_p == 0), provider  # the switch is real
+
+
+def test_decode_shapes_time_inference_only_and_the_budget_is_reported(bench_lora, tmp_path):
+    args = bench_lora.parse_args([
+        "--device", "cpu", "--shapes", "64,32,32,4", "--decode-shapes", "1,32,32,4", "16,32,32,4",
+        "--dropout", "0", "0.1", "--providers", "linear_frozen", "unsloth_style", "lowrank_torch",
+        "--repeats", "2", "--warmup", "0", "--out-dir", str(tmp_path),
+    ])
+    report = bench_lora.run_benchmark(args)
+    decode = [row for row in report["results"] if row["shape"]["M"] in (1, 16)]
+    assert {row["provider"] for row in decode} == {"linear_frozen", "unsloth_style", "lowrank_torch"}
+    assert all(set(row["median_ms"]) == {"inference"} and row["ratio_mode"] == "inference" for row in decode)
+    with_dropout = [row["provider"] for row in report["results"] if row["dropout_p"] == 0.1]
+    assert sorted(with_dropout) == ["linear_frozen", "lowrank_torch"]
+    assert "unsloth_style at p=0.1" in report["skipped"]
+
+    args.max_minutes = 0.0
+    budgeted = bench_lora.run_benchmark(args)
+    assert budgeted["not_run"] == [  # the first shape always runs
+        "M=64 K=32 N=32 r=4 p=0.1", "M=1 K=32 N=32 r=4 p=0 (inference only)", "M=16 K=32 N=32 r=4 p=0 (inference only)"]
+    assert {row["shape"]["M"] for row in budgeted["results"]} == {64}
+    assert "not run, over the --max-minutes budget" in bench_lora.markdown_report(budgeted)
+
+
+def test_dropout_rate_out_of_range_is_refused(bench_lora):
+    with pytest.raises(SystemExit):
+        bench_lora.parse_args(["--dropout", "1.0"])
