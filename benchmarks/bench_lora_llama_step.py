@@ -1,0 +1,282 @@
+"""End-to-end LoRA training step on a Llama-style decoder stack: lowrank against HF PEFT on the
+same model, in tokens/s and peak memory, measured in one run.
+
+    python -m benchmarks.bench_lora_llama_step                 # default config for the device
+    python -m benchmarks.bench_lora_llama_step --quick         # a tiny model: a smoke test
+    python -m benchmarks.bench_lora_llama_step --device cuda --layers 4 --batch 4 --seq 2048
+
+The model is transformers' LlamaModel built from a LlamaConfig with Llama-3-8B's block (hidden
+4096, intermediate 14336, 32 heads, 8 KV heads) and --layers of them, random weights, bf16 on
+CUDA (fp32 on CPU). LoRA r=16, alpha=32, dropout 0 on q,k,v,o,gate,up,down_proj. Providers:
+  hf_peft            peft.get_peft_model with a LoraConfig (adapters kept in the model's dtype)
+  lowrank_<backend>  lowrank.inject_lora with that backend (auto: the fastest, measured per shape)
+A step: the stack on random input embeddings [batch, seq, hidden], loss = mean of the last
+hidden state squared (in fp32), backward, AdamW on the adapter parameters. Every provider starts
+from the same base weights and the same nonzero A and B, and must give hf_peft's loss and
+adapter gradients before it is timed. Steps alternate between providers. Per provider: median
+ms per step, tokens/s, and peak memory (CUDA) above the model's own.
+Results: <out-dir>/lora_llama_step_<device-slug>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+import lowrank
+from benchmarks.bench_lora import (
+    DEFAULT_OUT_DIR,
+    DTYPES,
+    _CudaEventTimer,
+    _WallTimer,
+    _positive_int,
+    default_dtype_name,
+    describe_device,
+    describe_versions,
+    resolve_device,
+    write_reports,
+)
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RANK, ALPHA = 16, 32
+LOWRANK_BACKENDS = ("triton", "cuda", "auto")
+BASELINE = "hf_peft"
+# Llama-3-8B's block; --quick swaps in a tiny one.
+FULL_MODEL = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8)
+QUICK_MODEL = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
+DEFAULTS = {"cpu": dict(layers=2, batch=1, seq=256, repeats=5, warmup=1),
+            "cuda": dict(layers=4, batch=4, seq=2048, repeats=20, warmup=3)}
+QUICK = dict(layers=2, batch=2, seq=16, repeats=2, warmup=1)
+CHECK_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+def base_model(layers: int, device: torch.device, dtype: torch.dtype, quick: bool) -> nn.Module:
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(**(QUICK_MODEL if quick else FULL_MODEL), num_hidden_layers=layers, vocab_size=256,
+                         max_position_embeddings=8192, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return LlamaModel(config).to(device=device, dtype=dtype).requires_grad_(False)
+
+
+def adapter_values(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Seeded nonzero (A [r, in], B [out, r]) per target module, so no provider can skip B·A."""
+    generator = torch.Generator().manual_seed(1)
+    values = {}
+    for name, module in model.named_modules():
+        if name.split(".")[-1] in TARGETS:
+            out_features, in_features = module.weight.shape
+            lora_A = torch.randn(RANK, in_features, generator=generator) * in_features**-0.5
+            lora_B = torch.randn(out_features, RANK, generator=generator) * RANK**-0.5
+            values[name] = (lora_A.to(module.weight), lora_B.to(module.weight))
+    return values
+
+
+def build_hf_peft(model: nn.Module, values: dict) -> tuple[nn.Module, list[nn.Parameter]]:
+    import peft
+
+    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS)
+    wrapped = peft.get_peft_model(model, config, autocast_adapter_dtype=False)
+    with torch.no_grad():
+        for name, (lora_A, lora_B) in values.items():
+            layer = wrapped.base_model.model.get_submodule(name)
+            layer.lora_A["default"].weight.copy_(lora_A)
+            layer.lora_B["default"].weight.copy_(lora_B)
+    pairs = {name: (wrapped.base_model.model.get_submodule(name).lora_A["default"].weight,
+                    wrapped.base_model.model.get_submodule(name).lora_B["default"].weight) for name in values}
+    return wrapped, pairs
+
+
+def build_lowrank(backend: str):
+    def build(model: nn.Module, values: dict) -> tuple[nn.Module, dict]:
+        lowrank.inject_lora(model, TARGETS, r=RANK, alpha=ALPHA, dropout=0.0, backend=backend)
+        lowrank.mark_only_lora_trainable(model)
+        with torch.no_grad():
+            for name, (lora_A, lora_B) in values.items():
+                layer = model.get_submodule(name)
+                layer.lora_A.copy_(lora_A)
+                layer.lora_B.copy_(lora_B)
+        pairs = {name: (model.get_submodule(name).lora_A, model.get_submodule(name).lora_B) for name in values}
+        return model, pairs
+
+    return build
+
+
+BUILDERS = {BASELINE: build_hf_peft, **{f"lowrank_{backend}": build_lowrank(backend) for backend in LOWRANK_BACKENDS}}
+PROVIDERS = tuple(BUILDERS)
+
+
+def skip_reasons(device: torch.device) -> dict[str, str]:
+    import importlib.util
+
+    from benchmarks.bench_lora import skip_reasons as layer_skip_reasons
+
+    reasons = {}
+    for name in ("transformers", "peft"):
+        if importlib.util.find_spec(name) is None:
+            reasons.update({provider: f"{name} is not installed" for provider in PROVIDERS})
+    for provider in PROVIDERS:
+        if provider != BASELINE and provider in layer_skip_reasons(device):
+            reasons.setdefault(provider, layer_skip_reasons(device)[provider])
+    return reasons
+
+
+class Run:
+    """One provider's model, its adapter tensors and optimizer; step() is one training step."""
+
+    def __init__(self, model: nn.Module, pairs: dict):
+        self.model, self.pairs = model, pairs
+        self.optimizer = torch.optim.AdamW([t for pair in pairs.values() for t in pair], lr=1e-4)
+
+    def loss(self, embeds: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(inputs_embeds=embeds).last_hidden_state
+        return hidden.float().square().mean()
+
+    def step(self, embeds: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss(embeds).backward()
+        self.optimizer.step()
+
+
+def check_against_baseline(run: Run, baseline: Run, embeds: torch.Tensor, dtype: torch.dtype) -> None:
+    """Raise AssertionError unless run's loss and adapter gradients match the baseline's."""
+    tolerance = CHECK_TOLERANCE[dtype]
+    results = []
+    for candidate in (run, baseline):
+        for pair in candidate.pairs.values():
+            for tensor in pair:
+                tensor.grad = None
+        loss = candidate.loss(embeds)
+        loss.backward()
+        results.append((loss.detach(), {name: (a.grad, b.grad) for name, (a, b) in candidate.pairs.items()}))
+    (loss, grads), (expected_loss, expected_grads) = results
+    torch.testing.assert_close(loss, expected_loss, rtol=tolerance, atol=0, msg=lambda m: f"loss differs: {m}")
+    for name, pair in grads.items():
+        for which, actual, expected in zip(("lora_A", "lora_B"), pair, expected_grads[name]):
+            if actual is None:
+                raise AssertionError(f"{name}.{which}: no gradient")
+            scale = expected.abs().max().item()
+            torch.testing.assert_close(actual.float(), expected.float(), rtol=tolerance, atol=tolerance * scale,
+                                       msg=lambda m: f"{name}.{which} gradient differs: {m}")
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype or default_dtype_name(device)]
+    settings = dict(QUICK if args.quick else DEFAULTS[device.type])
+    settings.update({key: getattr(args, key) for key in settings if getattr(args, key) is not None})
+    skipped = {provider: reason for provider, reason in skip_reasons(device).items() if provider in args.providers}
+    providers = [provider for provider in args.providers if provider not in skipped]
+    report = {
+        "benchmark": "lora_llama_step", "device": describe_device(device), "versions": describe_versions(),
+        "dtype": str(dtype).removeprefix("torch."), "quick": args.quick, **settings,
+        "model": {**(QUICK_MODEL if args.quick else FULL_MODEL), "layers": settings["layers"]},
+        "lora": {"r": RANK, "alpha": ALPHA, "dropout": 0.0, "targets": TARGETS},
+        "skipped": skipped, "failed_checks": [], "results": [],
+    }
+    if BASELINE not in providers:
+        report["failed_checks"].append({"provider": BASELINE, "error": "the baseline cannot run: nothing to check against"})
+        return report
+
+    model = base_model(settings["layers"], device, dtype, args.quick)
+    values = adapter_values(model)
+    model_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+    generator = torch.Generator(device=device).manual_seed(2)
+    hidden = model.config.hidden_size
+    embeds = torch.randn(settings["batch"], settings["seq"], hidden, generator=generator, device=device).to(dtype)
+    runs = {provider: Run(*BUILDERS[provider](copy.deepcopy(model), values)) for provider in providers}
+    del model
+    for provider in [p for p in providers if p != BASELINE]:
+        try:
+            check_against_baseline(runs[provider], runs[BASELINE], embeds, dtype)
+        except AssertionError as exc:
+            report["failed_checks"].append({"provider": provider, "error": str(exc)})
+            del runs[provider]
+
+    timer_class = _CudaEventTimer if device.type == "cuda" else _WallTimer
+    timers = {provider: [] for provider in runs}
+    peaks = {}
+    for step in range(settings["warmup"] + settings["repeats"]):
+        for provider, run in runs.items():  # alternating, so drift hits every provider alike
+            if device.type == "cuda" and step == settings["warmup"]:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+            timer = timer_class()
+            with timer:
+                run.step(embeds)
+            if step >= settings["warmup"]:
+                timers[provider].append(timer)
+            if device.type == "cuda" and step == settings["warmup"]:
+                torch.cuda.synchronize(device)
+                peaks[provider] = torch.cuda.max_memory_allocated(device) - before
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    tokens = settings["batch"] * settings["seq"]
+    baseline_ms = None
+    for provider, provider_timers in timers.items():
+        times = [timer.elapsed_ms() for timer in provider_timers]
+        median = statistics.median(times)
+        baseline_ms = median if provider == BASELINE else baseline_ms
+        report["results"].append({
+            "provider": provider, "times_ms": times, "median_ms": median, "tokens_per_s": tokens / median * 1e3,
+            "peak_step_bytes": peaks.get(provider), "model_bytes": model_bytes,
+        })
+    for row in report["results"]:
+        row["speedup_over_hf_peft"] = baseline_ms / row["median_ms"]
+    return report
+
+
+def markdown_report(report: dict) -> str:
+    model = report["model"]
+    lines = [
+        f"# LoRA training step, Llama-style stack: {report['device']['name']}", "",
+        f"{model['layers']} layers of hidden {model['hidden_size']}, intermediate {model['intermediate_size']}, "
+        f"{model['num_attention_heads']} heads ({model['num_key_value_heads']} KV); batch {report['batch']} × seq "
+        f"{report['seq']}; {report['dtype']}; LoRA r={RANK} on {', '.join(TARGETS)}. Median of {report['repeats']} "
+        f"steps after {report['warmup']} warm-up, providers alternating."
+        + (" QUICK MODE: a smoke test, not a measurement." if report["quick"] else ""), "",
+        "| provider | ms/step | tokens/s | × hf_peft speed | peak step MiB |", "|---|---:|---:|---:|---:|",
+    ]
+    for row in report["results"]:
+        peak = "—" if row["peak_step_bytes"] is None else f"{row['peak_step_bytes'] / 2**20:.0f}"
+        lines.append(f"| {row['provider']} | {row['median_ms']:.2f} | {row['tokens_per_s']:.0f} | "
+                     f"{row['speedup_over_hf_peft']:.2f} | {peak} |")
+    lines += [""] + [f"- skipped {provider}: {reason}" for provider, reason in report["skipped"].items()]
+    lines += [f"- FAILED CHECK, not timed: {f['provider']}: {f['error'].splitlines()[0]}" for f in report["failed_checks"]]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_lora_llama_step", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
+    parser.add_argument("--layers", type=_positive_int)
+    parser.add_argument("--batch", type=_positive_int)
+    parser.add_argument("--seq", type=_positive_int)
+    parser.add_argument("--repeats", type=_positive_int)
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    parser.add_argument("--quick", action="store_true", help="a tiny model, 2 steps: a smoke test")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    report = run_benchmark(args)
+    write_reports(args.out_dir, f"lora_llama_step_{report['device']['slug']}", report, markdown_report(report))
+    print(markdown_report(report))
+    return 1 if report["failed_checks"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
