@@ -14,7 +14,8 @@ CONSTRAINTS := -c .ci/constraints.txt
 # The CUDA build check, for CI and for anyone changing csrc/ or kernels/ without a GPU: a
 # separate venv with the CUDA build of torch (from local disk on the dev and CI machines), the
 # extension built with LOWRANK_CUDA=1 from a copy of the tree, every native op checked for its
-# CUDA kernel, and every Triton kernel compiled for sm_90 with that venv's triton.
+# CUDA kernel, and every Triton kernel compiled for sm_90 with that venv's triton and with the
+# test venv's pinned one.
 CUDA_VENV ?= .venv-cuda
 CUDA_PY := $(CUDA_VENV)/bin/python
 CUDA_CONSTRAINTS := -c .ci/constraints-cuda.txt
@@ -45,7 +46,7 @@ $(CUDA_VENV)/.installed: .ci/constraints-cuda.txt
 	$(CUDA_PY) -c "import torch, sys; torch.version.cuda or sys.exit(f'torch {torch.__version__} is not a CUDA build')"
 	touch $@
 
-cuda-check: $(CUDA_VENV)/.installed
+cuda-check: $(CUDA_VENV)/.installed install
 	rm -rf $(CUDA_VENV)/src && mkdir $(CUDA_VENV)/src
 	git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C $(CUDA_VENV)/src
 	cd $(CUDA_VENV)/src && start=$$(date +%s) \
@@ -54,6 +55,7 @@ cuda-check: $(CUDA_VENV)/.installed
 	  && echo "CUDA build (LOWRANK_CUDA=1, TORCH_CUDA_ARCH_LIST=$(CUDA_ARCHS), MAX_JOBS=$(MAX_JOBS)): $$(( $$(date +%s) - start )) s"
 	$(CUDA_PY) .ci/check_cuda_build.py
 	$(CUDA_PY) tests/compile_triton_sm90.py
+	$(PY) tests/compile_triton_sm90.py
 
 clean:
 	rm -rf $(VENV) $(CUDA_VENV) build *.egg-info lowrank/_C*.so

@@ -85,7 +85,9 @@ class Shape:
 
 DEFAULT_SHAPES = {
     "cpu": [Shape(4096, 1024, 64), Shape(4096, 768, 48), Shape(1024, 1024, 64)],
-    "cuda": [Shape(M, D, Bn) for M in (4096, 16384) for D in (768, 4096) for Bn in (64, 256)],
+    # The goal's shape first (16384 tokens, dim 4096, bottleneck 64), then the rest of the grid.
+    "cuda": [Shape(16384, 4096, 64)] + [Shape(M, D, Bn) for M in (4096, 16384, 65536) for D in (768, 4096)
+                                        for Bn in (16, 64, 256) if (M, D, Bn) != (16384, 4096, 64)],
 }
 DEFAULT_REPEATS = {"cpu": 10, "cuda": 100}
 DEFAULT_WARMUP = {"cpu": 2, "cuda": 10}

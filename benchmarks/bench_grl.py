@@ -49,7 +49,8 @@ from lowrank.ops import grad_reverse
 
 LAMBDA = 0.7
 LOWRANK_BACKENDS = ("torch", "cpu", "triton", "cuda", "auto")
-DEFAULT_SIZES = {"cpu": [4096 * 1024, 16 << 20], "cuda": [4096 * 4096, 64 << 20]}
+# Elements; on CUDA 16 MiB to 1 GiB of bf16 gradient.
+DEFAULT_SIZES = {"cpu": [4096 * 1024, 16 << 20], "cuda": [8 << 20, 32 << 20, 128 << 20, 512 << 20]}
 DEFAULT_REPEATS = {"cpu": 20, "cuda": 100}
 DEFAULT_WARMUP = {"cpu": 3, "cuda": 10}
 QUICK_SIZE, QUICK_REPEATS, QUICK_WARMUP = 1 << 16, 3, 1

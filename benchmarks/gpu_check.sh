@@ -2,7 +2,9 @@
 # One device call on an H100/H200: build the CUDA extension, run the GPU tests, benchmark, and
 # print a short table last.
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh [lora|adapter|all]     (default: all)
-#     lora      LoRA tests; LoRA benchmark in bf16 and fp16
+#     lora      LoRA tests; LoRA benchmark in bf16 (every shape, dropout rate and decode shape
+#               within a time budget, headline first) and fp16 (headline and decode); the
+#               Llama-style end-to-end step; DRAM bytes per step from ncu
 #     adapter   adapter and gradient-reversal tests; their benchmarks in bf16
 # $OUT receives two files (the device tool brings back at most 8): logs.txt, and results.tgz
 # holding the benchmarks' JSON, markdown and PNG files for benchmarks/results/.
@@ -39,36 +41,55 @@ bench() {
   python -m "$@" --device cuda --out-dir "$RESULTS" >>"$LOG" 2>&1 || echo "FAILED: $* (see logs.txt)" | tee -a "$LOG"
 }
 if wants lora; then
-  bench benchmarks.bench_lora --dtype bf16 --plot
-  bench benchmarks.bench_lora --dtype fp16 --plot
+  # The torch.compile baselines run at the first (headline) shape only: inductor compiles per shape.
+  bench benchmarks.bench_lora --dtype bf16 --max-minutes 2.5 --plot
+  bench benchmarks.bench_lora --dtype fp16 --shapes 8192,4096,4096,16
+  bench benchmarks.bench_lora_llama_step
+  bench benchmarks.bench_lora_dram
 fi
 if wants adapter; then
-  bench benchmarks.bench_adapter --dtype bf16
+  for activation in relu gelu silu; do
+    bench benchmarks.bench_adapter --dtype bf16 --activation $activation
+  done
   bench benchmarks.bench_grl --dtype bf16
+  bench benchmarks.bench_dann_step
 fi
 tar -czf "$OUT/results.tgz" -C "$RESULTS" .
 
 step "summary"
 python - "$RESULTS" <<'PY' | tee -a "$LOG"
 import json, pathlib, sys
-for path in sorted(pathlib.Path(sys.argv[1]).glob("*.md")):
-    lines = path.read_text().splitlines()
-    table = [line for line in lines if line.startswith("|")]
-    print(f"\n{path.name}")
-    print("\n".join(table))
-for path in sorted(pathlib.Path(sys.argv[1]).glob("lora_*.json")):
-    report = json.loads(path.read_text())
-    def times(mode):
-        return {(r["shape"]["M"], r["shape"]["K"], r["shape"]["r"], r["provider"]): r["median_ms"][mode]
-                for r in report["results"]}
-    fwd_bwd, infer = times("forward+backward"), times("inference")
+results = pathlib.Path(sys.argv[1])
+lora = [json.loads(path.read_text()) for path in sorted(results.glob("lora_*.json"))]
+lora = [report for report in lora if report["benchmark"] == "lora_linear"]
+for path in sorted(results.glob("*.md")):
+    if not path.name.startswith("lora_"):  # the LoRA reports get the compact summary below
+        print(f"\n{path.name}")
+        print("\n".join(line for line in path.read_text().splitlines() if line.startswith("|")))
+nan = float("nan")
+for report in lora:
+    def median(row_filter, mode):
+        return {(r["shape"]["M"], r["shape"]["K"], r["shape"]["r"], r["dropout_p"], r["provider"]): r["median_ms"][mode]
+                for r in report["results"] if row_filter(r)}
+    train = median(lambda r: r["ratio_mode"] == "forward+backward", "forward+backward")
+    decode = median(lambda r: r["ratio_mode"] == "inference", "inference")
     print(f"\nLoRA headline, {report['device']['name']} {report['dtype']} (ratios measured in this run)")
-    print(f"{'M':>5} {'K=N':>5} {'r':>3}  auto/linear fwd+bwd  peft/auto fwd+bwd  auto/linear inference")
-    nan = float("nan")
-    for (M, K, r, provider), ms in sorted(fwd_bwd.items()):
+    print(f"{'M':>5} {'K=N':>5} {'r':>3} {'p':>4}  auto/linear  peft/auto  auto/best(unsloth,compiled)")
+    for (M, K, r, p, provider), ms in sorted(train.items()):
+        if provider != "linear_frozen":
+            continue
+        auto = train.get((M, K, r, p, "lowrank_auto"), nan)
+        rivals = [v for (m, k, rr, pp, name), v in train.items() if (m, k, rr, pp) == (M, K, r, p)
+                  and (name.startswith("unsloth") or name.endswith("_compiled"))]
+        best = min(rivals) if rivals else nan
+        print(f"{M:5d} {K:5d} {r:3d} {p:4g}  {auto / ms:11.3f}  {train.get((M, K, r, p, 'hf_peft'), nan) / auto:9.3f}"
+              f"  {auto / best:27.3f}")
+    for (M, K, r, p, provider), ms in sorted(decode.items()):
         if provider == "linear_frozen":
-            auto = fwd_bwd.get((M, K, r, "lowrank_auto"), nan)
-            print(f"{M:5d} {K:5d} {r:3d}  {auto / ms:20.3f}  {fwd_bwd.get((M, K, r, 'hf_peft'), nan) / auto:17.3f}"
-                  f"  {infer.get((M, K, r, 'lowrank_auto'), nan) / infer[(M, K, r, provider)]:20.3f}")
+            print(f"decode M={M} K=N={K} r={r}: auto/linear inference {decode.get((M, K, r, p, 'lowrank_auto'), nan) / ms:.3f}")
+for name in ("lora_llama_step_*.md", "lora_dram_*.md"):
+    for path in sorted(results.glob(name)):
+        print(f"\n{path.name}")
+        print("\n".join(line for line in path.read_text().splitlines() if line.startswith("|")))
 PY
 exit $tests_rc
