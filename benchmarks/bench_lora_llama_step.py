@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 from pathlib import Path
 from typing import Optional
@@ -34,8 +33,6 @@ import lowrank
 from benchmarks.bench_lora import (
     DEFAULT_OUT_DIR,
     DTYPES,
-    _CudaEventTimer,
-    _WallTimer,
     _positive_int,
     default_dtype_name,
     describe_device,
@@ -43,6 +40,7 @@ from benchmarks.bench_lora import (
     resolve_device,
     write_reports,
 )
+from benchmarks.training_step import TrainingRun, check_against_baseline, markdown_rows, result_rows, time_alternating
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 16, 32
@@ -54,7 +52,6 @@ QUICK_MODEL = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4,
 DEFAULTS = {"cpu": dict(layers=2, batch=1, seq=256, repeats=5, warmup=1),
             "cuda": dict(layers=4, batch=4, seq=2048, repeats=20, warmup=3)}
 QUICK = dict(layers=2, batch=2, seq=16, repeats=2, warmup=1)
-CHECK_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
 def base_model(layers: int, device: torch.device, dtype: torch.dtype, quick: bool) -> nn.Module:
@@ -79,32 +76,37 @@ def adapter_values(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tens
     return values
 
 
-def build_hf_peft(model: nn.Module, values: dict) -> tuple[nn.Module, list[nn.Parameter]]:
+def hidden_state_loss(model: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
+    return model(inputs_embeds=embeds).last_hidden_state.float().square().mean()
+
+
+def _with_values(trained: dict[str, torch.Tensor], values: dict) -> dict[str, torch.Tensor]:
+    """Copy the shared adapter values into the named tensors."""
+    with torch.no_grad():
+        for name, (lora_A, lora_B) in values.items():
+            trained[f"{name}.lora_A"].copy_(lora_A)
+            trained[f"{name}.lora_B"].copy_(lora_B)
+    return trained
+
+
+def build_hf_peft(model: nn.Module, values: dict) -> TrainingRun:
     import peft
 
     config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS)
     wrapped = peft.get_peft_model(model, config, autocast_adapter_dtype=False)
-    with torch.no_grad():
-        for name, (lora_A, lora_B) in values.items():
-            layer = wrapped.base_model.model.get_submodule(name)
-            layer.lora_A["default"].weight.copy_(lora_A)
-            layer.lora_B["default"].weight.copy_(lora_B)
-    pairs = {name: (wrapped.base_model.model.get_submodule(name).lora_A["default"].weight,
-                    wrapped.base_model.model.get_submodule(name).lora_B["default"].weight) for name in values}
-    return wrapped, pairs
+    layers = {name: wrapped.base_model.model.get_submodule(name) for name in values}
+    trained = {f"{name}.{which}": getattr(layer, which)["default"].weight
+               for name, layer in layers.items() for which in ("lora_A", "lora_B")}
+    return TrainingRun(wrapped, _with_values(trained, values), hidden_state_loss)
 
 
 def build_lowrank(backend: str):
-    def build(model: nn.Module, values: dict) -> tuple[nn.Module, dict]:
+    def build(model: nn.Module, values: dict) -> TrainingRun:
         lowrank.inject_lora(model, TARGETS, r=RANK, alpha=ALPHA, dropout=0.0, backend=backend)
         lowrank.mark_only_lora_trainable(model)
-        with torch.no_grad():
-            for name, (lora_A, lora_B) in values.items():
-                layer = model.get_submodule(name)
-                layer.lora_A.copy_(lora_A)
-                layer.lora_B.copy_(lora_B)
-        pairs = {name: (model.get_submodule(name).lora_A, model.get_submodule(name).lora_B) for name in values}
-        return model, pairs
+        trained = {f"{name}.{which}": getattr(model.get_submodule(name), which)
+                   for name in values for which in ("lora_A", "lora_B")}
+        return TrainingRun(model, _with_values(trained, values), hidden_state_loss)
 
     return build
 
@@ -128,45 +130,6 @@ def skip_reasons(device: torch.device) -> dict[str, str]:
     return reasons
 
 
-class Run:
-    """One provider's model, its adapter tensors and optimizer; step() is one training step."""
-
-    def __init__(self, model: nn.Module, pairs: dict):
-        self.model, self.pairs = model, pairs
-        self.optimizer = torch.optim.AdamW([t for pair in pairs.values() for t in pair], lr=1e-4)
-
-    def loss(self, embeds: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(inputs_embeds=embeds).last_hidden_state
-        return hidden.float().square().mean()
-
-    def step(self, embeds: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.loss(embeds).backward()
-        self.optimizer.step()
-
-
-def check_against_baseline(run: Run, baseline: Run, embeds: torch.Tensor, dtype: torch.dtype) -> None:
-    """Raise AssertionError unless run's loss and adapter gradients match the baseline's."""
-    tolerance = CHECK_TOLERANCE[dtype]
-    results = []
-    for candidate in (run, baseline):
-        for pair in candidate.pairs.values():
-            for tensor in pair:
-                tensor.grad = None
-        loss = candidate.loss(embeds)
-        loss.backward()
-        results.append((loss.detach(), {name: (a.grad, b.grad) for name, (a, b) in candidate.pairs.items()}))
-    (loss, grads), (expected_loss, expected_grads) = results
-    torch.testing.assert_close(loss, expected_loss, rtol=tolerance, atol=0, msg=lambda m: f"loss differs: {m}")
-    for name, pair in grads.items():
-        for which, actual, expected in zip(("lora_A", "lora_B"), pair, expected_grads[name]):
-            if actual is None:
-                raise AssertionError(f"{name}.{which}: no gradient")
-            scale = expected.abs().max().item()
-            torch.testing.assert_close(actual.float(), expected.float(), rtol=tolerance, atol=tolerance * scale,
-                                       msg=lambda m: f"{name}.{which} gradient differs: {m}")
-
-
 def run_benchmark(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype or default_dtype_name(device)]
@@ -187,11 +150,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     model = base_model(settings["layers"], device, dtype, args.quick)
     values = adapter_values(model)
-    model_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     generator = torch.Generator(device=device).manual_seed(2)
     hidden = model.config.hidden_size
     embeds = torch.randn(settings["batch"], settings["seq"], hidden, generator=generator, device=device).to(dtype)
-    runs = {provider: Run(*BUILDERS[provider](copy.deepcopy(model), values)) for provider in providers}
+    runs = {provider: BUILDERS[provider](copy.deepcopy(model), values) for provider in providers}
     del model
     for provider in [p for p in providers if p != BASELINE]:
         try:
@@ -199,38 +161,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         except AssertionError as exc:
             report["failed_checks"].append({"provider": provider, "error": str(exc)})
             del runs[provider]
-
-    timer_class = _CudaEventTimer if device.type == "cuda" else _WallTimer
-    timers = {provider: [] for provider in runs}
-    peaks = {}
-    for step in range(settings["warmup"] + settings["repeats"]):
-        for provider, run in runs.items():  # alternating, so drift hits every provider alike
-            if device.type == "cuda" and step == settings["warmup"]:
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                before = torch.cuda.memory_allocated(device)
-            timer = timer_class()
-            with timer:
-                run.step(embeds)
-            if step >= settings["warmup"]:
-                timers[provider].append(timer)
-            if device.type == "cuda" and step == settings["warmup"]:
-                torch.cuda.synchronize(device)
-                peaks[provider] = torch.cuda.max_memory_allocated(device) - before
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    tokens = settings["batch"] * settings["seq"]
-    baseline_ms = None
-    for provider, provider_timers in timers.items():
-        times = [timer.elapsed_ms() for timer in provider_timers]
-        median = statistics.median(times)
-        baseline_ms = median if provider == BASELINE else baseline_ms
-        report["results"].append({
-            "provider": provider, "times_ms": times, "median_ms": median, "tokens_per_s": tokens / median * 1e3,
-            "peak_step_bytes": peaks.get(provider), "model_bytes": model_bytes,
-        })
-    for row in report["results"]:
-        row["speedup_over_hf_peft"] = baseline_ms / row["median_ms"]
+    times, peaks = time_alternating(runs, embeds, device, settings["warmup"], settings["repeats"])
+    report["results"] = result_rows(times, peaks, settings["batch"] * settings["seq"], BASELINE)
     return report
 
 
@@ -243,12 +175,8 @@ def markdown_report(report: dict) -> str:
         f"{report['seq']}; {report['dtype']}; LoRA r={RANK} on {', '.join(TARGETS)}. Median of {report['repeats']} "
         f"steps after {report['warmup']} warm-up, providers alternating."
         + (" QUICK MODE: a smoke test, not a measurement." if report["quick"] else ""), "",
-        "| provider | ms/step | tokens/s | × hf_peft speed | peak step MiB |", "|---|---:|---:|---:|---:|",
+        *markdown_rows(report["results"], BASELINE),
     ]
-    for row in report["results"]:
-        peak = "—" if row["peak_step_bytes"] is None else f"{row['peak_step_bytes'] / 2**20:.0f}"
-        lines.append(f"| {row['provider']} | {row['median_ms']:.2f} | {row['tokens_per_s']:.0f} | "
-                     f"{row['speedup_over_hf_peft']:.2f} | {peak} |")
     lines += [""] + [f"- skipped {provider}: {reason}" for provider, reason in report["skipped"].items()]
     lines += [f"- FAILED CHECK, not timed: {f['provider']}: {f['error'].splitlines()[0]}" for f in report["failed_checks"]]
     return "\n".join(lines) + "\n"
