@@ -1,0 +1,187 @@
+"""End-to-end adapter fine-tuning step on a BERT-base-sized model: lowrank's fused adapters
+against eager adapters injected at the same places, in tokens/s and peak memory, in one run.
+
+    python -m benchmarks.bench_adapter_bert_step                  # default config for the device
+    python -m benchmarks.bench_adapter_bert_step --quick          # a tiny model: a smoke test
+    python -m benchmarks.bench_adapter_bert_step --placement pfeiffer --batch 32 --seq 512
+
+The model is transformers' BertModel built from a BertConfig of BERT-base's size (hidden 768,
+12 layers, 12 heads, intermediate 3072), random weights, bf16 on CUDA (fp32 on CPU), frozen.
+lowrank.inject_adapters puts bottleneck-64 relu adapters at the --placement (Houlsby: after the
+attention and the feed-forward sublayers; Pfeiffer: after the feed-forward one), Houlsby's
+near-identity init (so every adapter weight gets a gradient on the first step). Providers:
+  eager              the same adapters, each computed as nn.Sequential would: F.linear, the
+                     activation, F.linear and the residual add, each its own autograd node
+  lowrank_<backend>  the fused op lowrank.ops.adapter with that backend (auto: measured per shape)
+A step: the model on random token ids [batch, seq], loss = mean of the last hidden state
+squared (in fp32), backward, AdamW on the adapter parameters. Every provider starts from the
+same weights and must give the eager loss and adapter gradients before it is timed.
+Results: <out-dir>/adapter_bert_step_<device-slug>_<placement>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lowrank
+from benchmarks.bench_lora import (
+    DEFAULT_OUT_DIR,
+    DTYPES,
+    _positive_int,
+    default_dtype_name,
+    describe_device,
+    describe_versions,
+    resolve_device,
+    skip_reasons as layer_skip_reasons,
+    write_reports,
+)
+from benchmarks.training_step import TrainingRun, check_against_baseline, markdown_rows, result_rows, time_alternating
+from lowrank.adapters import adapter_modules
+from lowrank.nn.adapter import Adapter
+from lowrank.ops.adapter import activation_fn
+
+BOTTLENECK, ACTIVATION = 64, "relu"
+BASELINE = "eager"
+LOWRANK_BACKENDS = ("triton", "cuda", "auto")
+FULL_MODEL = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+QUICK_MODEL = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256)
+DEFAULTS = {"cpu": dict(batch=2, seq=128, repeats=5, warmup=1), "cuda": dict(batch=32, seq=512, repeats=20, warmup=3)}
+QUICK = dict(batch=2, seq=16, repeats=2, warmup=1)
+
+
+class EagerAdapter(Adapter):
+    """The same adapter computed unfused, as an nn.Sequential adapter is (same parameters and hooks)."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        delta = F.linear(activation_fn(self.activation)(F.linear(h, self.down.weight, self.down.bias)),
+                         self.up.weight, self.up.bias)
+        return h + self.scaling * delta
+
+
+def base_model(device: torch.device, dtype: torch.dtype, quick: bool) -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(**(QUICK_MODEL if quick else FULL_MODEL), hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return BertModel(config, add_pooling_layer=False).to(device=device, dtype=dtype).requires_grad_(False)
+
+
+def hidden_state_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=input_ids).last_hidden_state.float().square().mean()
+
+
+def builder(backend: str, eager: bool = False):
+    def build(model: nn.Module, placement: str) -> TrainingRun:
+        torch.manual_seed(1)  # the same adapter init for every provider
+        config = lowrank.AdapterConfig(placement=placement, bottleneck=BOTTLENECK, activation=ACTIVATION,
+                                       init="houlsby", backend=backend)
+        lowrank.inject_adapters(model, config)
+        lowrank.mark_only_adapters_trainable(model)
+        if eager:
+            for adapter in adapter_modules(model).values():
+                adapter.__class__ = EagerAdapter
+        trained = {name: param for name, param in model.named_parameters() if param.requires_grad}
+        return TrainingRun(model, trained, hidden_state_loss)
+
+    return build
+
+
+BUILDERS = {BASELINE: builder("torch", eager=True),
+            **{f"lowrank_{backend}": builder(backend) for backend in LOWRANK_BACKENDS}}
+PROVIDERS = tuple(BUILDERS)
+
+
+def skip_reasons(device: torch.device) -> dict[str, str]:
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        return {provider: "transformers is not installed" for provider in PROVIDERS}
+    reasons = layer_skip_reasons(device)
+    return {provider: reasons[provider] for provider in PROVIDERS if provider in reasons}
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype or default_dtype_name(device)]
+    settings = dict(QUICK if args.quick else DEFAULTS[device.type])
+    settings.update({key: getattr(args, key) for key in settings if getattr(args, key) is not None})
+    skipped = {provider: reason for provider, reason in skip_reasons(device).items() if provider in args.providers}
+    providers = [provider for provider in args.providers if provider not in skipped]
+    report = {
+        "benchmark": "adapter_bert_step", "device": describe_device(device), "versions": describe_versions(),
+        "dtype": str(dtype).removeprefix("torch."), "quick": args.quick, **settings,
+        "model": QUICK_MODEL if args.quick else FULL_MODEL,
+        "adapters": {"placement": args.placement, "bottleneck": BOTTLENECK, "activation": ACTIVATION},
+        "skipped": skipped, "failed_checks": [], "results": [],
+    }
+    if BASELINE not in providers:
+        report["failed_checks"].append({"provider": BASELINE, "error": "the baseline cannot run: nothing to check against"})
+        return report
+    model = base_model(device, dtype, args.quick)
+    generator = torch.Generator(device=device).manual_seed(2)
+    input_ids = torch.randint(0, model.config.vocab_size, (settings["batch"], settings["seq"]), generator=generator,
+                              device=device)
+    runs = {provider: BUILDERS[provider](copy.deepcopy(model), args.placement) for provider in providers}
+    del model
+    for provider in [p for p in providers if p != BASELINE]:
+        try:
+            check_against_baseline(runs[provider], runs[BASELINE], input_ids, dtype)
+        except AssertionError as exc:
+            report["failed_checks"].append({"provider": provider, "error": str(exc)})
+            del runs[provider]
+    times, peaks = time_alternating(runs, input_ids, device, settings["warmup"], settings["repeats"])
+    report["results"] = result_rows(times, peaks, settings["batch"] * settings["seq"], BASELINE)
+    return report
+
+
+def markdown_report(report: dict) -> str:
+    model, adapters = report["model"], report["adapters"]
+    lines = [
+        f"# Adapter fine-tuning step, BERT-base-sized model: {report['device']['name']}", "",
+        f"{model['num_hidden_layers']} layers of hidden {model['hidden_size']}; batch {report['batch']} × seq "
+        f"{report['seq']}; {report['dtype']}; {adapters['placement']} adapters, bottleneck {adapters['bottleneck']}, "
+        f"{adapters['activation']}. Median of {report['repeats']} steps after {report['warmup']} warm-up, providers "
+        "alternating." + (" QUICK MODE: a smoke test, not a measurement." if report["quick"] else ""), "",
+        *markdown_rows(report["results"], BASELINE), "",
+    ]
+    lines += [f"- skipped {provider}: {reason}" for provider, reason in report["skipped"].items()]
+    lines += [f"- FAILED CHECK, not timed: {f['provider']}: {f['error'].splitlines()[0]}" for f in report["failed_checks"]]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_adapter_bert_step", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
+    parser.add_argument("--placement", choices=("houlsby", "pfeiffer"), default="houlsby")
+    parser.add_argument("--batch", type=_positive_int)
+    parser.add_argument("--seq", type=_positive_int)
+    parser.add_argument("--repeats", type=_positive_int)
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    parser.add_argument("--quick", action="store_true", help="a tiny model, 2 steps: a smoke test")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    report = run_benchmark(args)
+    name = f"adapter_bert_step_{report['device']['slug']}_{args.placement}"
+    write_reports(args.out_dir, name, report, markdown_report(report))
+    print(markdown_report(report))
+    return 1 if report["failed_checks"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
