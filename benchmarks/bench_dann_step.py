@@ -4,6 +4,7 @@ same step with an eager GRL (forward x.clone(), backward allocates −λ·grad),
     python -m benchmarks.bench_dann_step                      # default configs for the device
     python -m benchmarks.bench_dann_step --quick              # tiny batch, few repeats: a smoke test
     python -m benchmarks.bench_dann_step --device cuda --batch 1024 --feature-dim 4096
+    python -m benchmarks.bench_dann_step --device cuda --encoder vit-b --batch 256 --repeats 10
 
 The step is lowrank.da's DANN step: LeNet encoder on source+target images (28x28 grey), label
 classifier on the source half, FC 500-500-2 domain classifier behind the GRL, cross-entropy
@@ -12,7 +13,10 @@ tensor) and the discriminator input. Every provider starts from the same weights
 must give the eager step's gradients before it is timed. Per provider: median ms per step and
 the ratio to the eager step (below 1: faster). The GRL is a small part of a LeNet step, so the
 ratio is expected near 1; the benchmark shows that the fused op costs nothing extra in a real step.
-Results: <out-dir>/dann_step_<device-slug>.json and .md.
+`--encoder vit-b` puts a ViT-B/16-sized feature extractor (transformers' ViTModel: hidden 768,
+12 layers, 12 heads, 224x224 RGB images; its [CLS] output is the GRL's tensor) in place of LeNet;
+with --quick, a tiny ViT.
+Results: <out-dir>/dann_step_<device-slug>[_vit-b].json and .md.
 """
 
 from __future__ import annotations
@@ -37,6 +41,24 @@ DEFAULT_CONFIGS = {"cpu": [(64, 500), (64, 4096)], "cuda": [(256, 500), (1024, 4
 DEFAULT_REPEATS = {"cpu": 15, "cuda": 100}
 DEFAULT_WARMUP = {"cpu": 3, "cuda": 10}
 QUICK_CONFIG, QUICK_REPEATS, QUICK_WARMUP = (8, 64), 3, 1
+VIT_B = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, image_size=224,
+             patch_size=16)
+VIT_QUICK = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                 patch_size=8)
+
+
+class ViTFeatures(nn.Module):
+    """RGB images [N, 3, S, S] -> the [CLS] token's final hidden state [N, hidden]."""
+
+    def __init__(self, sizes: dict):
+        super().__init__()
+        from transformers import ViTConfig, ViTModel
+
+        self.vit = ViTModel(ViTConfig(**sizes, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                      attn_implementation="sdpa"), add_pooling_layer=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vit(pixel_values=images).last_hidden_state[:, 0]
 
 
 class _DANNStep:
@@ -71,19 +93,27 @@ class _DANNStep:
             self.optimizer.step()
 
 
-def build(batch: int, feature_dim: int, device: torch.device):
+def build(batch: int, feature_dim: int, device: torch.device, vit: Optional[dict] = None):
+    """The DANN model and a batch; with `vit` (ViTConfig sizes) the encoder is a ViT, whose
+    hidden size is then the feature size."""
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    template = nn.ModuleDict({"encoder": LeNetEncoder(1, 28, feature_dim), "classifier": Classifier(feature_dim),
+    if vit is None:
+        encoder, image = LeNetEncoder(1, 28, feature_dim), (1, 28, 28)
+    else:
+        encoder, image, feature_dim = ViTFeatures(vit), (3, vit["image_size"], vit["image_size"]), vit["hidden_size"]
+    template = nn.ModuleDict({"encoder": encoder, "classifier": Classifier(feature_dim),
                               "discriminator": Discriminator(feature_dim)}).to(device)
-    xs = torch.randn(batch, 1, 28, 28, generator=generator).to(device)
-    xt = torch.randn(batch, 1, 28, 28, generator=generator).to(device)
+    xs = torch.randn(batch, *image, generator=generator).to(device)
+    xt = torch.randn(batch, *image, generator=generator).to(device)
     ys = torch.randint(0, 10, (batch,), generator=generator).to(device)
     return template, (xs, ys, xt)
 
 
-def benchmark_config(batch: int, feature_dim: int, forwards: dict, device, repeats: int, warmup: int):
-    template, data = build(batch, feature_dim, device)
+def benchmark_config(batch: int, feature_dim: int, forwards: dict, device, repeats: int, warmup: int,
+                     vit: Optional[dict] = None):
+    template, data = build(batch, feature_dim, device, vit)
+    feature_dim = template["classifier"].in_features
     steps = {name: _DANNStep(template, forward, data) for name, forward in forwards.items()}
     reference = steps["naive"].gradients()
     for name, step in steps.items():
@@ -109,7 +139,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--batch", type=_positive_int, help="images per domain per step (default: per device)")
-    parser.add_argument("--feature-dim", type=_positive_int, help="encoder output size (default: per device)")
+    parser.add_argument("--feature-dim", type=_positive_int, help="LeNet's output size (default: per device)")
+    parser.add_argument("--encoder", choices=("lenet", "vit-b"), default="lenet")
     parser.add_argument("--repeats", type=_positive_int)
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
@@ -136,14 +167,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     report = {"benchmark": "dann_step", "device": describe_device(device), "versions": describe_versions(),
               "dtype": "fp32", "quick": args.quick, "repeats": repeats, "warmup": warmup, "lambda": LAMBDA,
               "skipped": skipped, "results": []}
+    vit = None if args.encoder == "lenet" else (VIT_QUICK if args.quick else VIT_B)
+    report["encoder"] = args.encoder if vit is None else {"name": args.encoder, **vit}
     for batch, feature_dim in configs:
-        print(f"batch {batch} x 2 domains, {feature_dim} features: timing {', '.join(forwards)}", file=sys.stderr, flush=True)
-        report["results"] += benchmark_config(batch, feature_dim, forwards, device, repeats, warmup)
+        print(f"batch {batch} x 2 domains, {args.encoder}: timing {', '.join(forwards)}", file=sys.stderr, flush=True)
+        report["results"] += benchmark_config(batch, feature_dim, forwards, device, repeats, warmup, vit)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"dann_step_{report['device']['slug']}"
+    stem = args.out_dir / ("_".join(["dann_step", report["device"]["slug"]] + ([args.encoder] if vit else [])))
     Path(f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     notes = [f"- skipped {name}: {why}" for name, why in skipped.items()]
-    context = (f"# DANN training step: {report['device']['name']}\n\nfp32, torch {report['versions']['torch']}; "
+    context = (f"# DANN training step: {report['device']['name']}\n\n{args.encoder} encoder, fp32, "
+               f"torch {report['versions']['torch']}; "
                f"median of {repeats} steps after {warmup} warm-up, providers interleaved."
                + (" QUICK MODE: a smoke test, not a measurement." if args.quick else ""))
     Path(f"{stem}.md").write_text("\n".join([context, "", markdown_table(report), "", *notes, ""]))

@@ -5,7 +5,8 @@
 #     lora      LoRA tests; LoRA benchmark in bf16 (every shape, dropout rate and decode shape
 #               within a time budget, headline first) and fp16 (headline and decode); the
 #               Llama-style end-to-end step; DRAM bytes per step from ncu
-#     adapter   adapter and gradient-reversal tests; their benchmarks in bf16
+#     adapter   adapter and gradient-reversal tests; the adapter benchmark in bf16 per activation,
+#               GRL bandwidth, the DANN step (LeNet and ViT-B encoders), the BERT-base adapter step
 # $OUT receives two files (the device tool brings back at most 8): logs.txt, and results.tgz
 # holding the benchmarks' JSON, markdown and PNG files for benchmarks/results/.
 # Uses the python on PATH and its torch (no network there: nothing is downloaded).
@@ -53,6 +54,9 @@ if wants adapter; then
   done
   bench benchmarks.bench_grl --dtype bf16
   bench benchmarks.bench_dann_step
+  bench benchmarks.bench_dann_step --encoder vit-b --batch 256 --repeats 10
+  bench benchmarks.bench_adapter_bert_step --placement houlsby
+  bench benchmarks.bench_adapter_bert_step --placement pfeiffer
 fi
 tar -czf "$OUT/results.tgz" -C "$RESULTS" .
 

@@ -2,6 +2,7 @@
 GRL and every runnable lowrank backend in the same run, and it refuses a GRL whose gradient is wrong."""
 
 import importlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -33,3 +34,13 @@ def test_a_grl_that_does_not_reverse_is_refused(bench):
     forwards = {"naive": bench.providers(torch.device("cpu"))[0]["naive"], "identity": lambda x: x}
     with pytest.raises(AssertionError, match="identity: gradients differ from the eager GRL's"):
         bench.benchmark_config(4, 32, forwards, torch.device("cpu"), repeats=1, warmup=0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+def test_quick_run_with_a_vit_encoder(bench, tmp_path):
+    assert bench.main(["--quick", "--device", "cpu", "--encoder", "vit-b", "--out-dir", str(tmp_path)]) == 0
+    (report_path,) = tmp_path.glob("dann_step_*_vit-b.json")
+    report = json.loads(report_path.read_text())
+    assert report["encoder"]["name"] == "vit-b" and report["encoder"]["hidden_size"] == bench.VIT_QUICK["hidden_size"]
+    assert {row["feature_dim"] for row in report["results"]} == {bench.VIT_QUICK["hidden_size"]}
+    assert "lowrank_auto" in [row["provider"] for row in report["results"]]
