@@ -1,7 +1,11 @@
+import importlib
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Without a GPU, the Triton kernels run in Triton's interpreter on CPU tensors. The
 # variable must be set before triton is imported, so it is set here, first.
@@ -30,6 +34,15 @@ def _poisoned_cuda_memory():
     if torch.cuda.is_available():
         poison_cuda_allocator()
     yield
+
+
+@pytest.fixture(scope="session")
+def benchmark_module():
+    """benchmark_module("bench_lora"): a module of benchmarks/, which is not part of the installed
+    package, imported from the checkout as `python -m benchmarks.<name>` does."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(REPO_ROOT))
+        yield lambda name: importlib.import_module(f"benchmarks.{name}")
 
 
 def _data_root_with(*domains: str) -> str:

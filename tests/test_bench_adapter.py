@@ -1,7 +1,6 @@
 """The adapter benchmark (benchmarks/bench_adapter.py): its quick run reports every runnable
 provider in every mode, and it times only providers that agree with the reference."""
 
-import importlib
 import json
 import subprocess
 import sys
@@ -14,11 +13,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def bench_adapter():
-    # benchmarks/ is not part of the installed package: import it from the checkout, as `python -m` does.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(REPO_ROOT))
-        yield importlib.import_module("benchmarks.bench_adapter")
+def bench_adapter(benchmark_module):
+    return benchmark_module("bench_adapter")
 
 
 @pytest.fixture(scope="module")

@@ -3,22 +3,17 @@ times the fused adapters against eager ones at the same places, in both placemen
 provider that computes something else is not timed."""
 
 import copy
-import importlib
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def bench():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(REPO_ROOT))  # benchmarks/ is imported from the checkout, as `python -m` does
-        yield importlib.import_module("benchmarks.bench_adapter_bert_step")
+def bench(benchmark_module):
+    return benchmark_module("bench_adapter_bert_step")
 
 
 @pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])

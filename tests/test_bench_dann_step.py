@@ -4,19 +4,14 @@ GRL and every runnable lowrank backend in the same run, and it refuses a GRL who
 import importlib
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def bench():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(REPO_ROOT))
-        yield importlib.import_module("benchmarks.bench_dann_step")
+def bench(benchmark_module):
+    return benchmark_module("bench_dann_step")
 
 
 def test_quick_run_times_eager_and_lowrank_steps(bench, tmp_path, capsys):

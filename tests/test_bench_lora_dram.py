@@ -1,11 +1,8 @@
 """The DRAM-bytes benchmark's parts that need no GPU: reading ncu's CSV and the ncu command."""
 
-import importlib
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 NCU_OUTPUT = """==PROF== Connected to process 4242 (/usr/bin/python3.12)
 ==PROF== Profiling "gemm" - 0: 0%....50%....100% - 1 pass
@@ -19,10 +16,8 @@ NCU_OUTPUT = """==PROF== Connected to process 4242 (/usr/bin/python3.12)
 
 
 @pytest.fixture(scope="module")
-def bench():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(REPO_ROOT))
-        yield importlib.import_module("benchmarks.bench_lora_dram")
+def bench(benchmark_module):
+    return benchmark_module("bench_lora_dram")
 
 
 def test_dram_bytes_sum_read_and_write_over_kernels_in_bytes(bench):

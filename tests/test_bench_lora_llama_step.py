@@ -1,22 +1,17 @@
 """The end-to-end LoRA step benchmark (benchmarks/bench_lora_llama_step.py): its quick run times
 lowrank against HF PEFT on one model, and a provider that computes something else is not timed."""
 
-import importlib
 import json
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def bench():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(REPO_ROOT))  # benchmarks/ is imported from the checkout, as `python -m` does
-        yield importlib.import_module("benchmarks.bench_lora_llama_step")
+def bench(benchmark_module):
+    return benchmark_module("bench_lora_llama_step")
 
 
 def test_quick_run_times_lowrank_against_peft(bench, tmp_path):

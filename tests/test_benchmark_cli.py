@@ -16,11 +16,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def bench_lora():
-    # benchmarks/ is not part of the installed package: import it from the checkout, as `python -m` does.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(REPO_ROOT))
-        yield importlib.import_module("benchmarks.bench_lora")
+def bench_lora(benchmark_module):
+    return benchmark_module("bench_lora")
 
 
 @pytest.fixture(scope="module")

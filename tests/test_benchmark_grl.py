@@ -2,7 +2,6 @@
 it can run, in every mode, against copy bandwidth measured in the same run, and it refuses to
 time a GRL whose backward is wrong."""
 
-import importlib
 import json
 import subprocess
 import sys
@@ -15,10 +14,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def bench_grl():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(REPO_ROOT))
-        yield importlib.import_module("benchmarks.bench_grl")
+def bench_grl(benchmark_module):
+    return benchmark_module("bench_grl")
 
 
 @pytest.fixture(scope="module")
