@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -32,18 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lowrank
-from benchmarks.bench_lora import (
-    DEFAULT_OUT_DIR,
-    DTYPES,
-    _positive_int,
-    default_dtype_name,
-    describe_device,
-    describe_versions,
-    resolve_device,
-    skip_reasons as layer_skip_reasons,
-    write_reports,
-)
-from benchmarks.training_step import TrainingRun, check_against_baseline, markdown_rows, result_rows, time_alternating
+from benchmarks.bench_lora import skip_reasons as layer_skip_reasons, write_reports
+from benchmarks.training_step import TrainingRun, compare_providers, markdown_rows, start_report, step_parser
 from lowrank.adapters import adapter_modules
 from lowrank.nn.adapter import Adapter
 from lowrank.ops.adapter import activation_fn
@@ -110,36 +99,19 @@ def skip_reasons(device: torch.device) -> dict[str, str]:
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
-    device = resolve_device(args.device)
-    dtype = DTYPES[args.dtype or default_dtype_name(device)]
-    settings = dict(QUICK if args.quick else DEFAULTS[device.type])
-    settings.update({key: getattr(args, key) for key in settings if getattr(args, key) is not None})
-    skipped = {provider: reason for provider, reason in skip_reasons(device).items() if provider in args.providers}
-    providers = [provider for provider in args.providers if provider not in skipped]
-    report = {
-        "benchmark": "adapter_bert_step", "device": describe_device(device), "versions": describe_versions(),
-        "dtype": str(dtype).removeprefix("torch."), "quick": args.quick, **settings,
-        "model": QUICK_MODEL if args.quick else FULL_MODEL,
-        "adapters": {"placement": args.placement, "bottleneck": BOTTLENECK, "activation": ACTIVATION},
-        "skipped": skipped, "failed_checks": [], "results": [],
-    }
-    if BASELINE not in providers:
-        report["failed_checks"].append({"provider": BASELINE, "error": "the baseline cannot run: nothing to check against"})
+    device, dtype, settings, providers, report = start_report(
+        "adapter_bert_step", args, DEFAULTS, QUICK, skip_reasons, BASELINE,
+        model=QUICK_MODEL if args.quick else FULL_MODEL,
+        adapters={"placement": args.placement, "bottleneck": BOTTLENECK, "activation": ACTIVATION})
+    if report["failed_checks"]:
         return report
     model = base_model(device, dtype, args.quick)
     generator = torch.Generator(device=device).manual_seed(2)
     input_ids = torch.randint(0, model.config.vocab_size, (settings["batch"], settings["seq"]), generator=generator,
                               device=device)
-    runs = {provider: BUILDERS[provider](copy.deepcopy(model), args.placement) for provider in providers}
-    del model
-    for provider in [p for p in providers if p != BASELINE]:
-        try:
-            check_against_baseline(runs[provider], runs[BASELINE], input_ids, dtype)
-        except AssertionError as exc:
-            report["failed_checks"].append({"provider": provider, "error": str(exc)})
-            del runs[provider]
-    times, peaks = time_alternating(runs, input_ids, device, settings["warmup"], settings["repeats"])
-    report["results"] = result_rows(times, peaks, settings["batch"] * settings["seq"], BASELINE)
+    report["results"], report["failed_checks"] = compare_providers(
+        lambda provider: BUILDERS[provider](copy.deepcopy(model), args.placement), providers, BASELINE, input_ids, dtype, device,
+        settings["warmup"], settings["repeats"], settings["batch"] * settings["seq"])
     return report
 
 
@@ -159,18 +131,8 @@ def markdown_report(report: dict) -> str:
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_adapter_bert_step", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
+    parser = step_parser("python -m benchmarks.bench_adapter_bert_step", __doc__, PROVIDERS)
     parser.add_argument("--placement", choices=("houlsby", "pfeiffer"), default="houlsby")
-    parser.add_argument("--batch", type=_positive_int)
-    parser.add_argument("--seq", type=_positive_int)
-    parser.add_argument("--repeats", type=_positive_int)
-    parser.add_argument("--warmup", type=int)
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
-    parser.add_argument("--quick", action="store_true", help="a tiny model, 2 steps: a smoke test")
     return parser.parse_args(argv)
 
 

@@ -23,24 +23,14 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
 import lowrank
-from benchmarks.bench_lora import (
-    DEFAULT_OUT_DIR,
-    DTYPES,
-    _positive_int,
-    default_dtype_name,
-    describe_device,
-    describe_versions,
-    resolve_device,
-    write_reports,
-)
-from benchmarks.training_step import TrainingRun, check_against_baseline, markdown_rows, result_rows, time_alternating
+from benchmarks.bench_lora import _positive_int, write_reports
+from benchmarks.training_step import TrainingRun, compare_providers, markdown_rows, start_report, step_parser
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 16, 32
@@ -131,21 +121,12 @@ def skip_reasons(device: torch.device) -> dict[str, str]:
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
-    device = resolve_device(args.device)
-    dtype = DTYPES[args.dtype or default_dtype_name(device)]
-    settings = dict(QUICK if args.quick else DEFAULTS[device.type])
-    settings.update({key: getattr(args, key) for key in settings if getattr(args, key) is not None})
-    skipped = {provider: reason for provider, reason in skip_reasons(device).items() if provider in args.providers}
-    providers = [provider for provider in args.providers if provider not in skipped]
-    report = {
-        "benchmark": "lora_llama_step", "device": describe_device(device), "versions": describe_versions(),
-        "dtype": str(dtype).removeprefix("torch."), "quick": args.quick, **settings,
-        "model": {**(QUICK_MODEL if args.quick else FULL_MODEL), "layers": settings["layers"]},
-        "lora": {"r": RANK, "alpha": ALPHA, "dropout": 0.0, "targets": TARGETS},
-        "skipped": skipped, "failed_checks": [], "results": [],
-    }
-    if BASELINE not in providers:
-        report["failed_checks"].append({"provider": BASELINE, "error": "the baseline cannot run: nothing to check against"})
+    device, dtype, settings, providers, report = start_report(
+        "lora_llama_step", args, DEFAULTS, QUICK, skip_reasons, BASELINE,
+        model=dict(QUICK_MODEL if args.quick else FULL_MODEL), lora={"r": RANK, "alpha": ALPHA, "dropout": 0.0,
+                                                                     "targets": TARGETS})
+    report["model"]["layers"] = settings["layers"]
+    if report["failed_checks"]:
         return report
 
     model = base_model(settings["layers"], device, dtype, args.quick)
@@ -153,16 +134,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     generator = torch.Generator(device=device).manual_seed(2)
     hidden = model.config.hidden_size
     embeds = torch.randn(settings["batch"], settings["seq"], hidden, generator=generator, device=device).to(dtype)
-    runs = {provider: BUILDERS[provider](copy.deepcopy(model), values) for provider in providers}
-    del model
-    for provider in [p for p in providers if p != BASELINE]:
-        try:
-            check_against_baseline(runs[provider], runs[BASELINE], embeds, dtype)
-        except AssertionError as exc:
-            report["failed_checks"].append({"provider": provider, "error": str(exc)})
-            del runs[provider]
-    times, peaks = time_alternating(runs, embeds, device, settings["warmup"], settings["repeats"])
-    report["results"] = result_rows(times, peaks, settings["batch"] * settings["seq"], BASELINE)
+    report["results"], report["failed_checks"] = compare_providers(
+        lambda provider: BUILDERS[provider](copy.deepcopy(model), values), providers, BASELINE, embeds, dtype, device,
+        settings["warmup"], settings["repeats"], settings["batch"] * settings["seq"])
     return report
 
 
@@ -183,18 +157,8 @@ def markdown_report(report: dict) -> str:
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_lora_llama_step", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
+    parser = step_parser("python -m benchmarks.bench_lora_llama_step", __doc__, PROVIDERS)
     parser.add_argument("--layers", type=_positive_int)
-    parser.add_argument("--batch", type=_positive_int)
-    parser.add_argument("--seq", type=_positive_int)
-    parser.add_argument("--repeats", type=_positive_int)
-    parser.add_argument("--warmup", type=int)
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
-    parser.add_argument("--quick", action="store_true", help="a tiny model, 2 steps: a smoke test")
     return parser.parse_args(argv)
 
 

@@ -4,13 +4,25 @@ baseline's loss and gradients, steps alternating between providers, tokens/s and
 
 from __future__ import annotations
 
+import argparse
 import statistics
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from benchmarks.bench_lora import _CudaEventTimer, _WallTimer
+from benchmarks.bench_lora import (
+    DEFAULT_OUT_DIR,
+    DTYPES,
+    _CudaEventTimer,
+    _positive_int,
+    _WallTimer,
+    default_dtype_name,
+    describe_device,
+    describe_versions,
+    resolve_device,
+)
 
 CHECK_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
@@ -84,6 +96,23 @@ def time_alternating(runs: dict[str, TrainingRun], batch: torch.Tensor, device: 
     return {name: [timer.elapsed_ms() for timer in values] for name, values in timers.items()}, peaks
 
 
+def compare_providers(build: Callable[[str], TrainingRun], providers: list[str], baseline: str, batch: torch.Tensor,
+                      dtype: torch.dtype, device: torch.device, warmup: int, repeats: int,
+                      tokens: int) -> tuple[list[dict], list[dict]]:
+    """Build every provider's run (build(provider), each on its own copy of the model), check each
+    against the baseline's, time the ones that agree: (result rows, failed checks)."""
+    runs = {provider: build(provider) for provider in providers}
+    failures = []
+    for provider in [p for p in providers if p != baseline]:
+        try:
+            check_against_baseline(runs[provider], runs[baseline], batch, dtype)
+        except AssertionError as exc:
+            failures.append({"provider": provider, "error": str(exc)})
+            del runs[provider]
+    times, peaks = time_alternating(runs, batch, device, warmup, repeats)
+    return result_rows(times, peaks, tokens, baseline), failures
+
+
 def result_rows(times: dict[str, list[float]], peaks: dict[str, int], tokens: int, baseline: str) -> list[dict]:
     """One row per provider: median ms, tokens/s, speed-up over the baseline, peak step bytes."""
     medians = {name: statistics.median(values) for name, values in times.items()}
@@ -99,3 +128,38 @@ def markdown_rows(rows: list[dict], baseline: str) -> list[str]:
         lines.append(f"| {row['provider']} | {row['median_ms']:.2f} | {row['tokens_per_s']:.0f} | "
                      f"{row[f'speedup_over_{baseline}']:.2f} | {peak} |")
     return lines
+
+
+def step_parser(prog: str, description: str, providers: tuple[str, ...]) -> argparse.ArgumentParser:
+    """The options every step benchmark takes; each adds its own."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
+    parser.add_argument("--batch", type=_positive_int)
+    parser.add_argument("--seq", type=_positive_int)
+    parser.add_argument("--repeats", type=_positive_int)
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--providers", nargs="+", choices=providers, default=list(providers))
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    parser.add_argument("--quick", action="store_true", help="a tiny model, few steps: a smoke test")
+    return parser
+
+
+def start_report(benchmark: str, args: argparse.Namespace, defaults: dict[str, dict], quick: dict,
+                 skip_reasons: Callable[[torch.device], dict[str, str]], baseline: str, **described) -> tuple:
+    """(device, dtype, settings, the providers to run, the report so far) of a step benchmark:
+    settings are the device's defaults (or `quick`'s) overridden by the options given; the
+    report fails at once if the baseline cannot run, as nothing could be checked then."""
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype or default_dtype_name(device)]
+    settings = {key: value if getattr(args, key, None) is None else getattr(args, key)
+                for key, value in (quick if args.quick else defaults[device.type]).items()}
+    skipped = {provider: reason for provider, reason in skip_reasons(device).items() if provider in args.providers}
+    providers = [provider for provider in args.providers if provider not in skipped]
+    report = {"benchmark": benchmark, "device": describe_device(device), "versions": describe_versions(),
+              "dtype": str(dtype).removeprefix("torch."), "quick": args.quick, **settings, **described,
+              "skipped": skipped, "failed_checks": [], "results": []}
+    if baseline not in providers:
+        report["failed_checks"].append({"provider": baseline, "error": "the baseline cannot run: nothing to check against"})
+    return device, dtype, settings, providers, report
