@@ -9,21 +9,17 @@ Each projection is one matmul kernel whose epilogue does the elementwise work, s
   _activation_grad_kernel   dz = (g·W_u)⊙s·act'(z), with a_s = s·act(z) for dW_u     [M, Bn]
 
 The weight gradients dW_d = dzᵀ·h and dW_u = gᵀ·a_s are plain matmuls (the LoRA kernels'
-_matmul), the bias gradients column sums. All kernels take explicit strides, so transposed
+matmul of lowrank.kernels.matmul), the bias gradients column sums. All kernels take explicit strides, so transposed
 views and expanded (stride-0) gradients are read in place.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from lowrank import _backends
-# Tile order, launch configuration and the plain matmul are shared with the LoRA kernels.
-from lowrank.kernels.lora_linear import _autotuned, _launch, _matmul, _tile_ids, _to_acc
+from lowrank.kernels.matmul import autotuned, check_dtype, launch, matmul, tile_ids, to_acc
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ACTIVATION_CODES = {"relu": 0, "gelu": 1, "silu": 2}
 
 
@@ -86,7 +82,7 @@ def _down_projection_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """z[M, N] = h[M, K]·w[K, N] + bias[N] and a[M, N] = scaling·act(z)."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_in = offs_n < N
@@ -97,7 +93,7 @@ def _down_projection_kernel(
     # z is stored rounded to its dtype; act(z) is computed from that rounded value, as the
     # backward will recompute it, so forward and backward see the same activation.
     z = z.to(z_ptr.dtype.element_ty)
-    a = _to_acc(scaling, ACC_DTYPE) * _activate(z.to(ACC_DTYPE), ACTIVATION)
+    a = to_acc(scaling, ACC_DTYPE) * _activate(z.to(ACC_DTYPE), ACTIVATION)
     in_tile = (offs_m < M)[:, None] & n_in[None, :]
     rows, cols = offs_m.to(tl.int64)[:, None], offs_n.to(tl.int64)[None, :]
     tl.store(z_ptr + rows * stride_zm + cols * stride_zn, z, mask=in_tile)
@@ -117,7 +113,7 @@ def _residual_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[M, N] = a[M, K]·b[K, N] + bias_scale·bias[N] + residual[M, N]."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_in = offs_n < N
@@ -127,7 +123,7 @@ def _residual_matmul_kernel(
                        ACC_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n * stride_bias, mask=n_in, other=0.0).to(ACC_DTYPE)
-        acc += _to_acc(bias_scale, ACC_DTYPE) * bias[None, :]
+        acc += to_acc(bias_scale, ACC_DTYPE) * bias[None, :]
     if HAS_RESIDUAL:
         acc += tl.load(residual_ptr + rows * stride_rm + cols * stride_rn, mask=in_tile, other=0.0).to(ACC_DTYPE)
     tl.store(out_ptr + rows * stride_om + cols * stride_on, acc.to(out_ptr.dtype.element_ty), mask=in_tile)
@@ -146,7 +142,7 @@ def _activation_grad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """dz[M, N] = (g[M, K]·w[K, N])⊙scaling·act'(z) and, if asked, a[M, N] = scaling·act(z)."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     in_tile = (offs_m < M)[:, None] & (offs_n < N)[None, :]
@@ -154,7 +150,7 @@ def _activation_grad_kernel(
     g_w = _matmul_tile(g_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_gm, stride_gk, stride_wk, stride_wn,
                        ACC_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     z = tl.load(z_ptr + rows * stride_zm + cols * stride_zn, mask=in_tile, other=0.0).to(ACC_DTYPE)
-    scaling = _to_acc(scaling, ACC_DTYPE)
+    scaling = to_acc(scaling, ACC_DTYPE)
     dz = g_w * (scaling * _activate_grad(z, ACTIVATION))
     tl.store(dz_ptr + rows * stride_dm + cols * stride_dn, dz.to(dz_ptr.dtype.element_ty), mask=in_tile)
     if WRITE_ACTIVATION:
@@ -166,9 +162,9 @@ def _activation_grad_kernel(
 
 # Register budgets (accumulator values per thread), from sm_90 compiles: the residual tile
 # loaded in the epilogue, and the activation's derivative beside z, spill at 128 and 64.
-_down_projection_tuned = _autotuned(_down_projection_kernel)
-_residual_matmul_tuned = _autotuned(_residual_matmul_kernel, accumulator_budget=lambda options: 64 if options["HAS_RESIDUAL"] else 128)
-_activation_grad_tuned = _autotuned(_activation_grad_kernel, accumulator_budget=lambda options: 32)
+_down_projection_tuned = autotuned(_down_projection_kernel)
+_residual_matmul_tuned = autotuned(_residual_matmul_kernel, accumulator_budget=lambda options: 64 if options["HAS_RESIDUAL"] else 128)
+_activation_grad_tuned = autotuned(_activation_grad_kernel, accumulator_budget=lambda options: 32)
 
 
 def _down_projection(h, w_down, b_down, activation, scaling):
@@ -177,7 +173,7 @@ def _down_projection(h, w_down, b_down, activation, scaling):
     z = h.new_empty((M, Bn))
     a_s = h.new_empty((M, Bn))
     w = w_down.t()
-    _launch(
+    launch(
         _down_projection_kernel, _down_projection_tuned, h.dtype, M, Bn, D,
         h, w, b_down, z, a_s,
         M, Bn, D,
@@ -193,7 +189,7 @@ def _residual_matmul(a, b, bias, bias_scale, residual):
     """a·b + bias_scale·bias + residual for strided a [M, K], b [K, N]; bias, residual optional."""
     (M, K), N = a.shape, b.shape[1]
     out = a.new_empty((M, N))
-    _launch(
+    launch(
         _residual_matmul_kernel, _residual_matmul_tuned, a.dtype, M, N, K,
         a, b, bias, residual, out,
         M, N, K,
@@ -211,7 +207,7 @@ def _activation_grad(grad_out, w_up, z, activation, scaling, write_activation):
     (M, D), Bn = grad_out.shape, w_up.shape[1]
     dz = grad_out.new_empty((M, Bn))
     a_s = grad_out.new_empty((M, Bn)) if write_activation else None
-    _launch(
+    launch(
         _activation_grad_kernel, _activation_grad_tuned, grad_out.dtype, M, Bn, D,
         grad_out, w_up, z, dz, a_s,
         M, Bn, D,
@@ -224,17 +220,9 @@ def _activation_grad(grad_out, w_up, z, activation, scaling, write_activation):
     return dz, a_s
 
 
-def _check_dtype(h: torch.Tensor) -> None:
-    if h.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"adapter (triton): dtype {h.dtype} is not supported; use float16, bfloat16, float32 or float64")
-    if h.dtype == torch.bfloat16 and _backends.triton_interpret():
-        # triton's interpreter runs tl.dot on the raw uint16 bits of bf16: wrong results, no error.
-        raise TypeError("adapter (triton): bfloat16 is not supported under TRITON_INTERPRET=1; use float16, float32 or float64")
-
-
 def forward(h, w_down, b_down, w_up, b_up, activation, scaling, residual):
     """(out, z): two kernels, z/a_s then out written once."""
-    _check_dtype(h)
+    check_dtype("adapter", h)
     if h.shape[0] == 0:
         return h.new_empty((0, w_up.shape[0])), h.new_empty((0, w_down.shape[0]))
     z, a_s = _down_projection(h, w_down, b_down, activation, scaling)
@@ -245,7 +233,7 @@ def forward(h, w_down, b_down, w_up, b_up, activation, scaling, residual):
 def backward(grad_out, h, z, w_down, w_up, activation, scaling, residual,
              needs_dh, needs_dw_down, needs_db_down, needs_dw_up, needs_db_up):
     """(dh, dw_down, db_down, dw_up, db_up); those not needed are None."""
-    _check_dtype(h)
+    check_dtype("adapter", h)
     (M, D), Bn = h.shape, w_down.shape[0]
     if M == 0:
         return (
@@ -260,8 +248,8 @@ def backward(grad_out, h, z, w_down, w_up, activation, scaling, residual,
     dw_down = None
     if needs_dw_down:  # as dW_dᵀ = hᵀ·dz [D, Bn], D along the tile rows (wgmma-sized tiles)
         dw_down = w_down.new_empty(w_down.shape)
-        _matmul(h.t(), dz, out=dw_down.t())
+        matmul(h.t(), dz, out=dw_down.t())
     db_down = dz.sum(0) if needs_db_down else None
-    dw_up = _matmul(grad_out.t(), a_s) if needs_dw_up else None
+    dw_up = matmul(grad_out.t(), a_s) if needs_dw_up else None
     db_up = grad_out.sum(0).mul_(scaling) if needs_db_up else None
     return dh, dw_down, db_down, dw_up, db_up

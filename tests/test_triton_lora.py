@@ -9,6 +9,7 @@ pytest.importorskip("triton")
 
 from lowrank import _backends  # noqa: E402
 from lowrank.kernels import lora_linear as triton_lora  # noqa: E402
+from lowrank.kernels import matmul as triton_matmul  # noqa: E402
 from lowrank.ops import hash_dropout, lora_linear, lora_linear_reference  # noqa: E402
 from lowrank.ops.lora_linear import _torch_backward, _torch_forward  # noqa: E402
 
@@ -139,7 +140,7 @@ def test_skipped_gradients_and_no_bias(needs, poisoned_empty):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_empty_batch_launches_nothing(p, monkeypatch):
     # A launch would index these and fail.
-    monkeypatch.setattr(triton_lora, "_matmul_kernel", None)
+    monkeypatch.setattr(triton_matmul, "matmul_kernel", None)
     monkeypatch.setattr(triton_lora, "_lora_matmul_kernel", None)
     x, weight, bias, lora_A, lora_B = _inputs(0, 8, 8, 4, torch.float32)
     hyper = (0.5, p, _seed(p))
@@ -230,10 +231,10 @@ def test_tf32_follows_torch_flag():
     saved = matmul.allow_tf32
     try:
         matmul.allow_tf32 = False
-        assert triton_lora._dot_options(torch.float32)["DOT_PRECISION"] == "ieee"
+        assert triton_matmul.dot_options(torch.float32)["DOT_PRECISION"] == "ieee"
         matmul.allow_tf32 = True
-        assert triton_lora._dot_options(torch.float32)["DOT_PRECISION"] == "tf32"
-        assert triton_lora._dot_options(torch.float16)["DOT_PRECISION"] == "ieee"
+        assert triton_matmul.dot_options(torch.float32)["DOT_PRECISION"] == "tf32"
+        assert triton_matmul.dot_options(torch.float16)["DOT_PRECISION"] == "ieee"
     finally:
         matmul.allow_tf32 = saved
 
@@ -271,7 +272,7 @@ def test_split_reduction_matches_reference(dropout_on, dtype, poisoned_empty):
     """A reduction split into slices (the last one partial) sums to the unsplit product, with the
     dropout mask of a, or of the tensor a is the transpose of, applied per element."""
     M, K, N, p, alpha = 40, 150, 5, 0.3, 1.5
-    length = triton_lora._split_length(torch.device(DEVICE), M, N, K)
+    length = triton_matmul.split_length(torch.device(DEVICE), M, N, K)
     assert length < K and K % length, "the shape must split, with a partial last slice"
     g = torch.Generator().manual_seed(3)
     b = torch.randn(K, N, generator=g, dtype=torch.float64)
@@ -279,13 +280,13 @@ def test_split_reduction_matches_reference(dropout_on, dtype, poisoned_empty):
     if dropout_on == "a_transposed":
         dropped = torch.randn(K, M, generator=g, dtype=torch.float64)
         a, a_ref = dropped.t(), (hash_dropout.apply(dropped, seed, p) * (1 - p)).t()
-        flag = triton_lora.DROPOUT_A_TRANSPOSED
+        flag = triton_matmul.DROPOUT_A_TRANSPOSED
     else:
         a = torch.randn(M, K, generator=g, dtype=torch.float64)
         a_ref = hash_dropout.apply(a, seed, p) * (1 - p) if dropout_on == "a" else a
-        flag = triton_lora.DROPOUT_A if dropout_on == "a" else triton_lora.NO_DROPOUT
+        flag = triton_matmul.DROPOUT_A if dropout_on == "a" else triton_matmul.NO_DROPOUT
     out = torch.empty(N, M, dtype=dtype, device=DEVICE).t()  # a strided output, written in place
-    triton_lora._matmul(a.to(dtype=dtype, device=DEVICE), b.to(dtype=dtype, device=DEVICE), alpha=alpha,
+    triton_matmul.matmul(a.to(dtype=dtype, device=DEVICE), b.to(dtype=dtype, device=DEVICE), alpha=alpha,
                         dropout_p=p if dropout_on != "none" else 0.0, seed=seed, dropout_on=flag, out=out)
     torch.testing.assert_close(out.double().cpu(), alpha * a_ref @ b, **TOL[dtype])
 
@@ -295,5 +296,5 @@ def test_split_length_fills_hopper_with_the_rank_r_gradients(monkeypatch):
     rows each) are reduced over M in 8 slices, 256 programs; the big dW stays unsplit."""
     monkeypatch.setattr(_backends, "triton_interpret", lambda: False)
     monkeypatch.setattr(_backends, "multiprocessor_count", lambda device: 132)
-    assert triton_lora._split_length(torch.device("cuda"), 4096, 16, 8192) == 1024
-    assert triton_lora._split_length(torch.device("cuda"), 4096, 4096, 8192) == 8192
+    assert triton_matmul.split_length(torch.device("cuda"), 4096, 16, 8192) == 1024
+    assert triton_matmul.split_length(torch.device("cuda"), 4096, 4096, 8192) == 8192
