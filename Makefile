@@ -23,7 +23,7 @@ CUDA_ARCHS ?= 8.0;9.0+PTX
 
 .PHONY: install test bench cuda-check clean
 
-$(VENV)/.installed: pyproject.toml setup.py .ci/constraints.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh)
+$(VENV)/.installed: pyproject.toml setup.py .ci/constraints.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PIP) install -q $(CONSTRAINTS) --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_PIN)

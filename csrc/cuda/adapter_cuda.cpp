@@ -16,6 +16,7 @@
 
 #include "../adapter_common.h"
 #include "adapter_kernels.cuh"
+#include "aten_views.h"
 
 namespace lowrank {
 namespace {
@@ -24,31 +25,6 @@ using at::Tensor;
 
 constexpr const char* kForwardOp = "adapter_forward_native";
 constexpr const char* kBackwardOp = "adapter_backward_native";
-
-template <typename scalar_t>
-struct CudaScalar {
-  using type = scalar_t;
-};
-template <>
-struct CudaScalar<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaScalar<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename scalar_t>
-cuda::StridedMatrix<const typename CudaScalar<scalar_t>::type> read_only_matrix(const Tensor& t) {
-  using cuda_t = typename CudaScalar<scalar_t>::type;
-  return {reinterpret_cast<const cuda_t*>(t.const_data_ptr<scalar_t>()), t.stride(0), t.stride(1)};
-}
-
-template <typename scalar_t>
-cuda::StridedMatrix<typename CudaScalar<scalar_t>::type> writable_matrix(Tensor& t) {
-  using cuda_t = typename CudaScalar<scalar_t>::type;
-  return {reinterpret_cast<cuda_t*>(t.mutable_data_ptr<scalar_t>()), t.stride(0), t.stride(1)};
-}
 
 std::tuple<Tensor, Tensor> adapter_forward_cuda(const Tensor& h, const Tensor& w_down,
                                                 const std::optional<Tensor>& b_down, const Tensor& w_up,

@@ -11,7 +11,7 @@
 #include <cstdint>
 
 #include "../adapter_activation.h"
-#include "lora_kernels.cuh"  // StridedMatrix
+#include "strided_matrix.cuh"
 
 namespace lowrank::cuda {
 

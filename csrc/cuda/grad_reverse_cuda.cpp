@@ -10,6 +10,7 @@
 #include <algorithm>
 
 #include "../grad_reverse_common.h"
+#include "aten_views.h"
 #include "grad_reverse_kernels.cuh"
 
 namespace lowrank {
@@ -19,19 +20,6 @@ using at::Tensor;
 
 constexpr const char* kOutOfPlaceOp = "grad_reverse_backward_native";
 constexpr const char* kInPlaceOp = "grad_reverse_backward_native_";
-
-template <typename scalar_t>
-struct CudaScalar {
-  using type = scalar_t;
-};
-template <>
-struct CudaScalar<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaScalar<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
 
 // A CUDA λ is read by the kernel (no sync); a CPU λ is read here (no sync either).
 cuda::ReversalScale reversal_scale(const Tensor& lambda) {

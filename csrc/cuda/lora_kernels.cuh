@@ -9,15 +9,9 @@
 
 #include <cstdint>
 
-namespace lowrank::cuda {
+#include "strided_matrix.cuh"
 
-// Element (i, j) of a strided matrix lives at data[i * row_stride + j * col_stride].
-template <typename T>
-struct StridedMatrix {
-  T* data;
-  int64_t row_stride;
-  int64_t col_stride;
-};
+namespace lowrank::cuda {
 
 // Hash dropout of lowrank/ops/hash_dropout.py. seed == nullptr means no dropout.
 struct HashDropout {

@@ -16,6 +16,7 @@
 
 #include "../hash_dropout.h"
 #include "../lora_linear_common.h"
+#include "aten_views.h"
 #include "lora_kernels.cuh"
 
 namespace lowrank {
@@ -29,31 +30,6 @@ constexpr const char* kBackwardOp = "lora_linear_backward_native";
 // dA with dropout needs D⊙x as a GEMM operand; it is formed in row chunks of at most this
 // many elements (64 MiB of fp32), so large inputs get no [M, K] temporary.
 constexpr int64_t kDropoutChunkElements = int64_t{1} << 24;
-
-template <typename scalar_t>
-struct CudaScalar {
-  using type = scalar_t;
-};
-template <>
-struct CudaScalar<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaScalar<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename scalar_t>
-cuda::StridedMatrix<const typename CudaScalar<scalar_t>::type> read_only_matrix(const Tensor& t) {
-  using cuda_t = typename CudaScalar<scalar_t>::type;
-  return {reinterpret_cast<const cuda_t*>(t.const_data_ptr<scalar_t>()), t.stride(0), t.stride(1)};
-}
-
-template <typename scalar_t>
-cuda::StridedMatrix<typename CudaScalar<scalar_t>::type> writable_matrix(Tensor& t) {
-  using cuda_t = typename CudaScalar<scalar_t>::type;
-  return {reinterpret_cast<cuda_t*>(t.mutable_data_ptr<scalar_t>()), t.stride(0), t.stride(1)};
-}
 
 cuda::HashDropout make_hash_dropout(const std::optional<Tensor>& seed, double dropout_p) {
   if (dropout_p == 0.0) {
