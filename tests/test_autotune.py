@@ -66,8 +66,8 @@ def test_backward_uses_the_forward_choice(monkeypatch):
     x, W, b, A, B = inputs(16)
     lora_linear(x, W, b, A, B, 0.5, backend="auto")  # measures
     op_module = sys.modules["lowrank.ops.lora_linear"]
-    original, used = op_module._implementation, []
-    monkeypatch.setattr(op_module, "_implementation", lambda name: used.append(name) or original(name))
+    original, used = op_module._BACKENDS.implementation, []
+    monkeypatch.setattr(op_module._BACKENDS, "implementation", lambda name: used.append(name) or original(name))
     lora_linear(x, W, b, A, B, 0.5, backend="auto").sum().backward()
     assert used == ["cpu", "cpu"]  # forward, then backward
 

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from lowrank import _backends, autotune
 from lowrank.ops._common import autocast_inputs
+from lowrank.ops._dispatch import OpBackends, empty_if_skipped, native_op, none_if_skipped, register_native_fakes
 
 ACTIVATIONS = ("relu", "gelu", "silu")
 
@@ -95,46 +96,20 @@ def _torch_backward(grad_out, h, z, w_down, w_up, activation, scaling, residual,
     return dh, dw_down, db_down, dw_up, db_up
 
 
-class _TorchBackend:
-    forward = staticmethod(_torch_forward)
-    backward = staticmethod(_torch_backward)
-
-
-class _NativeBackend:
-    """The C++ extension: one schema, CPU and CUDA kernels behind the dispatcher."""
-
-    @staticmethod
-    def forward(*args):
-        return torch.ops.lowrank.adapter_forward_native(*args)
-
-    @staticmethod
-    def backward(*args):
-        return torch.ops.lowrank.adapter_backward_native(*args)
-
-
-def _implementation(backend: str):
-    if backend == "torch":
-        return _TorchBackend
-    if backend in ("cpu", "cuda"):
-        return _NativeBackend
-    from lowrank.kernels import adapter as triton_adapter  # imports triton: only when asked for
-
-    return triton_adapter
+_BACKENDS = OpBackends(
+    torch=dict(forward=_torch_forward, backward=_torch_backward),
+    native=dict(forward=native_op("adapter_forward_native"), backward=native_op("adapter_backward_native")),
+    triton_module="lowrank.kernels.adapter",
+)
 
 
 def _implementation_for(backend: str, h: Tensor, w_down: Tensor, activation: str):
-    if backend == "auto":
-        backend = _auto_backend(h, w_down, activation)
-    return _implementation(backend)
-
-
-def _auto_backend(h: Tensor, w_down: Tensor, activation: str) -> str:
+    """The implementation of `backend` ("auto": the fastest for this problem, measured once)."""
     (M, D), Bn = h.shape, w_down.shape[0]
     rows = autotune.bucket(M)
-    key = ("adapter", str(h.device), h.dtype, rows, D, Bn, activation)
 
     def measure(name: str) -> float:
-        implementation = _implementation(name)
+        implementation = _BACKENDS.implementation(name)
 
         def make(*shape):
             return torch.randn(*shape, device=h.device, dtype=h.dtype)
@@ -147,7 +122,8 @@ def _auto_backend(h: Tensor, w_down: Tensor, activation: str) -> str:
 
         return autotune.time_call(step, h.device)
 
-    return autotune.pick(key, h.device, measure)
+    key = ("adapter", str(h.device), h.dtype, rows, D, Bn, activation)
+    return _BACKENDS.choose(backend, key, h.device, measure)
 
 
 # ---------------------------------------------------------------- custom op
@@ -200,8 +176,7 @@ def _adapter_backward_op(
     grads = _implementation_for(backend, h, w_down, activation).backward(
         grad_out, h, z, w_down, w_up, activation, scaling, residual, *needed
     )
-    # Custom ops cannot return None: a skipped gradient travels as an empty tensor.
-    return tuple(g if need else grad_out.new_empty(0) for g, need in zip(grads, needed))
+    return empty_if_skipped(grads, needed, grad_out)
 
 
 def _backward_fake(grad_out, h, z, w_down, w_up, activation, scaling, residual,
@@ -226,10 +201,7 @@ def _(grad_out, h, z, w_down, w_up, activation, scaling, residual, backend,
                           needs_dh, needs_dw_down, needs_db_down, needs_dw_up, needs_db_up)
 
 
-if _backends.EXTENSION is not None:
-    # The C++ ops share the public op's shapes; their fakes let opcheck and compile trace them.
-    torch.library.register_fake("lowrank::adapter_forward_native", _forward_fake)
-    torch.library.register_fake("lowrank::adapter_backward_native", _backward_fake)
+register_native_fakes({"adapter_forward_native": _forward_fake, "adapter_backward_native": _backward_fake})
 
 
 def _setup_context(ctx, inputs, output):
@@ -247,7 +219,7 @@ def _backward(ctx, grad_out, _grad_z):
     needs = ctx.needs_input_grad
     needed = (needs[0], needs[1], ctx.has_bias[0] and needs[2], needs[3], ctx.has_bias[1] and needs[4])
     grads = _adapter_backward_op(grad_out, h, z, w_down, w_up, activation, scaling, residual, backend, *needed)
-    return tuple(g if need else None for g, need in zip(grads, needed)) + (None, None, None, None)
+    return none_if_skipped(grads, needed) + (None,) * 4
 
 
 _adapter_op.register_autograd(_backward, setup_context=_setup_context)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from lowrank import _backends, autotune
+from lowrank.ops._dispatch import OpBackends, native_op, register_native_fakes
 
 # ---------------------------------------------------------------- torch backend
 
@@ -41,46 +42,24 @@ def _torch_backward_(grad: Tensor, lambda_: Tensor) -> None:
     grad.mul_(lambda_.neg())
 
 
-class _TorchBackend:
-    backward = staticmethod(_torch_backward)
-    backward_ = staticmethod(_torch_backward_)
-
-
-class _NativeBackend:
-    """The C++ extension: CPU and CUDA kernels behind one schema each."""
-
-    @staticmethod
-    def backward(grad, lambda_):
-        return torch.ops.lowrank.grad_reverse_backward_native(grad, lambda_)
-
-    @staticmethod
-    def backward_(grad, lambda_):
-        torch.ops.lowrank.grad_reverse_backward_native_(grad, lambda_)
+_BACKENDS = OpBackends(
+    torch=dict(backward=_torch_backward, backward_=_torch_backward_),
+    native=dict(backward=native_op("grad_reverse_backward_native"), backward_=native_op("grad_reverse_backward_native_")),
+    triton_module="lowrank.kernels.grad_reverse",
+)
 
 
 def _implementation(backend: str, grad: Tensor):
-    if backend == "auto":
-        backend = _auto_backend(grad)
-    if backend == "torch":
-        return _TorchBackend
-    if backend in ("cpu", "cuda"):
-        return _NativeBackend
-    from lowrank.kernels import grad_reverse as triton_grad_reverse  # imports triton: only when asked for
-
-    return triton_grad_reverse
-
-
-def _auto_backend(grad: Tensor) -> str:
+    """The implementation of `backend` ("auto": the fastest for this gradient size, measured once)."""
     numel = autotune.bucket(grad.numel())
-    key = ("grad_reverse", str(grad.device), grad.dtype, numel)
 
     def measure(name: str) -> float:
-        implementation = _implementation(name, grad)
+        implementation = _BACKENDS.implementation(name)
         sample = torch.randn(numel, device=grad.device, dtype=grad.dtype)
         lambda_ = torch.ones((), dtype=torch.float64)
         return autotune.time_call(lambda: implementation.backward(sample, lambda_), grad.device)
 
-    return autotune.pick(key, grad.device, measure)
+    return _BACKENDS.choose(backend, ("grad_reverse", str(grad.device), grad.dtype, numel), grad.device, measure)
 
 
 # ---------------------------------------------------------------- custom ops
@@ -121,9 +100,8 @@ def _(grad, lambda_, backend):
     return None
 
 
-if _backends.EXTENSION is not None:
-    torch.library.register_fake("lowrank::grad_reverse_backward_native", lambda grad, lambda_: torch.empty_like(grad))
-    torch.library.register_fake("lowrank::grad_reverse_backward_native_", lambda grad, lambda_: None)
+register_native_fakes({"grad_reverse_backward_native": lambda grad, lambda_: torch.empty_like(grad),
+                       "grad_reverse_backward_native_": lambda grad, lambda_: None})
 
 
 # ---------------------------------------------------------------- may the gradient be overwritten?

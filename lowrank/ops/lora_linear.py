@@ -29,6 +29,7 @@ from torch import Tensor
 from lowrank import _backends, autotune
 from lowrank.ops import hash_dropout
 from lowrank.ops._common import autocast_inputs
+from lowrank.ops._dispatch import OpBackends, empty_if_skipped, native_op, none_if_skipped, register_native_fakes
 
 
 def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=None):
@@ -73,48 +74,34 @@ def _torch_backward(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, s
     return dx, dW, db, dA, dB
 
 
-class _TorchBackend:
-    forward = staticmethod(_torch_forward)
-    backward = staticmethod(_torch_backward)
+def _inference_through(forward):
+    """inference() of a backend that has no kernel of its own for it: forward without dropout."""
 
-    @staticmethod
     def inference(x, weight, bias, lora_A, lora_B, scaling):
-        return _torch_forward(x, weight, bias, lora_A, lora_B, scaling, 0.0, None)[0]
+        return forward(x, weight, bias, lora_A, lora_B, scaling, 0.0, None)[0]
+
+    return inference
 
 
-class _NativeBackend:
-    """The C++ extension: one schema, CPU and CUDA kernels behind the dispatcher."""
-
-    @staticmethod
-    def forward(*args):
-        return torch.ops.lowrank.lora_linear_forward_native(*args)
-
-    @staticmethod
-    def backward(*args):
-        return torch.ops.lowrank.lora_linear_backward_native(*args)
-
-    @staticmethod
-    def inference(x, weight, bias, lora_A, lora_B, scaling):
-        return torch.ops.lowrank.lora_linear_forward_native(x, weight, bias, lora_A, lora_B, scaling, 0.0, None)[0]
+_native_forward = native_op("lora_linear_forward_native")
+_BACKENDS = OpBackends(
+    torch=dict(forward=_torch_forward, backward=_torch_backward, inference=_inference_through(_torch_forward)),
+    native=dict(forward=_native_forward, backward=native_op("lora_linear_backward_native"),
+                inference=_inference_through(_native_forward)),
+    triton_module="lowrank.kernels.lora_linear",
+)
 
 
 def _implementation_for(backend: str, x: Tensor, weight: Tensor, lora_A: Tensor, dropout_p: float):
-    if backend == "auto":
-        backend = _auto_backend(x, weight, lora_A, dropout_p)
-    return _implementation(backend)
-
-
-def _auto_backend(x: Tensor, weight: Tensor, lora_A: Tensor, dropout_p: float) -> str:
+    """The implementation of `backend` ("auto": the fastest for this problem, measured once)."""
     (M, K), N, r = x.shape, weight.shape[0], lora_A.shape[0]
     rows = autotune.bucket(M)
-    key = ("lora_linear", str(x.device), x.dtype, rows, K, N, r, dropout_p > 0.0)
 
     def make(*shape):
         return torch.randn(*shape, device=x.device, dtype=x.dtype)
 
     def measure(name: str) -> float:
-        implementation = _implementation(name)
-
+        implementation = _BACKENDS.implementation(name)
         x_, weight_, bias_, A_, B_, grad_y = make(rows, K), make(N, K), make(N), make(r, K), make(N, r), make(rows, N)
         seed = torch.zeros((), dtype=torch.int64, device=x.device) if dropout_p > 0.0 else None
 
@@ -124,17 +111,8 @@ def _auto_backend(x: Tensor, weight: Tensor, lora_A: Tensor, dropout_p: float) -
 
         return autotune.time_call(step, x.device)
 
-    return autotune.pick(key, x.device, measure)
-
-
-def _implementation(backend: str):
-    if backend == "torch":
-        return _TorchBackend
-    if backend in ("cpu", "cuda"):
-        return _NativeBackend
-    from lowrank.kernels import lora_linear as triton_lora  # imports triton: only when asked for
-
-    return triton_lora
+    key = ("lora_linear", str(x.device), x.dtype, rows, K, N, r, dropout_p > 0.0)
+    return _BACKENDS.choose(backend, key, x.device, measure)
 
 
 # ---------------------------------------------------------------- custom op
@@ -185,9 +163,7 @@ def _lora_linear_backward_op(
     grads = _implementation_for(backend, x, weight, lora_A, dropout_p).backward(
         grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs_dx, needs_dweight, needs_dbias
     )
-    needed = (needs_dx, needs_dweight, needs_dbias, True, True)
-    # Custom ops cannot return None: a skipped gradient travels as an empty tensor.
-    return tuple(g if need else grad_y.new_empty(0) for g, need in zip(grads, needed))
+    return empty_if_skipped(grads, (needs_dx, needs_dweight, needs_dbias, True, True), grad_y)
 
 
 def _backward_fake(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs_dx, needs_dweight, needs_dbias):
@@ -208,10 +184,7 @@ def _(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, backend, 
     return _backward_fake(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs_dx, needs_dweight, needs_dbias)
 
 
-if _backends.EXTENSION is not None:
-    # The C++ ops share the public op's shapes; their fakes let opcheck and compile trace them.
-    torch.library.register_fake("lowrank::lora_linear_forward_native", _forward_fake)
-    torch.library.register_fake("lowrank::lora_linear_backward_native", _backward_fake)
+register_native_fakes({"lora_linear_forward_native": _forward_fake, "lora_linear_backward_native": _backward_fake})
 
 
 @torch.library.custom_op("lowrank::lora_linear_inference", mutates_args=())
@@ -242,20 +215,10 @@ def _backward(ctx, grad_y, _grad_xa):
     scaling, dropout_p, backend = ctx.hyper
     needs = ctx.needs_input_grad
     needs_dbias = ctx.has_bias and needs[2]
-    dx, dW, db, dA, dB = _lora_linear_backward_op(
+    grads = _lora_linear_backward_op(
         grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, backend, needs[0], needs[1], needs_dbias
     )
-    return (
-        dx if needs[0] else None,
-        dW if needs[1] else None,
-        db if needs_dbias else None,
-        dA if needs[3] else None,
-        dB if needs[4] else None,
-        None,
-        None,
-        None,
-        None,
-    )
+    return none_if_skipped(grads, (needs[0], needs[1], needs_dbias, needs[3], needs[4])) + (None,) * 4
 
 
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
