@@ -1,8 +1,11 @@
-"""What machine a benchmark ran on, for its report."""
+"""What machine a benchmark ran on, for its report, and where a run writes its results."""
 
 from __future__ import annotations
 
 import platform
+from pathlib import Path
+
+RESULTS_IN_CHECKOUT = Path("benchmarks") / "results"
 
 
 def cpu_model() -> str:
@@ -15,3 +18,11 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def default_results_dir() -> Path:
+    """Where the experiment drivers (lowrank.da.bench, lowrank.da.select, lowrank.finetune.bench)
+    write by default: ./benchmarks/results when run from a lowrank checkout, else the current
+    directory (never inside the installed package)."""
+    checkout = Path.cwd() / RESULTS_IN_CHECKOUT
+    return checkout if checkout.is_dir() else Path.cwd()

@@ -47,11 +47,11 @@ from pathlib import Path
 
 import torch
 
+from lowrank._machine import default_results_dir
 from lowrank.da.methods import METHODS, make_method
 from lowrank.da.models import NETWORKS
 from lowrank.da.tasks import FRAMINGS, NORMALISATIONS, TASKS, get_task, load_task_data, make_loader, variant_suffix
 
-DEFAULT_OUT_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 # ADDA paper, Table 2: (mean, std or None). Not listed there: None.
 PUBLISHED = {
@@ -211,7 +211,8 @@ def main(argv=None) -> int:
                         help="torch threads (default: torch's, every core; use 1 for runs side by side)")
     parser.add_argument("--data-root", default=None, help="folder with mnist/, usps/, mnist_m/, svhn/ (default: LOWRANK_DATA "
                         "or ../shared/data/digits)")
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="default: ./benchmarks/results in a lowrank checkout, else the current directory")
     parser.add_argument("--quick", action="store_true", help="tiny samples and a few steps: a smoke test, not a result")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -251,6 +252,7 @@ def main(argv=None) -> int:
 
     rows = summarise(task.name, methods, runs)
     print(table(task, rows))
+    args.out_dir = args.out_dir or default_results_dir()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     # --method all writes da_<task>; a subset writes da_<task>_<methods>, leaving the full table alone.
     variant = variant_suffix(task)

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from lowrank.da.bench import (DEFAULT_OUT_DIR, QUICK_SIZES, accuracy, fit_method, parse_assignment, positive_int,
+from lowrank._machine import default_results_dir
+from lowrank.da.bench import (QUICK_SIZES, accuracy, fit_method, parse_assignment, positive_int,
                               quick_steps)
 from lowrank.da.methods import METHODS
 from lowrank.da.models import NETWORKS
@@ -99,7 +100,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch threads (default: torch's, every core; use 1 for runs side by side)")
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="default: ./benchmarks/results in a lowrank checkout, else the current directory")
     parser.add_argument("--quick", action="store_true", help="tiny samples and a few steps: a smoke test")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -137,6 +139,7 @@ def main(argv=None) -> int:
         lines.append(f"| {r['hparams']}{mark} | {r['reverse_accuracy']:.3f} | {r['source_val_accuracy']:.3f} | "
                      f"{r['target_accuracy']:.3f} | {r['seconds']:.0f} |")
     print("\n".join(lines))
+    args.out_dir = args.out_dir or default_results_dir()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     searched = "+".join(dict.fromkeys(key for candidate in candidates for key in candidate)) or "defaults"
     path = args.out_dir / (f"da_select_{task.name}_{args.method}{variant_suffix(task)}_{searched}"

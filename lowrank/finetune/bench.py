@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from lowrank._machine import cpu_model
+from lowrank._machine import cpu_model, default_results_dir
 from lowrank.data import (DigitArrays, DigitDataset, load_digits, sample_per_class, split_indices,
                           target_pool_eval_split)
 from lowrank.data.augment import RandomAffine
@@ -51,7 +51,6 @@ from lowrank.finetune.strategies import (Adapters, FeatureExtraction, FullFineTu
                                          PromptTuning, Strategy)
 from lowrank.finetune.trainer import TrainConfig, Trainer, load_state
 
-DEFAULT_OUT_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 IMAGE_SIZE, CHANNELS, PER_CLASS = 28, 3, 10
 SOURCE_VAL_SIZE = 500
 MNISTM_EVAL_SIZE = 3000
@@ -367,7 +366,8 @@ def main(argv=None) -> int:
                              "wait on each other)")
     parser.add_argument("--data-root", default=None,
                         help="folder with mnist/, usps/, mnist_m/ (default: LOWRANK_DATA or ../shared/data/digits)")
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="default: ./benchmarks/results in a lowrank checkout, else the current directory")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 1 epoch: a smoke test, not a result")
     parser.add_argument("--select-lr", action="store_true",
                         help="cross-validate LR_GRID on seed 0's labelled target images and print LEARNING_RATES")
@@ -402,6 +402,7 @@ def main(argv=None) -> int:
     rows = summarise(runs)
     text = table(rows)
     print(text)
+    args.out_dir = args.out_dir or default_results_dir()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / ("finetune_digits" + ("_quick" if args.quick else ""))
     report = {"command": "python -m lowrank.finetune.bench " + " ".join(sys.argv[1:] if argv is None else argv),
