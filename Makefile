@@ -21,7 +21,7 @@ CUDA_PY := $(CUDA_VENV)/bin/python
 CUDA_CONSTRAINTS := -c .ci/constraints-cuda.txt
 CUDA_ARCHS ?= 8.0;9.0+PTX
 
-.PHONY: install test bench cuda-check clean
+.PHONY: install test lint bench cuda-check clean
 
 $(VENV)/.installed: pyproject.toml setup.py .ci/constraints.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -35,6 +35,10 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest tests
+
+lint: install
+	$(PIP) install -q $(CONSTRAINTS) ruff
+	$(PY) -m ruff check .
 
 bench: install
 	$(PY) -m benchmarks.bench_lora --plot

@@ -108,7 +108,8 @@ def extension():
     # torch.utils.cpp_extension guessed its CUDA_HOME at import, from PATH alone.
     os.environ["CUDA_HOME"] = cpp_extension.CUDA_HOME = cuda_home
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-    print(f"lowrank: building the CUDA extension with {cuda_home} for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+    print(f"lowrank: building the CUDA extension with {cuda_home} for TORCH_CUDA_ARCH_LIST={archs}")
     sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
     return cpp_extension.CUDAExtension(
         "lowrank._C", sources,

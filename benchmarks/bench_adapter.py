@@ -200,7 +200,9 @@ def build_eager_compiled(problem: Problem) -> Layer:
 
 def _lowrank_builder(backend: str) -> Callable[[Problem], Layer]:
     def build(problem: Problem) -> Layer:
-        trained = tuple(t.clone().requires_grad_() for t in (problem.w_down, problem.b_down, problem.w_up, problem.b_up))
+        trained = tuple(
+            t.clone().requires_grad_() for t in (problem.w_down, problem.b_down, problem.w_up, problem.b_up)
+        )
 
         def forward(h: Tensor) -> Tensor:
             return adapter(h, *trained, problem.activation, 1.0, True, backend=backend)
@@ -245,7 +247,9 @@ def check_against_reference(layer: Layer, problem: Problem) -> None:
     out64.backward(grad_out.double())
     names = ("grad of h", "grad of w_down", "grad of b_down", "grad of w_up", "grad of b_up")
     comparisons = [("output", out, out64)]
-    comparisons += [(name, ours.grad, ref.grad) for name, ours, ref in zip(names, (h, *layer.trained), (h64, *trained64))]
+    comparisons += [
+        (name, ours.grad, ref.grad) for name, ours, ref in zip(names, (h, *layer.trained), (h64, *trained64))
+    ]
     tolerance = CHECK_TOLERANCE[problem.dtype]
     for what, actual, expected in comparisons:
         if actual is None:
@@ -280,7 +284,14 @@ def benchmark_shape(shape: Shape, activation: str, providers: list[str], device:
 
 def markdown_table(report: dict) -> str:
     with_peak = report["device"]["type"] == "cuda"
-    header = ["M", "D", "Bn", "provider", *MODE_COLUMNS.values(), *(f"{column[:-3]} × eager" for column in MODE_COLUMNS.values())]
+    header = [
+        "M",
+        "D",
+        "Bn",
+        "provider",
+        *MODE_COLUMNS.values(),
+        *(f"{column[:-3]} × eager" for column in MODE_COLUMNS.values()),
+    ]
     header += ["saved MiB"] + (["peak MiB"] if with_peak else [])
     alignments = ["---" if name == "provider" else "---:" for name in header]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(alignments) + "|"]

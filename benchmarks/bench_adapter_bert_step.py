@@ -110,8 +110,16 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     input_ids = torch.randint(0, model.config.vocab_size, (settings["batch"], settings["seq"]), generator=generator,
                               device=device)
     report["results"], report["failed_checks"] = compare_providers(
-        lambda provider: BUILDERS[provider](copy.deepcopy(model), args.placement), providers, BASELINE, input_ids, dtype, device,
-        settings["warmup"], settings["repeats"], settings["batch"] * settings["seq"])
+        lambda provider: BUILDERS[provider](copy.deepcopy(model), args.placement),
+        providers,
+        BASELINE,
+        input_ids,
+        dtype,
+        device,
+        settings["warmup"],
+        settings["repeats"],
+        settings["batch"] * settings["seq"],
+    )
     return report
 
 
@@ -126,7 +134,9 @@ def markdown_report(report: dict) -> str:
         *markdown_rows(report["results"], BASELINE), "",
     ]
     lines += [f"- skipped {provider}: {reason}" for provider, reason in report["skipped"].items()]
-    lines += [f"- FAILED CHECK, not timed: {f['provider']}: {f['error'].splitlines()[0]}" for f in report["failed_checks"]]
+    lines += [
+        f"- FAILED CHECK, not timed: {f['provider']}: {f['error'].splitlines()[0]}" for f in report["failed_checks"]
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -34,7 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.bench_grl import LAMBDA, providers, time_interleaved
-from benchmarks.bench_lora import DEFAULT_OUT_DIR, _format_ms, _positive_int, describe_device, describe_versions, resolve_device
+from benchmarks.bench_lora import (
+    DEFAULT_OUT_DIR,
+    _format_ms,
+    _positive_int,
+    describe_device,
+    describe_versions,
+    resolve_device,
+)
 from lowrank.da.models import Classifier, Discriminator, LeNetEncoder
 
 DEFAULT_CONFIGS = {"cpu": [(64, 500), (64, 4096)], "cuda": [(256, 500), (1024, 4096)]}  # (batch per domain, features)
@@ -118,7 +125,9 @@ def benchmark_config(batch: int, feature_dim: int, forwards: dict, device, repea
     reference = steps["naive"].gradients()
     for name, step in steps.items():
         for got, want in zip(step.gradients(), reference):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=f"{name}: gradients differ from the eager GRL's")
+            torch.testing.assert_close(
+                got, want, rtol=1e-4, atol=1e-6, msg=f"{name}: gradients differ from the eager GRL's"
+            )
     times = time_interleaved({name: step.step for name, step in steps.items()}, device, repeats, warmup)
     median = {name: statistics.median(values) for name, values in times.items()}
     return [{"batch_per_domain": batch, "feature_dim": feature_dim, "provider": name, "median_ms": median[name],

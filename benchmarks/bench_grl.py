@@ -203,7 +203,9 @@ def markdown_table(report: dict) -> str:
 
 def report_notes(report: dict) -> list[str]:
     notes = [f"- skipped {name}: {why}" for name, why in report["skipped"].items()]
-    notes += [f"- FAILED CHECK, not timed: {f['provider']}: {f['error'].splitlines()[0]}" for f in report["failed_checks"]]
+    notes += [
+        f"- FAILED CHECK, not timed: {f['provider']}: {f['error'].splitlines()[0]}" for f in report["failed_checks"]
+    ]
     return notes
 
 
@@ -223,11 +225,15 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
-    parser.add_argument("--sizes", nargs="+", type=_positive_int, metavar="NUMEL", help="elements of x (default: per device)")
+    parser.add_argument(
+        "--sizes", nargs="+", type=_positive_int, metavar="NUMEL", help="elements of x (default: per device)"
+    )
     parser.add_argument("--repeats", type=_positive_int, help="timed repeats (default 20 on CPU, 100 on CUDA)")
     parser.add_argument("--warmup", type=int, help="untimed repeats before them (default 3 on CPU, 10 on CUDA)")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="default: benchmarks/results")
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_SIZE} elements, {QUICK_REPEATS} repeats: a smoke test")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"{QUICK_SIZE} elements, {QUICK_REPEATS} repeats: a smoke test"
+    )
     return parser.parse_args(argv)
 
 

@@ -124,7 +124,9 @@ def markdown_report(report: dict) -> str:
              "| provider | kernels | DRAM GiB |", "|---|---:|---:|"]
     lines += [f"| {row['provider']} | {row['kernels']} | {row['dram_gib']:.3f} |" for row in report["results"]]
     lines += [f"| {name} (published) | — | {gib:.2f} |" for name, gib in report["published_gib"].items()]
-    lines += [""] + [f"- FAILED: {failure['provider']}: {failure['error'].splitlines()[0]}" for failure in report["failed"]]
+    lines += [""] + [
+        f"- FAILED: {failure['provider']}: {failure['error'].splitlines()[0]}" for failure in report["failed"]
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -152,7 +152,9 @@ def markdown_report(report: dict) -> str:
         *markdown_rows(report["results"], BASELINE),
     ]
     lines += [""] + [f"- skipped {provider}: {reason}" for provider, reason in report["skipped"].items()]
-    lines += [f"- FAILED CHECK, not timed: {f['provider']}: {f['error'].splitlines()[0]}" for f in report["failed_checks"]]
+    lines += [
+        f"- FAILED CHECK, not timed: {f['provider']}: {f['error'].splitlines()[0]}" for f in report["failed_checks"]
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -161,5 +161,7 @@ def start_report(benchmark: str, args: argparse.Namespace, defaults: dict[str, d
               "dtype": str(dtype).removeprefix("torch."), "quick": args.quick, **settings, **described,
               "skipped": skipped, "failed_checks": [], "results": []}
     if baseline not in providers:
-        report["failed_checks"].append({"provider": baseline, "error": "the baseline cannot run: nothing to check against"})
+        report["failed_checks"].append(
+            {"provider": baseline, "error": "the baseline cannot run: nothing to check against"}
+        )
     return device, dtype, settings, providers, report

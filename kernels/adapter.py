@@ -163,7 +163,9 @@ def _activation_grad_kernel(
 # Register budgets (accumulator values per thread), from sm_90 compiles: the residual tile
 # loaded in the epilogue, and the activation's derivative beside z, spill at 128 and 64.
 _down_projection_tuned = autotuned(_down_projection_kernel)
-_residual_matmul_tuned = autotuned(_residual_matmul_kernel, accumulator_budget=lambda options: 64 if options["HAS_RESIDUAL"] else 128)
+_residual_matmul_tuned = autotuned(
+    _residual_matmul_kernel, accumulator_budget=lambda options: 64 if options["HAS_RESIDUAL"] else 128
+)
 _activation_grad_tuned = autotuned(_activation_grad_kernel, accumulator_budget=lambda options: 32)
 
 

@@ -92,7 +92,9 @@ def _merged_dims(t: torch.Tensor) -> tuple[list[int], list[int]]:
 
 def _check(grad: torch.Tensor, lambda_: torch.Tensor) -> None:
     if grad.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"grad_reverse (triton): dtype {grad.dtype} is not supported; use float16, bfloat16, float32 or float64")
+        raise TypeError(
+            f"grad_reverse (triton): dtype {grad.dtype} is not supported; use float16, bfloat16, float32 or float64"
+        )
     if lambda_.device.type != "cpu" and lambda_.device != grad.device:
         raise ValueError(f"grad_reverse (triton): lambda_ is on {lambda_.device} but grad is on {grad.device}")
 

@@ -173,23 +173,25 @@ INFERENCE_FUSED_MAX_ROWS = 256
 # for more programs, and a smaller budget for x·Aᵀ, a second accumulator held through the K loop.
 _INFERENCE_TILES = [tile for tile in GPU_TILES if max(tile[:2]) <= 128] + [(64, 32, 128, 4, 3)]
 # With dropout, the keep mask of the whole tile is live beside the accumulator.
-_lora_matmul_tuned = autotuned(_lora_matmul_kernel, accumulator_budget=lambda options: 64 if options["DROPOUT"] else 128)
+_lora_matmul_tuned = autotuned(
+    _lora_matmul_kernel, accumulator_budget=lambda options: 64 if options["DROPOUT"] else 128
+)
 _inference_tuned = autotuned(_inference_kernel, _INFERENCE_TILES, lambda options: 64)
 
 
-def _lora_matmul(a, b, l, r, bias, lora_scale, dropout_p=0.0, seed=None):
-    """a·b + lora_scale·D⊙(l·r) + bias for strided a [M, K], b [K, N], l [M, R], r [R, N]."""
-    (M, K), N, R = a.shape, b.shape[1], l.shape[1]
+def _lora_matmul(a, b, left, right, bias, lora_scale, dropout_p=0.0, seed=None):
+    """a·b + lora_scale·D⊙(left·right) + bias for strided a [M, K], b [K, N], left [M, R], right [R, N]."""
+    (M, K), N, R = a.shape, b.shape[1], left.shape[1]
     out = torch.empty((M, N), dtype=a.dtype, device=a.device)
     if out.numel() == 0:
         return out
     block_r = fit(32 if _backends.triton_interpret() else _BLOCK_R, R)
     launch(
         _lora_matmul_kernel, _lora_matmul_tuned, a.dtype, M, N, K,
-        a, b, l, r, bias, seed, out,
+        a, b, left, right, bias, seed, out,
         M, N, K, R,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        l.stride(0), l.stride(1), r.stride(0), r.stride(1),
+        left.stride(0), left.stride(1), right.stride(0), right.stride(1),
         out.stride(0), out.stride(1), 0 if bias is None else bias.stride(0),
         lora_scale, hash_dropout.threshold(dropout_p),
         HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, BLOCK_R=block_r,

@@ -278,4 +278,6 @@ def check_dtype(op: str, x: torch.Tensor) -> None:
         raise TypeError(f"{op} (triton): dtype {x.dtype} is not supported; use float16, bfloat16, float32 or float64")
     if x.dtype == torch.bfloat16 and _backends.triton_interpret():
         # triton 3.6's interpreter runs tl.dot on the raw uint16 bits of bf16: wrong results, no error.
-        raise TypeError(f"{op} (triton): bfloat16 is not supported under TRITON_INTERPRET=1; use float16, float32 or float64")
+        raise TypeError(
+            f"{op} (triton): bfloat16 is not supported under TRITON_INTERPRET=1; use float16, float32 or float64"
+        )

@@ -1,7 +1,7 @@
 """lowrank: fused LoRA, adapter and gradient-reversal kernels and drop-in modules for transfer learning."""
 
-from lowrank._backends import backends
 from lowrank import nn, ops
+from lowrank._backends import backends
 from lowrank.adapters import AdapterConfig, inject_adapters, load_adapters, mark_only_adapters_trainable, save_adapters
 from lowrank.lora import inject_lora, mark_only_lora_trainable, merge_and_unload_lora, merge_lora, unmerge_lora
 from lowrank.peft_io import load_adapter, save_adapter

@@ -30,10 +30,16 @@ def _load_extension():
     try:
         _C = importlib.import_module("lowrank._C")
     except ImportError as exc:
-        return None, f"C++ extension lowrank._C is not importable ({exc}); build it with 'pip install --no-build-isolation .'"
+        return (
+            None,
+            f"C++ extension lowrank._C is not importable ({exc}); build it with 'pip install --no-build-isolation .'",
+        )
     built_for = _C.build_info()["torch_version"]
     if built_for != torch.__version__:
-        return None, f"C++ extension was built for torch {built_for}, but torch {torch.__version__} is running; rebuild it"
+        return (
+            None,
+            f"C++ extension was built for torch {built_for}, but torch {torch.__version__} is running; rebuild it",
+        )
     return _C, ""
 
 
@@ -61,7 +67,9 @@ def _status(name: str) -> BackendStatus:
         if EXTENSION is None:
             return BackendStatus(False, _EXTENSION_PROBLEM)
         if not EXTENSION.build_info()["with_cuda"]:
-            return BackendStatus(False, "C++ extension was built without CUDA (torch without CUDA, no nvcc, or LOWRANK_CUDA=0)")
+            return BackendStatus(
+                False, "C++ extension was built without CUDA (torch without CUDA, no nvcc, or LOWRANK_CUDA=0)"
+            )
         if not torch.cuda.is_available():
             return BackendStatus(False, "no CUDA device is visible to torch")
         return BackendStatus(True, f"C++/CUDA extension (CUDA {EXTENSION.build_info()['cuda_version']})")
@@ -71,7 +79,9 @@ def _status(name: str) -> BackendStatus:
         if triton_interpret():
             return BackendStatus(True, "Triton kernels in the interpreter (TRITON_INTERPRET=1), CPU tensors")
         if not torch.cuda.is_available():
-            return BackendStatus(False, "no CUDA device is visible to torch (set TRITON_INTERPRET=1 to run the kernels on CPU)")
+            return BackendStatus(
+                False, "no CUDA device is visible to torch (set TRITON_INTERPRET=1 to run the kernels on CPU)"
+            )
         return BackendStatus(True, "Triton kernels on the GPU")
     raise ValueError(f"unknown backend {name!r}; expected one of {NAMES}")
 
@@ -87,7 +97,9 @@ def _check_device(name: str, device: torch.device) -> None:
     if name == "cuda" and device.type != "cuda":
         raise ValueError(f"backend 'cuda' needs CUDA tensors, got tensors on {device}")
     if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpret()):
-        raise ValueError(f"backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got tensors on {device}")
+        raise ValueError(
+            f"backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got tensors on {device}"
+        )
 
 
 def resolve(backend: str | None, device: torch.device) -> str:

@@ -370,8 +370,17 @@ def inject_adapters(model: nn.Module, config: AdapterConfig | dict) -> nn.Module
     else:
         sites = _block_sites(model, config.placement, config.dim)
     # Build every adapter before installing any, so a failure leaves the model as it was.
-    hyperparameters = (config.bottleneck, config.activation, config.scaling, config.init, config.init_std, config.backend)
-    built = {name: (kind, _build("inject_adapters", model, name, kind, dim, *hyperparameters)) for name, kind, dim in sites}
+    hyperparameters = (
+        config.bottleneck,
+        config.activation,
+        config.scaling,
+        config.init,
+        config.init_std,
+        config.backend,
+    )
+    built = {
+        name: (kind, _build("inject_adapters", model, name, kind, dim, *hyperparameters)) for name, kind, dim in sites
+    }
     _install(model, built)
     return model
 
@@ -469,8 +478,8 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike, backend=None) 
                     f"load_adapters: the saved adapter {name!r} sits at {site_name!r}, which the model lacks"
                 ) from None
             built[site_name] = (record["kind"], _build(
-                "load_adapters", model, site_name, record["kind"], record["dim"], record["bottleneck"], record["activation"],
-                record["scaling"], backend=backend,
+                "load_adapters", model, site_name, record["kind"], record["dim"], record["bottleneck"],
+                record["activation"], record["scaling"], backend=backend,
             ))  # fmt: skip
         adapters = {_join(site, _CHILD): adapter for site, (_, adapter) in built.items()}
 

@@ -131,7 +131,10 @@ def scenarios(quick: bool):
     yield ("grad_reverse bf16 dense, lambda on the device",
            lambda: grad_reverse._launch(grad, torch.empty_like(grad), torch.ones((), device="meta")))
     yield ("grad_reverse bf16 in place, lambda on host", lambda: grad_reverse.backward_(grad, host_lambda))
-    yield ("grad_reverse bf16 strided (a transposed slice)", lambda: grad_reverse.backward(grad[:, 1:].t(), host_lambda))
+    yield (
+        "grad_reverse bf16 strided (a transposed slice)",
+        lambda: grad_reverse.backward(grad[:, 1:].t(), host_lambda),
+    )
     yield ("grad_reverse bf16 expanded (stride 0)",
            lambda: grad_reverse.backward(empty(dim).expand(tokens, dim), host_lambda))
 

@@ -21,8 +21,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.utils.data import TensorDataset
 
-from lowrank.finetune import SmallViT, TrainConfig, Trainer, distributed, make_strategy
-from lowrank.finetune import trainer as trainer_module
+from lowrank.finetune import SmallViT, TrainConfig, Trainer, distributed, make_strategy, trainer as trainer_module
 
 
 def tiny_vit(seed):

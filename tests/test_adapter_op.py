@@ -188,7 +188,9 @@ def test_opcheck(backend, residual):
 @pytest.mark.skipif(lowrank._backends.EXTENSION is None, reason="C++ extension not built")
 @pytest.mark.parametrize("has_bias", [True, False])
 def test_opcheck_native_ops(has_bias):
-    h, w_down, b_down, w_up, b_up = (None if t is None else t.detach() for t in make_inputs((5,), 7, 3, torch.float64, bias=has_bias))
+    h, w_down, b_down, w_up, b_up = (
+        None if t is None else t.detach() for t in make_inputs((5,), 7, 3, torch.float64, bias=has_bias)
+    )
     torch.library.opcheck(
         torch.ops.lowrank.adapter_forward_native.default, (h, w_down, b_down, w_up, b_up, "gelu", 0.5, True)
     )
@@ -224,7 +226,9 @@ def test_torch_compile_fullgraph(backend):
 def test_torch_compile_inductor_cpu():
     torch._dynamo.reset()
     h, w_down, b_down, w_up, b_up = make_inputs((4,), 8, 4, torch.float32)
-    compiled = torch.compile(lambda h: adapter(h, w_down, b_down, w_up, b_up, "silu", 0.5, backend="cpu"), fullgraph=True)
+    compiled = torch.compile(
+        lambda h: adapter(h, w_down, b_down, w_up, b_up, "silu", 0.5, backend="cpu"), fullgraph=True
+    )
     torch.testing.assert_close(compiled(h), adapter(h, w_down, b_down, w_up, b_up, "silu", 0.5, backend="torch"))
 
 
@@ -254,14 +258,30 @@ def _valid():
 @pytest.mark.parametrize(
     "change, error, message",
     [
-        (lambda a: a.__setitem__(0, torch.randn(4, 9)), ValueError, r"h has dim 9 .* w_down expects 8 .*\[bottleneck, dim\]"),
-        (lambda a: a.__setitem__(3, torch.randn(8, 3)), ValueError, r"w_up must have shape \[dim, bottleneck\] = \(8, 2\), got \(8, 3\)"),
-        (lambda a: a.__setitem__(2, torch.randn(3)), ValueError, r"b_down must have shape \[bottleneck\] = \(2,\), got \(3,\)"),
+        (
+            lambda a: a.__setitem__(0, torch.randn(4, 9)),
+            ValueError,
+            r"h has dim 9 .* w_down expects 8 .*\[bottleneck, dim\]",
+        ),
+        (
+            lambda a: a.__setitem__(3, torch.randn(8, 3)),
+            ValueError,
+            r"w_up must have shape \[dim, bottleneck\] = \(8, 2\), got \(8, 3\)",
+        ),
+        (
+            lambda a: a.__setitem__(2, torch.randn(3)),
+            ValueError,
+            r"b_down must have shape \[bottleneck\] = \(2,\), got \(3,\)",
+        ),
         (lambda a: a.__setitem__(4, torch.randn(7)), ValueError, r"b_up must have shape \[dim\] = \(8,\), got \(7,\)"),
         (lambda a: a.__setitem__(1, torch.randn(8, 2)), ValueError, r"h has dim 8 .* w_down expects 2"),
         (lambda a: a.__setitem__(1, torch.randn(9, 8)), ValueError, r"bottleneck 9 is larger than dim 8"),
         (lambda a: a.__setitem__(1, torch.randn(8)), ValueError, r"w_down must be 2-D"),
-        (lambda a: a.__setitem__(0, torch.ones(4, 8, dtype=torch.int64)), TypeError, r"h must be a floating-point tensor"),
+        (
+            lambda a: a.__setitem__(0, torch.ones(4, 8, dtype=torch.int64)),
+            TypeError,
+            r"h must be a floating-point tensor",
+        ),
         (lambda a: a.__setitem__(3, a[3].double()), TypeError, r"w_up has dtype torch.float64 but h has torch.float32"),
         (lambda a: a.__setitem__(4, a[4].to("meta")), ValueError, r"b_up is on meta but h is on cpu"),
     ],

@@ -141,7 +141,8 @@ def tiny_llama():
 MODELS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
 # Adapter full names (layer 0 of 2) per model and placement.
 SITES = {
-    ("bert", "houlsby"): {"encoder.layer.0.attention.output.adapter": "post_ln_sequential", "encoder.layer.0.output.adapter": "post_ln_sequential"},
+    ("bert", "houlsby"): {"encoder.layer.0.attention.output.adapter": "post_ln_sequential",
+                          "encoder.layer.0.output.adapter": "post_ln_sequential"},
     ("bert", "pfeiffer"): {"encoder.layer.0.output.adapter": "post_ln_sequential"},
     ("bert", "parallel"): {"encoder.layer.0.output.adapter": "post_ln_parallel"},
     ("gpt2", "houlsby"): {"h.0.attn.adapter": "sequential", "h.0.mlp.adapter": "sequential"},
@@ -385,16 +386,23 @@ def test_torch_compile_fullgraph_through_hooks():
 @pytest.mark.parametrize(
     "model_maker, config, error, message",
     [
-        (Net, dict(), ValueError, r"unsupported model: found no BERT-style .* among its module classes \[FeedForward, Linear"),
-        (Net, dict(target_modules=["missing"]), ValueError, r"target_modules=\['missing'\] matched no module; the model has inp"),
-        (Net, dict(target_modules=["inp"], placement="houlsby"), ValueError, "placement must be one of .* with target_modules"),
+        (Net, dict(), ValueError,
+         r"unsupported model: found no BERT-style .* among its module classes \[FeedForward, Linear"),
+        (Net, dict(target_modules=["missing"]), ValueError,
+         r"target_modules=\['missing'\] matched no module; the model has inp"),
+        (Net, dict(target_modules=["inp"], placement="houlsby"), ValueError,
+         "placement must be one of .* with target_modules"),
         (Net, dict(placement="everywhere"), ValueError, "placement must be one of .* without target_modules"),
-        (Net, dict(target_modules=["inp"], bottleneck=13), ValueError, r"Adapter 'inp.adapter'.*bottleneck \(13\) must not be larger than dim \(12\)"),
+        (Net, dict(target_modules=["inp"], bottleneck=13), ValueError,
+         r"Adapter 'inp.adapter'.*bottleneck \(13\) must not be larger than dim \(12\)"),
         (Net, dict(target_modules=["inp"], bottleneck=4, activation="tanh"), ValueError, "unknown activation 'tanh'"),
-        (Net, dict(target_modules=["blocks.0"]), ValueError, r"cannot tell the output size of module 'blocks.0' \(FeedForward\)"),
-        (Net, dict(target_modules=["tail"], dim=12), ValueError, r"module 'tail' is a Sequential, whose children are its layers"),
+        (Net, dict(target_modules=["blocks.0"]), ValueError,
+         r"cannot tell the output size of module 'blocks.0' \(FeedForward\)"),
+        (Net, dict(target_modules=["tail"], dim=12), ValueError,
+         r"module 'tail' is a Sequential, whose children are its layers"),
         (Net, dict(bottle_neck=4), TypeError, r"unknown config keys \['bottle_neck'\]"),
-        (tiny_gpt2, dict(placement="pfeiffer", bottleneck=17), ValueError, r"Adapter 'h.0.mlp.adapter'.*bottleneck \(17\)"),
+        (tiny_gpt2, dict(placement="pfeiffer", bottleneck=17), ValueError,
+         r"Adapter 'h.0.mlp.adapter'.*bottleneck \(17\)"),
     ],
 )  # fmt: skip
 def test_injection_errors_leave_the_model_unchanged(model_maker, config, error, message):

@@ -22,7 +22,16 @@ def quick_run(tmp_path_factory):
     """(completed process, report, out dir) of `python -m benchmarks.bench_adapter --quick --activation gelu`."""
     out_dir = tmp_path_factory.mktemp("bench_adapter")
     completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_adapter", "--quick", "--activation", "gelu", "--out-dir", str(out_dir)],
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.bench_adapter",
+            "--quick",
+            "--activation",
+            "gelu",
+            "--out-dir",
+            str(out_dir),
+        ],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

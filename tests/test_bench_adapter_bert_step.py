@@ -50,6 +50,8 @@ def test_a_provider_with_other_adapter_weights_fails_its_check(bench, monkeypatc
         return run
 
     monkeypatch.setitem(bench.BUILDERS, "lowrank_auto", sabotaged)
-    report = bench.run_benchmark(bench.parse_args(["--quick", "--device", "cpu", "--providers", "eager", "lowrank_auto"]))
+    report = bench.run_benchmark(
+        bench.parse_args(["--quick", "--device", "cpu", "--providers", "eager", "lowrank_auto"])
+    )
     assert [failure["provider"] for failure in report["failed_checks"]] == ["lowrank_auto"]
     assert [row["provider"] for row in report["results"]] == ["eager"]

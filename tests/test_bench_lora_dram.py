@@ -3,7 +3,6 @@
 
 import pytest
 
-
 NCU_OUTPUT = """==PROF== Connected to process 4242 (/usr/bin/python3.12)
 ==PROF== Profiling "gemm" - 0: 0%....50%....100% - 1 pass
 "ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"

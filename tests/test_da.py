@@ -13,11 +13,25 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from lowrank.da import (ADDA, DANN, METHODS, Classifier, CoGAN, Discriminator, DomainConfusion, LeNetEncoder, SourceOnly,
-                        build_network, get_task, load_task_data, make_loader, make_method)
-from lowrank.da import bench
-from lowrank.da.tasks import variant_suffix
 from lowrank import data as lowrank_data
+from lowrank.da import (
+    ADDA,
+    DANN,
+    METHODS,
+    Classifier,
+    CoGAN,
+    Discriminator,
+    DomainConfusion,
+    LeNetEncoder,
+    SourceOnly,
+    bench,
+    build_network,
+    get_task,
+    load_task_data,
+    make_loader,
+    make_method,
+)
+from lowrank.da.tasks import variant_suffix
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("one_thread")]
 
@@ -367,7 +381,9 @@ def test_mnistm_uses_the_dann_papers_network():
     convs = [m for m in dann.encoder.features if isinstance(m, torch.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels) for c in convs] == [(3, 32), (32, 48)]
     assert dann.encoder.out_features == 768 and isinstance(dann.encoder.fc, torch.nn.Identity)  # the paper's 48*4*4
-    assert dann.hparams["steps"] == 11000 and DANN("mnist-usps", progress=False).hparams["steps"] == 2000  # TASK_DEFAULTS
+    assert (
+        dann.hparams["steps"] == 11000 and DANN("mnist-usps", progress=False).hparams["steps"] == 2000
+    )  # TASK_DEFAULTS
     assert DANN("mnist-mnistm", steps=7, progress=False).hparams["steps"] == 7  # a keyword still wins
     widths = lambda module: [m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear)]  # noqa: E731
     assert widths(dann.classifier) == [100, 100, 10] and widths(dann.discriminator) == [100, 2]
@@ -419,7 +435,10 @@ def test_bench_cli_quick(tmp_path, capsys):
 def test_bench_cli_framing_and_normalisation_name_their_files(tmp_path, capsys):
     assert bench.main(["--task", "usps-mnist", "--method", "source_only", "--seeds", "1", "--quick", "--framing",
                        "stretch", "--normalisation", "per_domain", "--no-progress", "--out-dir", str(tmp_path)]) == 0
-    assert "usps-mnist (lenet network, USPS framing stretch, per_domain normalisation, augmented)" in capsys.readouterr().out
+    assert (
+        "usps-mnist (lenet network, USPS framing stretch, per_domain normalisation, augmented)"
+        in capsys.readouterr().out
+    )
     report = json.loads((tmp_path / "da_usps-mnist_source_only_stretch_per_domain_quick.json").read_text())
     assert report["framing"] == "stretch" and report["normalisation"] == "per_domain"
     assert bench.main(["--task", "mnist-usps", "--method", "source_only", "--seeds", "1", "--quick", "--augment",

@@ -5,8 +5,7 @@ import json
 import pytest
 import torch
 
-from lowrank.da import get_task, load_task_data
-from lowrank.da import bench, select as selection
+from lowrank.da import bench, get_task, load_task_data, select as selection
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,7 +19,9 @@ def test_backward_fit_learns_the_forward_pseudo_labels_and_is_scored_on_source_v
     def recording_make(*args, **kwargs):
         method = real_make(*args, **kwargs)
         real_fit = method.fit
-        method.fit = lambda source, target: (fitted.append((source.dataset, target.dataset)), real_fit(source, target))[1]
+        method.fit = lambda source, target: (fitted.append((source.dataset, target.dataset)), real_fit(source, target))[
+            1
+        ]
         made.append(method)
         return method
 

@@ -293,7 +293,9 @@ def test_idx_errors(tmp_path):
         data.load_mnist_idx(lab, lab)
     write_idx(tmp_path / "short", 2051, images, compress=False)
     (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-10])
-    with pytest.raises(ValueError, match=r"short: IDX header declares shape \(3, 28, 28\) \(2368 bytes\) but the file holds 2358 bytes"):
+    with pytest.raises(
+        ValueError, match=r"short: IDX header declares shape \(3, 28, 28\) \(2368 bytes\) but the file holds 2358 bytes"
+    ):
         data.load_mnist_idx(tmp_path / "short", lab)
     write_idx(tmp_path / "long", 2049, labels, extra=b"\0")
     with pytest.raises(ValueError, match=r"long: IDX header declares shape \(3,\)"):
@@ -327,10 +329,11 @@ def test_csv_layouts_and_errors(tmp_path):
     pixels = rng.integers(0, 256, (4, 784))
     labels = np.array([3, 1, 4, 1])
     last = tmp_path / "last.csv.gz"
-    last.write_bytes(gzip.compress("\n".join(",".join(map(str, [*p, l])) for p, l in zip(pixels, labels)).encode()))
+    rows = "\n".join(",".join(map(str, [*p, label])) for p, label in zip(pixels, labels))
+    last.write_bytes(gzip.compress(rows.encode()))
     first = tmp_path / "first.csv"
     first.write_text("label," + ",".join(f"pixel{i}" for i in range(784)) + "\n"
-                     + "\n".join(",".join(map(str, [l, *p])) for p, l in zip(pixels, labels)))
+                     + "\n".join(",".join(map(str, [label, *p])) for p, label in zip(pixels, labels)))
     for arrays in (data.load_mnist_csv(last), data.load_mnist_csv(first, label_column=0)):
         np.testing.assert_array_equal(arrays.images.reshape(4, 784), pixels)
         assert arrays.labels.tolist() == [3, 1, 4, 1]

@@ -18,8 +18,8 @@ from lowrank.finetune import (
     TrainConfig,
     Trainer,
     make_strategy,
+    trainer as trainer_module,
 )
-from lowrank.finetune import trainer as trainer_module
 from lowrank.finetune.cli import main
 from lowrank.lora import lora_layers
 

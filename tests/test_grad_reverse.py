@@ -11,8 +11,10 @@ from torch.autograd.gradcheck import GradcheckError
 
 import lowrank
 from lowrank.nn import DANNLambdaScheduler, GradientReversal, dann_lambda
-from lowrank.ops import grad_reverse
-from lowrank.ops import grad_reverse as grad_reverse_module  # noqa: F401  (the function shadows the module)
+from lowrank.ops import (
+    grad_reverse,
+    grad_reverse as grad_reverse_module,  # noqa: F401  (the function shadows the module)
+)
 from lowrank.ops.grad_reverse import _owned_counts
 
 AVAILABLE = lowrank.backends()
@@ -110,7 +112,9 @@ def test_backward_op_low_precision(backend, dtype, case):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["empty", "one", "odd_1d", "3d", "transposed", "channels_last"])
 def test_in_place_op_matches_reference(backend, case):
-    grad = randn(2, 3, 5, 9).to(memory_format=torch.channels_last) if case == "channels_last" else GRAD_CASES[case].clone()
+    grad = (
+        randn(2, 3, 5, 9).to(memory_format=torch.channels_last) if case == "channels_last" else GRAD_CASES[case].clone()
+    )
     if case == "transposed":
         grad = GRAD_CASES[case].clone(memory_format=torch.preserve_format)
     before, pointer, strides = grad.clone(), grad.data_ptr(), grad.stride()
@@ -389,7 +393,9 @@ def test_dann_lambda_values():
 
 
 def test_scheduler_updates_every_reversal_monotonically():
-    model = torch.nn.ModuleDict({"a": GradientReversal(), "b": torch.nn.Sequential(torch.nn.ReLU(), GradientReversal())})
+    model = torch.nn.ModuleDict(
+        {"a": GradientReversal(), "b": torch.nn.Sequential(torch.nn.ReLU(), GradientReversal())}
+    )
     extra = GradientReversal()
     scheduler = DANNLambdaScheduler([model, extra], total_steps=10)
     layers = [model["a"], model["b"][1], extra]

@@ -55,7 +55,9 @@ def reference(kind, layer, x):
     elif kind == "embedding":
         xd = None
         # padding_idx: no gradient flows to the padding row of the weight or column of A.
-        lookup = lambda table: F.embedding(x, table, padding_idx=layer.padding_idx)
+        def lookup(table):
+            return F.embedding(x, table, padding_idx=layer.padding_idx)
+
         out = lookup(p["weight"]) + s * lookup(p["lora_A"].t()) @ p["lora_B"].t()
     else:
         xd = x.detach().double().requires_grad_()

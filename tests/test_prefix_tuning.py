@@ -110,7 +110,9 @@ def test_prefix_attention_bad_inputs():
     module = PrefixAttention(12, 3, 2)
     with pytest.raises(ValueError, match=r"PrefixAttention: x must be \[batch, seq_len, 12\], got \(2, 5, 8\)"):
         module(torch.randn(2, 5, 8))
-    with pytest.raises(ValueError, match=r"PrefixAttention: attention_mask must be \[batch, seq_len\] = \(2, 5\), got \(2, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"PrefixAttention: attention_mask must be \[batch, seq_len\] = \(2, 5\), got \(2, 4\)"
+    ):
         module(torch.randn(2, 5, 12), torch.ones(2, 4))
     with pytest.raises(ValueError, match="PrefixEncoder: num_virtual_tokens must be a positive integer"):
         PrefixAttention(12, 3, 0)
@@ -242,9 +244,14 @@ def test_wrapper_bad_inputs():
     model = tiny_model("gpt2")
     wrapped = prefix_tuning(model, 4)
     input_ids, attention_mask = batch()
-    with pytest.raises(ValueError, match=r"PrefixTuningModel: 4 virtual tokens \+ 21 input tokens = 25 positions.*max_position_embeddings=24"):
+    with pytest.raises(
+        ValueError,
+        match=r"PrefixTuningModel: 4 virtual tokens \+ 21 input tokens = 25 positions.*max_position_embeddings=24",
+    ):
         wrapped(input_ids=torch.zeros(1, 21, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"PrefixTuningModel: attention_mask must be \[batch, seq_len\] = \(2, 5\), got \(5,\)"):
+    with pytest.raises(
+        ValueError, match=r"PrefixTuningModel: attention_mask must be \[batch, seq_len\] = \(2, 5\), got \(5,\)"
+    ):
         wrapped(input_ids=input_ids, attention_mask=attention_mask[0])
     with pytest.raises(ValueError, match=r"PrefixTuningModel: input_ids must be \[batch, seq_len\], got \(5,\)"):
         wrapped(input_ids=input_ids[0])
@@ -252,7 +259,8 @@ def test_wrapper_bad_inputs():
         wrapped(input_ids=input_ids, past_key_values=transformers.DynamicCache())
     with pytest.raises(
         ValueError,
-        match=r"PrefixTuningModel: the prefix encoder is \(num_layers, num_heads, head_dim\) = \(3, 4, 8\), but GPT2LMHeadModel needs \(2, 4, 8\)",
+        match=r"PrefixTuningModel: the prefix encoder is \(num_layers, num_heads, head_dim\) = \(3, 4, 8\), "
+        r"but GPT2LMHeadModel needs \(2, 4, 8\)",
     ):
         PrefixTuningModel(model, PrefixEncoder(4, 3, 4, 8))
     distilbert = transformers.DistilBertModel(

@@ -120,10 +120,15 @@ def test_soft_prompt_bad_inputs():
 def test_prompt_equals_running_the_model_on_the_prompt_tokens(family):
     """A prompt initialised from the embeddings of tokens p makes the model see [p, x]: same masks, positions."""
     model = tiny_model(family)
-    wrapped = prompt_tuning(copy.deepcopy(model), 4, init="text", init_text="any", tokenizer=lambda text: {"input_ids": PROMPT_IDS})
+    wrapped = prompt_tuning(
+        copy.deepcopy(model), 4, init="text", init_text="any", tokenizer=lambda text: {"input_ids": PROMPT_IDS}
+    )
     input_ids, attention_mask = batch()
     prefix_ids = torch.tensor(PROMPT_IDS).expand(2, 4)
-    full_ids, full_mask = torch.cat((prefix_ids, input_ids), 1), torch.cat((torch.ones(2, 4, dtype=torch.long), attention_mask), 1)
+    full_ids, full_mask = (
+        torch.cat((prefix_ids, input_ids), 1),
+        torch.cat((torch.ones(2, 4, dtype=torch.long), attention_mask), 1),
+    )
     with torch.no_grad():
         out = first_output(wrapped(input_ids=input_ids, attention_mask=attention_mask))
         expected = first_output(model(input_ids=full_ids, attention_mask=full_mask))
@@ -132,13 +137,17 @@ def test_prompt_equals_running_the_model_on_the_prompt_tokens(family):
         torch.testing.assert_close(out[real], expected[real], rtol=1e-5, atol=1e-5)
         # explicit positions 0..T-1 become 0..n+T-1, the model's default
         positions = torch.arange(5).expand(2, 5)
-        with_positions = first_output(wrapped(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions))
+        with_positions = first_output(
+            wrapped(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
+        )
         torch.testing.assert_close(with_positions[real], expected[real], rtol=1e-5, atol=1e-5)
         if family == "bert":  # virtual tokens get token type 0, real ones keep theirs
             types = torch.ones(2, 5, dtype=torch.long)
             typed = first_output(wrapped(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=types))
             full_types = torch.cat((torch.zeros(2, 4, dtype=torch.long), types), 1)
-            expected_typed = first_output(model(input_ids=full_ids, attention_mask=full_mask, token_type_ids=full_types))
+            expected_typed = first_output(
+                model(input_ids=full_ids, attention_mask=full_mask, token_type_ids=full_types)
+            )
             torch.testing.assert_close(typed[real], expected_typed[real], rtol=1e-5, atol=1e-5)
 
 
@@ -162,7 +171,9 @@ def test_outputs_match_peft_prompt_tuning(family):
     model = tiny_model(family)
     wrapped = prompt_tuning(copy.deepcopy(model), 3, init="vocab")
     task = "FEATURE_EXTRACTION" if family == "bert" else "CAUSAL_LM"
-    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.PromptTuningConfig(task_type=task, num_virtual_tokens=3))
+    peft_model = peft.get_peft_model(
+        copy.deepcopy(model), peft.PromptTuningConfig(task_type=task, num_virtual_tokens=3)
+    )
     peft_model.prompt_encoder["default"].embedding.weight.data.copy_(wrapped.prompt.weight)
     input_ids, attention_mask = batch()
     with torch.no_grad():
@@ -175,9 +186,14 @@ def test_wrapper_bad_inputs():
     model = tiny_model("bert")
     wrapped = prompt_tuning(model, 4)
     input_ids, attention_mask = batch()
-    with pytest.raises(ValueError, match=r"PromptTuningModel: 4 virtual tokens \+ 21 input tokens = 25 positions.*max_position_embeddings=24"):
+    with pytest.raises(
+        ValueError,
+        match=r"PromptTuningModel: 4 virtual tokens \+ 21 input tokens = 25 positions.*max_position_embeddings=24",
+    ):
         wrapped(input_ids=torch.zeros(1, 21, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"PromptTuningModel: attention_mask must be \[batch, seq_len\] = \(2, 5\), got \(2, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"PromptTuningModel: attention_mask must be \[batch, seq_len\] = \(2, 5\), got \(2, 4\)"
+    ):
         wrapped(input_ids=input_ids, attention_mask=attention_mask[:, :4])
     with pytest.raises(ValueError, match=r"PromptTuningModel: token_type_ids must be \[batch, seq_len\]"):
         wrapped(input_ids=input_ids, token_type_ids=torch.zeros(2, 6, dtype=torch.long))
@@ -185,7 +201,9 @@ def test_wrapper_bad_inputs():
         wrapped(input_ids=input_ids, inputs_embeds=torch.randn(2, 5, DIM))
     with pytest.raises(ValueError, match="PromptTuningModel: a cache .* is not supported"):
         wrapped(input_ids=input_ids, cache=transformers.DynamicCache())
-    with pytest.raises(ValueError, match="PromptTuningModel: the soft prompt has dim 16, but BertModel's input embeddings have dim 32"):
+    with pytest.raises(
+        ValueError, match="PromptTuningModel: the soft prompt has dim 16, but BertModel's input embeddings have dim 32"
+    ):
         PromptTuningModel(model, SoftPrompt(4, 16))
     with pytest.raises(ValueError, match="PromptTuningModel: Linear has no get_input_embeddings"):
         PromptTuningModel(nn.Linear(4, 4), SoftPrompt(4, 4))
@@ -202,9 +220,15 @@ def test_save_and_load_only_the_prompt(tmp_path):
     nn.init.zeros_(other.prompt.weight)
     load_prompt(other, tmp_path)
     assert torch.equal(other.prompt.weight, wrapped.prompt.weight)
-    with pytest.raises(ValueError, match=r"load_prompt: prompt module 'prompt' was saved as .*'num_virtual_tokens': 3.* the model's is .*'num_virtual_tokens': 5"):
+    with pytest.raises(
+        ValueError,
+        match=r"load_prompt: prompt module 'prompt' was saved as .*'num_virtual_tokens': 3.* "
+        r"the model's is .*'num_virtual_tokens': 5",
+    ):
         load_prompt(prompt_tuning(tiny_model("gpt2"), 5), tmp_path)
-    with pytest.raises(ValueError, match=r"load_prompt: the file has prompt modules \['prompt'\], the model has \[''\]"):
+    with pytest.raises(
+        ValueError, match=r"load_prompt: the file has prompt modules \['prompt'\], the model has \[''\]"
+    ):
         load_prompt(SoftPrompt(3, DIM), tmp_path)
 
 

@@ -8,11 +8,12 @@ import torch
 pytest.importorskip("triton")
 
 from lowrank import _backends  # noqa: E402
-from lowrank.kernels import lora_linear as triton_lora  # noqa: E402
-from lowrank.kernels import matmul as triton_matmul  # noqa: E402
+from lowrank.kernels import (
+    lora_linear as triton_lora,  # noqa: E402
+    matmul as triton_matmul,  # noqa: E402
+)
 from lowrank.ops import hash_dropout, lora_linear, lora_linear_reference  # noqa: E402
 from lowrank.ops.lora_linear import _torch_backward, _torch_forward  # noqa: E402
-
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRET = _backends.triton_interpret()
@@ -77,7 +78,15 @@ def test_op_matches_reference(shape, dtype, p):
     _assert_grads_close(got, want, **TOL[dtype])
 
 
-LAYOUTS = ["x_transposed", "x_strided", "w_transposed", "lora_transposed", "bias_strided", "dy_expanded", "dy_row_broadcast"]
+LAYOUTS = [
+    "x_transposed",
+    "x_strided",
+    "w_transposed",
+    "lora_transposed",
+    "bias_strided",
+    "dy_expanded",
+    "dy_row_broadcast",
+]
 
 
 def _relayout(t, how):
@@ -179,7 +188,9 @@ def test_dropout_mask_is_bit_exact(p, seed_value):
     ones = torch.ones(M, K, **f64)
 
     # xa = D⊙x·Aᵀ with x = 1, A = I
-    _, xa = triton_lora.forward(ones, torch.zeros(3, K, **f64), None, torch.eye(K, **f64), torch.zeros(3, K, **f64), 1.0, p, seed)
+    _, xa = triton_lora.forward(
+        ones, torch.zeros(3, K, **f64), None, torch.eye(K, **f64), torch.zeros(3, K, **f64), 1.0, p, seed
+    )
     assert torch.equal(xa, expected)
 
     # dyB = dy·B = I, so dA = D⊙x = D and dx = 0·W + D⊙(I·1) = D
@@ -242,7 +253,9 @@ def test_tf32_follows_torch_flag():
 @pytest.mark.parametrize("p", [0.0, 0.5])
 def test_opcheck(p):
     x, weight, bias, lora_A, lora_B = (t.requires_grad_() for t in _inputs(40, 36, 33, 4, torch.float64))
-    torch.library.opcheck(torch.ops.lowrank.lora_linear.default, (x, weight, bias, lora_A, lora_B, 0.5, p, _seed(p), "triton"))
+    torch.library.opcheck(
+        torch.ops.lowrank.lora_linear.default, (x, weight, bias, lora_A, lora_B, 0.5, p, _seed(p), "triton")
+    )
 
 
 def test_gpu_tile_search_space_fits_dtype_shape_and_register_budget():

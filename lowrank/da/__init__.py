@@ -3,7 +3,7 @@ confusion, CoGAN, on one shared encoder/classifier per task (see lowrank.da.meth
 benchmark against the ADDA paper's table: python -m lowrank.da.bench. Label-free selection of a
 method's settings by reverse validation: python -m lowrank.da.select."""
 
-from lowrank.da.methods import ADDA, DANN, CoGAN, DAMethod, DomainConfusion, METHODS, SourceOnly, make_method
+from lowrank.da.methods import ADDA, DANN, METHODS, CoGAN, DAMethod, DomainConfusion, SourceOnly, make_method
 from lowrank.da.models import NETWORKS, Classifier, Discriminator, LeNetEncoder, build_network
 from lowrank.da.tasks import FRAMINGS, TASKS, Task, TaskData, get_task, load_task_data, make_loader
 

@@ -52,7 +52,6 @@ from lowrank.da.methods import METHODS, make_method
 from lowrank.da.models import NETWORKS
 from lowrank.da.tasks import FRAMINGS, NORMALISATIONS, TASKS, get_task, load_task_data, make_loader, variant_suffix
 
-
 # ADDA paper, Table 2: (mean, std or None). Not listed there: None.
 PUBLISHED = {
     "mnist-usps": {"source_only": (0.752, 0.016), "dann": (0.771, 0.018), "domain_confusion": (0.791, 0.005),
@@ -77,7 +76,9 @@ def _methods(spec: str) -> list[str]:
     names = list(METHODS) if spec == "all" else [name.strip() for name in spec.split(",") if name.strip()]
     unknown = [name for name in names if name not in METHODS]
     if unknown or not names:
-        raise ValueError(f"unknown method(s) {unknown or [spec]}: expected 'all' or a comma list of {', '.join(METHODS)}")
+        raise ValueError(
+            f"unknown method(s) {unknown or [spec]}: expected 'all' or a comma list of {', '.join(METHODS)}"
+        )
     return names
 
 
@@ -96,7 +97,9 @@ def parse_assignment(method: str, spec: str) -> tuple[str, list]:
     if not sep or not values:
         raise ValueError(f"{spec!r}: expected name=value[,value...]")
     if name not in METHODS[method].defaults:
-        raise ValueError(f"{spec!r}: {method} has no hyper-parameter {name!r}; it takes {sorted(METHODS[method].defaults)}")
+        raise ValueError(
+            f"{spec!r}: {method} has no hyper-parameter {name!r}; it takes {sorted(METHODS[method].defaults)}"
+        )
     return name, [_typed(value) for value in values.split(",")]
 
 
@@ -157,10 +160,14 @@ def summarise(task: str, methods: list[str], runs: list[dict]) -> list[dict]:
 def table(task, rows: list[dict]) -> str:
     framing = f", USPS framing {task.framing}" if task.framing else ""
     augment = ", augmented" if task.augment else ""
-    lines = [f"{task.name} ({task.network} network{framing}, {task.normalisation} normalisation{augment}): target test "
-             "accuracy, mean ± std over seeds "
-             "(published: ADDA paper, Table 2)", "",
-             "| Method | ours | published | seeds | source val | train s/run |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"{task.name} ({task.network} network{framing}, {task.normalisation} normalisation{augment}): target test "
+        "accuracy, mean ± std over seeds "
+        "(published: ADDA paper, Table 2)",
+        "",
+        "| Method | ours | published | seeds | source val | train s/run |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for row in rows:
         lines.append(f"| {row['method']} | {_format(row['mean'], row['std'])} | "
                      f"{_format(row['published_mean'], row['published_std'])} | {row['seeds']} | "
@@ -205,12 +212,20 @@ def main(argv=None) -> int:
                         help="the network every method uses (default: the task's; lowrank.da.models)")
     parser.add_argument("--augment", choices=("on", "off"), default=None,
                         help="random affine warps of the training images (default: the task's; lowrank.da.tasks)")
-    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                        help="override a hyper-parameter of the one --method (repeatable; e.g. a lowrank.da.select choice)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a hyper-parameter of the one --method (repeatable; e.g. a lowrank.da.select choice)",
+    )
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch threads (default: torch's, every core; use 1 for runs side by side)")
-    parser.add_argument("--data-root", default=None, help="folder with mnist/, usps/, mnist_m/, svhn/ (default: LOWRANK_DATA "
-                        "or ../shared/data/digits)")
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        help="folder with mnist/, usps/, mnist_m/, svhn/ (default: LOWRANK_DATA or ../shared/data/digits)",
+    )
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="default: ./benchmarks/results in a lowrank checkout, else the current directory")
     parser.add_argument("--quick", action="store_true", help="tiny samples and a few steps: a smoke test, not a result")

@@ -31,8 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lowrank._machine import default_results_dir
-from lowrank.da.bench import (QUICK_SIZES, accuracy, fit_method, parse_assignment, positive_int,
-                              quick_steps)
+from lowrank.da.bench import QUICK_SIZES, accuracy, fit_method, parse_assignment, positive_int, quick_steps
 from lowrank.da.methods import METHODS
 from lowrank.da.models import NETWORKS
 from lowrank.da.tasks import NORMALISATIONS, TASKS, TaskData, UnlabelledImages, get_task, load_task_data, variant_suffix
@@ -130,10 +129,13 @@ def main(argv=None) -> int:
         results.append(result)
     chosen = select(results)
 
-    lines = [f"{task.name} {args.method} ({task.network} network, {task.normalisation} normalisation), seed {args.seed}: "
-             f"reverse validation (chosen: {chosen['hparams']})", "",
-             "| hyper-parameters | reverse val | source val | target test (not used) | s |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [
+        f"{task.name} {args.method} ({task.network} network, {task.normalisation} normalisation), seed {args.seed}: "
+        f"reverse validation (chosen: {chosen['hparams']})",
+        "",
+        "| hyper-parameters | reverse val | source val | target test (not used) | s |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for r in results:
         mark = " **chosen**" if r is chosen else ""
         lines.append(f"| {r['hparams']}{mark} | {r['reverse_accuracy']:.3f} | {r['source_val_accuracy']:.3f} | "

@@ -50,10 +50,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lowrank.data import (DigitArrays, DigitDataset, load_digits, prepare_images, sample_subset, split_indices,
-                          target_pool_eval_split)
-from lowrank.data.augment import RandomAffine
 from lowrank.da.models import NETWORKS
+from lowrank.data import (
+    DigitArrays,
+    DigitDataset,
+    load_digits,
+    prepare_images,
+    sample_subset,
+    split_indices,
+    target_pool_eval_split,
+)
+from lowrank.data.augment import RandomAffine
 
 __all__ = ["Task", "TASKS", "FRAMINGS", "NORMALISATIONS", "get_task", "variant_suffix", "TaskData", "UnlabelledImages",
            "load_task_data", "make_loader"]
@@ -137,8 +144,15 @@ def variant_suffix(task: Task) -> str:
     """How `task` differs from the TASKS entry of its name, for file names: "" when it does not,
     else _<framing>, _<normalisation>, _<network> and _augment / _noaugment, in that order."""
     own = TASKS[task.name]
-    suffix = "".join(f"_{mine}" for mine, default in ((task.framing, own.framing), (task.normalisation, own.normalisation),
-                                                      (task.network, own.network)) if mine != default)
+    suffix = "".join(
+        f"_{mine}"
+        for mine, default in (
+            (task.framing, own.framing),
+            (task.normalisation, own.normalisation),
+            (task.network, own.network),
+        )
+        if mine != default
+    )
     if task.augment != own.augment:
         suffix += "_augment" if task.augment else "_noaugment"
     return suffix

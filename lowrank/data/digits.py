@@ -490,7 +490,9 @@ def load_svhn_mat(path: str | os.PathLike, name: str = "svhn") -> DigitArrays:
     except Exception as err:  # scipy raises ValueError, TypeError, MatReadError... on a damaged file
         raise ValueError(f"{path}: not a readable MATLAB file ({type(err).__name__}: {err})") from None
     if "X" not in mat or "y" not in mat:
-        raise ValueError(f"{path}: must hold variables X and y, found {sorted(k for k in mat if not k.startswith('__'))}")
+        raise ValueError(
+            f"{path}: must hold variables X and y, found {sorted(k for k in mat if not k.startswith('__'))}"
+        )
     x, y = mat["X"], mat["y"].reshape(-1)
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[2] != 3 or x.shape[3] != y.shape[0]:
         raise ValueError(f"{path}: expected X uint8 (32, 32, 3, N) and y (N, 1), got {x.dtype} {x.shape} "

@@ -42,13 +42,19 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from lowrank._machine import cpu_model, default_results_dir
-from lowrank.data import (DigitArrays, DigitDataset, load_digits, sample_per_class, split_indices,
-                          target_pool_eval_split)
+from lowrank.data import DigitArrays, DigitDataset, load_digits, sample_per_class, split_indices, target_pool_eval_split
 from lowrank.data.augment import RandomAffine
 from lowrank.finetune.models import SmallCNN, SmallViT
 from lowrank.finetune.multistage import FINAL, MultiStage, Stage
-from lowrank.finetune.strategies import (Adapters, FeatureExtraction, FullFineTuning, LoRA, PrefixTuning,
-                                         PromptTuning, Strategy)
+from lowrank.finetune.strategies import (
+    Adapters,
+    FeatureExtraction,
+    FullFineTuning,
+    LoRA,
+    PrefixTuning,
+    PromptTuning,
+    Strategy,
+)
 from lowrank.finetune.trainer import TrainConfig, Trainer, load_state
 
 IMAGE_SIZE, CHANNELS, PER_CLASS = 28, 3, 10
@@ -220,9 +226,13 @@ def transfer_in_stages(pretrained: nn.Module, arch: str, method: str, stages: li
         seconds = time.perf_counter() - start
         first_stage = copy.deepcopy(pretrained)  # every stage finishes as the plain architecture (LoRA merged)
         load_state(first_stage, os.path.join(plan.stage_dir(0), FINAL), "first stage")
-    return {"accuracy": _evaluate(model, test, config), "after_first_stage_accuracy": _evaluate(first_stage, test, config),
-            "trainable_parameters": plan.results[-1]["trainable_parameters"], "seconds": seconds,
-            "lr": [lr for _, _, lr in stages]}
+    return {
+        "accuracy": _evaluate(model, test, config),
+        "after_first_stage_accuracy": _evaluate(first_stage, test, config),
+        "trainable_parameters": plan.results[-1]["trainable_parameters"],
+        "seconds": seconds,
+        "lr": [lr for _, _, lr in stages],
+    }
 
 
 def cross_validated_lr(pretrained: nn.Module, arch: str, method: str, train: DigitDataset,
@@ -339,7 +349,9 @@ def run_benchmark(pretrained: dict, architectures, methods, seeds: int, root, co
                     _log(f"seed {seed} {arch} {method.name} -> {target}: {result['accuracy']:.4f}, "
                          f"{result['seconds']:.1f} s")
             for name in (name for name in MULTISTAGE if name in methods):
-                stages = [(target, data[target].train, learning_rate(arch, name, target)) for target in ("mnist_m", "usps")]
+                stages = [
+                    (target, data[target].train, learning_rate(arch, name, target)) for target in ("mnist_m", "usps")
+                ]
                 result = transfer_in_stages(model, arch, name, stages, data["usps"].test, config)
                 runs.append({"architecture": arch, "method": f"multistage_{name}", "target": "usps", "seed": seed,
                              "label": f"multi-stage {METHODS[name].label}: MNIST → MNIST-M → USPS", **result})

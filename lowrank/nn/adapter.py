@@ -24,8 +24,7 @@ import math
 import torch
 from torch import nn
 
-from lowrank.ops.adapter import ACTIVATIONS
-from lowrank.ops.adapter import adapter as adapter_op
+from lowrank.ops.adapter import ACTIVATIONS, adapter as adapter_op
 
 __all__ = ["Adapter", "ACTIVATIONS", "INITS"]
 

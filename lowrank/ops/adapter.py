@@ -114,11 +114,20 @@ def _implementation_for(backend: str, h: Tensor, w_down: Tensor, activation: str
         def make(*shape):
             return torch.randn(*shape, device=h.device, dtype=h.dtype)
 
-        h_, w_down_, b_down_, w_up_, b_up_, grad_out = make(rows, D), make(Bn, D), make(Bn), make(D, Bn), make(D), make(rows, D)
+        h_, w_down_, b_down_, w_up_, b_up_, grad_out = (
+            make(rows, D),
+            make(Bn, D),
+            make(Bn),
+            make(D, Bn),
+            make(D),
+            make(rows, D),
+        )
 
         def step():
             _, z = implementation.forward(h_, w_down_, b_down_, w_up_, b_up_, activation, 0.5, True)
-            implementation.backward(grad_out, h_, z, w_down_, w_up_, activation, 0.5, True, True, True, True, True, True)
+            implementation.backward(
+                grad_out, h_, z, w_down_, w_up_, activation, 0.5, True, True, True, True, True, True
+            )
 
         return autotune.time_call(step, h.device)
 
@@ -272,9 +281,13 @@ def _check_inputs(h, w_down, b_down, w_up, b_up, activation, scaling, residual):
             )
     for name, t in named.items():
         if t.dtype != h.dtype:
-            raise TypeError(f"adapter: {name} has dtype {t.dtype} but h has {h.dtype}; all tensors must share one dtype")
+            raise TypeError(
+                f"adapter: {name} has dtype {t.dtype} but h has {h.dtype}; all tensors must share one dtype"
+            )
         if t.device != h.device:
-            raise ValueError(f"adapter: {name} is on {t.device} but h is on {h.device}; all tensors must be on one device")
+            raise ValueError(
+                f"adapter: {name} is on {t.device} but h is on {h.device}; all tensors must be on one device"
+            )
 
 
 def adapter(h, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=True, *, backend=None):

@@ -44,7 +44,9 @@ def _torch_backward_(grad: Tensor, lambda_: Tensor) -> None:
 
 _BACKENDS = OpBackends(
     torch=dict(backward=_torch_backward, backward_=_torch_backward_),
-    native=dict(backward=native_op("grad_reverse_backward_native"), backward_=native_op("grad_reverse_backward_native_")),
+    native=dict(
+        backward=native_op("grad_reverse_backward_native"), backward_=native_op("grad_reverse_backward_native_")
+    ),
     triton_module="lowrank.kernels.grad_reverse",
 )
 
@@ -254,10 +256,15 @@ def _lambda_tensor(lambda_, x: Tensor) -> Tensor:
                 f"got a tensor of shape {tuple(lambda_.shape)} and dtype {lambda_.dtype}"
             )
         if lambda_.device.type != "cpu" and lambda_.device != x.device:
-            raise ValueError(f"grad_reverse: lambda_ is on {lambda_.device} but x is on {x.device}; put it on the CPU or on x's device")
+            raise ValueError(
+                f"grad_reverse: lambda_ is on {lambda_.device} but x is on {x.device}; "
+                "put it on the CPU or on x's device"
+            )
         return lambda_.detach().to(torch.float64)
     if isinstance(lambda_, bool) or not isinstance(lambda_, Real):
-        raise TypeError(f"grad_reverse: lambda_ must be a Python number or a 0-dim tensor, got {type(lambda_).__name__}")
+        raise TypeError(
+            f"grad_reverse: lambda_ must be a Python number or a 0-dim tensor, got {type(lambda_).__name__}"
+        )
     # Built by arithmetic, not torch.tensor(lambda_): Dynamo specialises on a float passed to a
     # tensor constructor (a recompile per value), but traces a multiplication by it symbolically.
     return torch.ones((), dtype=torch.float64) * lambda_

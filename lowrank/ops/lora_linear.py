@@ -53,7 +53,9 @@ def _torch_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     return y, xa
 
 
-def _torch_backward(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs_dx, needs_dweight, needs_dbias):
+def _torch_backward(
+    grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs_dx, needs_dweight, needs_dbias
+):
     dyB = grad_y @ lora_B
     dx = dW = db = None
     if dropout_p > 0.0:
@@ -166,7 +168,9 @@ def _lora_linear_backward_op(
     return empty_if_skipped(grads, (needs_dx, needs_dweight, needs_dbias, True, True), grad_y)
 
 
-def _backward_fake(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs_dx, needs_dweight, needs_dbias):
+def _backward_fake(
+    grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs_dx, needs_dweight, needs_dbias
+):
     def grad_like(t, need):
         return t.new_empty(t.shape) if need else grad_y.new_empty(0)
 
@@ -181,7 +185,9 @@ def _backward_fake(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, se
 
 @_lora_linear_backward_op.register_fake
 def _(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, backend, needs_dx, needs_dweight, needs_dbias):
-    return _backward_fake(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs_dx, needs_dweight, needs_dbias)
+    return _backward_fake(
+        grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs_dx, needs_dweight, needs_dbias
+    )
 
 
 register_native_fakes({"lora_linear_forward_native": _forward_fake, "lora_linear_backward_native": _backward_fake})
@@ -261,9 +267,13 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         raise ValueError(f"lora_linear: bias must have shape ({out_features},), got {tuple(bias.shape)}")
     for name, t in named.items():
         if t.dtype != x.dtype:
-            raise TypeError(f"lora_linear: {name} has dtype {t.dtype} but x has {x.dtype}; all tensors must share one dtype")
+            raise TypeError(
+                f"lora_linear: {name} has dtype {t.dtype} but x has {x.dtype}; all tensors must share one dtype"
+            )
         if t.device != x.device:
-            raise ValueError(f"lora_linear: {name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+            raise ValueError(
+                f"lora_linear: {name} is on {t.device} but x is on {x.device}; all tensors must be on one device"
+            )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
     if not isinstance(scaling, (int, float)):
