@@ -45,6 +45,23 @@ def benchmark_module():
         yield lambda name: importlib.import_module(f"benchmarks.{name}")
 
 
+def _backend_param(name: str):
+    """A backend as a test parameter, skipped (with lowrank's reason) where it cannot run the
+    tests' tensors: CUDA tensors on a GPU machine, CPU tensors elsewhere."""
+    import lowrank
+
+    status = lowrank.backends()[name]
+    if status.available and name == "cpu" and torch.cuda.is_available():
+        status = status._replace(available=False, reason="backend 'cpu' takes CPU tensors; tests run on cuda")
+    return pytest.param(name, marks=pytest.mark.skipif(not status.available, reason=status.reason), id=name)
+
+
+@pytest.fixture(params=[_backend_param(name) for name in ("torch", "cpu", "triton", "cuda")])
+def backend(request):
+    """Each of lowrank's backends in turn (tests of an op against its reference take it)."""
+    return request.param
+
+
 def _data_root_with(*domains: str) -> str:
     """The digit data root (lowrank.data.default_root) if it holds every domain's folder; else the test skips."""
     from lowrank.data import default_root

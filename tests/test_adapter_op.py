@@ -11,14 +11,6 @@ AVAILABLE = lowrank.backends()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _backend_param(name):
-    status = AVAILABLE[name]
-    if status.available and name == "cpu" and DEVICE != "cpu":
-        status = status._replace(available=False, reason=f"backend 'cpu' takes CPU tensors; tests run on {DEVICE}")
-    return pytest.param(name, marks=pytest.mark.skipif(not status.available, reason=status.reason), id=name)
-
-
-BACKENDS = [_backend_param(name) for name in ("torch", "cpu", "triton", "cuda")]
 ACTIVATIONS = ["relu", "gelu", "silu"]
 
 # (lead shape of h, D, Bn): block-size-unfriendly sizes, M=1, M=0, 3-D inputs, Bn=1, Bn=D,
@@ -78,14 +70,12 @@ def check_against_reference(backend, inputs, dtype, activation="relu", scaling=0
         assert_close(g, g_ref, dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lead, D, Bn", SHAPES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_float64_matches_reference(backend, lead, D, Bn, activation):
     check_against_reference(backend, make_inputs(lead, D, Bn, torch.float64), torch.float64, activation)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("bias", [True, False])
 def test_without_residual(backend, activation, bias):
@@ -93,14 +83,12 @@ def test_without_residual(backend, activation, bias):
     check_against_reference(backend, inputs, torch.float64, activation, scaling=1.3, residual=False)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_frozen_weights_no_biases(backend):
     """Only h needs a gradient: the weight gradients are skipped, not computed and dropped."""
     inputs = make_inputs((9,), 12, 4, torch.float64, bias=False, weight_grad=False)
     check_against_reference(backend, inputs, torch.float64, "gelu")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_float32_matches_reference(backend, activation):
     """fp32 takes other GEMM paths than fp64 (oneDNN in the cpu backend); rows span several chunks."""
@@ -112,7 +100,6 @@ def _supports(backend, dtype):
     return not (backend == "triton" and DEVICE == "cpu" and dtype == torch.bfloat16)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_matches_reference(backend, dtype):
     if not _supports(backend, dtype):
@@ -120,7 +107,6 @@ def test_low_precision_matches_reference(backend, dtype):
     check_against_reference(backend, make_inputs((3, 11), 40, 24, dtype), dtype, "gelu")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_non_contiguous_inputs(backend, dtype):
     def strided(*shape):
@@ -135,7 +121,6 @@ def test_non_contiguous_inputs(backend, dtype):
     check_against_reference(backend, inputs, dtype, "silu")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_expanded_grad_output(backend, dtype):
     """out.sum().backward() hands the backward a stride-0 gradient."""
@@ -144,7 +129,6 @@ def test_expanded_grad_output(backend, dtype):
     check_against_reference(backend, inputs, dtype, "gelu", grad_out=expanded)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_gradcheck(backend, activation):
     inputs = make_inputs((4,), 6, 3, torch.float64)
@@ -155,7 +139,6 @@ def test_gradcheck(backend, activation):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_saves_only_h_z_and_weights(backend):
     """No [M, D] or second [M, Bn] tensor is kept for backward: act(z) is recomputed."""
     h, w_down, b_down, w_up, b_up = make_inputs((6,), 10, 4, torch.float64)
@@ -172,7 +155,6 @@ def test_backward_saves_only_h_z_and_weights(backend):
     out.sum().backward()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("residual", [True, False])
 def test_opcheck(backend, residual):
     h, w_down, b_down, w_up, b_up = make_inputs((5,), 7, 3, torch.float64)
@@ -202,7 +184,6 @@ def test_opcheck_native_ops(has_bias):
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
     h, w_down, b_down, w_up, b_up = make_inputs((2, 5), 8, 4, torch.float64)

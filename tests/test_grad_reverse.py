@@ -23,16 +23,6 @@ TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 8e-3, to
 IN_PLACE_OP = "lowrank::grad_reverse_backward_"
 
 
-def _backend_param(name):
-    status = AVAILABLE[name]
-    if status.available and name == "cpu" and DEVICE != "cpu":
-        status = status._replace(available=False, reason=f"backend 'cpu' takes CPU tensors; tests run on {DEVICE}")
-    return pytest.param(name, marks=pytest.mark.skipif(not status.available, reason=status.reason), id=name)
-
-
-BACKENDS = [_backend_param(name) for name in ("torch", "cpu", "triton", "cuda")]
-
-
 def randn(*shape, dtype=torch.float64, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
@@ -74,7 +64,6 @@ def _supports(backend, dtype):
 # ---------------------------------------------------------------- forward
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_forward_is_a_view_without_copy(backend):
     x = randn(6, 5).requires_grad_()
     y = grad_reverse(x, 0.7, backend=backend)
@@ -87,7 +76,6 @@ def test_forward_is_a_view_without_copy(backend):
 # ---------------------------------------------------------------- backward against float64
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", GRAD_CASES)
 def test_backward_op_matches_reference(backend, case):
     grad = GRAD_CASES[case]
@@ -98,7 +86,6 @@ def test_backward_op_matches_reference(backend, case):
     assert out.data_ptr() != grad.data_ptr() or grad.numel() == 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("case", ["odd_1d", "transposed_slice", "expanded_row"])
 def test_backward_op_low_precision(backend, dtype, case):
@@ -109,7 +96,6 @@ def test_backward_op_low_precision(backend, dtype, case):
     assert_reversed(out, grad, 0.3, dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["empty", "one", "odd_1d", "3d", "transposed", "channels_last"])
 def test_in_place_op_matches_reference(backend, case):
     grad = (
@@ -132,7 +118,6 @@ def test_in_place_op_refuses_overlapping_grad(backend):
         torch.ops.lowrank.grad_reverse_backward_(expanded, torch.tensor(1.0, dtype=torch.float64), backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", GRAD_CASES)
 def test_autograd_backward_with_given_grad(backend, case):
     grad = GRAD_CASES[case]
@@ -143,7 +128,6 @@ def test_autograd_backward_with_given_grad(backend, case):
     assert torch.equal(grad, kept)  # the caller's gradient was not overwritten
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_and_3d_input(backend):
     x = randn(9, 4, 7).transpose(0, 2).requires_grad_()
     y = grad_reverse(x, torch.tensor(0.25, dtype=torch.float64), backend=backend)
@@ -166,7 +150,6 @@ def test_ownership_counts_were_calibrated():
     assert _owned_counts[torch.device(DEVICE).type] is not None, "no in-place reuse on this build: see _calibrate"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_owned_grad_is_reversed_in_place(backend):
     x = randn(5, 7).requires_grad_()
     ran = _ops_run(lambda: (grad_reverse(x, 0.5, backend=backend) * 4).sum().backward())
@@ -224,7 +207,6 @@ def _shared_cases(backend):
             view_of_cat_grad, expanded_sum_grad]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("index", range(6), ids=["leaf_two_branches", "same_tensor_two_branches", "retain_grad",
                                                   "hook_keeps_grad", "cat_view", "expanded_sum"])
 def test_shared_grad_is_not_overwritten(backend, index):
@@ -248,7 +230,6 @@ def test_create_graph_never_overwrites():
 # ---------------------------------------------------------------- gradcheck, opcheck
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_backward_op(backend):
     """The reversal's forward/backward pair is deliberately not a true gradient (gradcheck on it
     must fail); the backward op is an honest function, −λ·g, with its own backward."""
@@ -261,7 +242,6 @@ def test_gradcheck_backward_op(backend):
         torch.autograd.gradcheck(lambda t: grad_reverse(t, 0.8, backend=backend), (randn(4).requires_grad_(),))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_double_backward(backend):
     x = randn(3, 4).requires_grad_()
     (dx,) = torch.autograd.grad(grad_reverse(x, 0.5, backend=backend).pow(2).sum(), x, create_graph=True)
@@ -271,7 +251,6 @@ def test_double_backward(backend):
     torch.testing.assert_close(ddx, torch.full_like(x, 2 * 0.5**2))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["odd_1d", "transposed_slice", "expanded_scalar"])
 def test_opcheck(backend, case):
     grad = GRAD_CASES[case]
@@ -304,7 +283,6 @@ def _compiled_steps(model, lambdas, set_lambda, compile_backend):
     return counters["stats"]["unique_graphs"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_compile_module_lambda_changes_without_recompile(backend, compile_backend):
     if compile_backend == "inductor" and DEVICE == "cpu" and backend == "triton":

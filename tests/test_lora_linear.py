@@ -7,19 +7,8 @@ import lowrank
 from lowrank.ops import hash_dropout, lora_linear, lora_linear_reference
 
 AVAILABLE = lowrank.backends()
-
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-
-def _backend_param(name):
-    status = AVAILABLE[name]
-    if status.available and name == "cpu" and DEVICE != "cpu":
-        status = status._replace(available=False, reason=f"backend 'cpu' takes CPU tensors; tests run on {DEVICE}")
-    return pytest.param(name, marks=pytest.mark.skipif(not status.available, reason=status.reason), id=name)
-
-
-BACKENDS = [_backend_param(name) for name in ("torch", "cpu", "triton", "cuda")]
 
 # (lead shape of x, K, N, r): block-size-unfriendly sizes, M=1, M=0, 3-D inputs, r=1.
 SHAPES = [
@@ -79,7 +68,6 @@ def check_against_reference(backend, inputs, dtype, **kwargs):
         assert_close(g, g_ref, dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lead,K,N,r", SHAPES)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 def test_float64_matches_reference(backend, lead, K, N, r, dropout_p):
@@ -91,7 +79,6 @@ def _supports(backend, dtype):
     return not (backend == "triton" and DEVICE == "cpu" and dtype in (torch.float16, torch.bfloat16))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
 def test_low_precision_matches_reference(backend, dtype):
     if not _supports(backend, dtype):
@@ -99,13 +86,11 @@ def test_low_precision_matches_reference(backend, dtype):
     check_against_reference(backend, make_inputs((3, 11), 40, 24, 8, dtype), dtype, dropout_p=0.1)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_frozen_weight_no_bias(backend):
     inputs = make_inputs((9,), 12, 10, 4, torch.float64, bias=False, weight_grad=False)
     check_against_reference(backend, inputs, torch.float64)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
     def strided(*shape):
         return torch.randn(*shape, dtype=torch.float64, device=DEVICE)
@@ -120,7 +105,6 @@ def test_non_contiguous_inputs(backend):
     check_against_reference(backend, inputs, torch.float64, dropout_p=0.2)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_expanded_grad_output(backend):
     """y.sum().backward() hands the backward a stride-0 gradient."""
     inputs = make_inputs((7,), 9, 11, 3, torch.float64)
@@ -128,7 +112,6 @@ def test_expanded_grad_output(backend):
     check_against_reference(backend, inputs, torch.float64, dropout_p=0.3, grad_y=expanded)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck(backend):
     x, weight, b, A, B = make_inputs((4,), 6, 5, 2, torch.float64)
 
@@ -138,7 +121,6 @@ def test_gradcheck(backend):
     assert torch.autograd.gradcheck(fn, (x, weight, b, A, B))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_opcheck(backend, dropout_p):
     x, weight, b, A, B = make_inputs((5,), 6, 7, 3, torch.float64)
@@ -162,7 +144,6 @@ def test_opcheck_native_ops():
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
     x, weight, b, A, B = make_inputs((2, 5), 8, 6, 4, torch.float64)
@@ -194,7 +175,6 @@ def test_torch_compile_inductor_cpu():
 # ---------------------------------------------------------------- inference path
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lead,K,N,r", SHAPES + [((300,), 20, 18, 5), ((4,), 16, 16, 70)])
 def test_inference_matches_reference(backend, lead, K, N, r):
     """No gradient and no dropout: the forward-only op (Triton: one launch up to 256 rows)."""
@@ -223,7 +203,6 @@ def test_inference_runs_the_forward_only_op(monkeypatch):
     assert calls == ["_lora_linear_inference_op"] * 2 + ["_lora_linear_op"] * 2
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_inference(backend):
     x, weight, b, A, B = (t.detach() for t in make_inputs((5,), 6, 7, 3, torch.float64))
     torch.library.opcheck(torch.ops.lowrank.lora_linear_inference.default, (x, weight, b, A, B, 0.5, backend))
@@ -259,7 +238,6 @@ def test_hash_mask_rate_and_independence():
     assert (masks[0] != masks[1]).double().mean().item() > 0.3  # different seeds, different masks
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_zeroes_lora_path_only(backend):
     """With B = I-like and W = 0 the output exposes dropout(x)·Aᵀ; kept entries are scaled by 1/(1-p)."""
     K = 64
