@@ -1,5 +1,5 @@
-// Op schemas of the lowrank namespace and build information.
-// Kernels register per device: csrc/cpu/ (CPU) and csrc/cuda/ (CUDA).
+// The lowrank op namespace and the extension's build information. Op schemas: csrc/<op>.cpp;
+// kernels register per device in csrc/cpu/ (CPU) and csrc/cuda/ (CUDA).
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -11,17 +11,8 @@
 #error "LOWRANK_TORCH_VERSION must be defined by setup.py"
 #endif
 
-TORCH_LIBRARY(lowrank, m) {
-  // y = x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ; also returns xa = dropout(x)·Aᵀ for backward.
-  m.def(
-      "lora_linear_forward_native(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
-      "float scaling, float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
-  // Returns (dx, dweight, dbias, dA, dB); a gradient that is not needed is an empty tensor.
-  m.def(
-      "lora_linear_backward_native(Tensor grad_y, Tensor x, Tensor xa, Tensor weight, Tensor lora_A, "
-      "Tensor lora_B, float scaling, float dropout_p, Tensor? seed, bool needs_dx, bool needs_dweight, "
-      "bool needs_dbias) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
+// The namespace is created here; each op's schemas are a fragment in its own file (csrc/<op>.cpp).
+TORCH_LIBRARY(lowrank, m) {}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", [] {

@@ -1,7 +1,7 @@
 // CUDA kernels of lowrank::lora_linear_forward_native and lowrank::lora_linear_backward_native.
 //
 // GEMMs go to cuBLAS through at::mm/addmm (bias in the beta = 1 epilogue, the low-rank term
-// accumulated in place with addmm_). The kernels of lora_kernels.cu are used where they save
+// accumulated in place with addmm_). The kernels of lora_linear_kernels.cu are used where they save
 // a pass over an [M, K] tensor: dropout fused into x·Aᵀ, and the masked dx update.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -17,7 +17,7 @@
 #include "../hash_dropout.h"
 #include "../lora_linear_common.h"
 #include "aten_views.h"
-#include "lora_kernels.cuh"
+#include "lora_linear_kernels.cuh"
 
 namespace lowrank {
 namespace {

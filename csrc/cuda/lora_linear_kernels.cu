@@ -1,5 +1,5 @@
-// CUDA kernels declared in lora_kernels.cuh.
-#include "lora_kernels.cuh"
+// CUDA kernels declared in lora_linear_kernels.cuh.
+#include "lora_linear_kernels.cuh"
 #include "numeric.cuh"
 
 #include "../hash_dropout.h"
