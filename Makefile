@@ -41,7 +41,7 @@ lint: install
 	$(PY) -m ruff check .
 
 bench: install
-	$(PY) -m benchmarks.bench_lora --plot
+	$(PY) -m benchmarks.bench_lora_linear --plot
 
 $(CUDA_VENV)/.installed: .ci/constraints-cuda.txt
 	$(PYTHON) -m venv $(CUDA_VENV)

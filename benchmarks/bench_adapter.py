@@ -13,7 +13,7 @@ tensors requiring grad (h stands for the activations of the layers below):
                      only when named in --providers, inductor's C++ builds being slow)
   lowrank_<backend>  lowrank.ops.adapter with that backend (auto: the fastest, measured per shape)
 
-Timing, interleaving, input rotation and memory accounting are those of benchmarks.bench_lora
+Timing, interleaving, input rotation and memory accounting are those of benchmarks.bench_lora_linear
 (imported, not copied). Each provider is checked against lowrank.ops.adapter_reference before
 it is timed, and one that disagrees is reported instead of timed (exit status 1).
 The cpu backend runs fp32 GEMMs through oneDNN, which on some CPUs (AMD Zen) is much faster
@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 import lowrank
-from benchmarks.bench_lora import (
+from benchmarks.bench_lora_linear import (
     DTYPES,
     MAX_INPUT_SETS,
     MODE_COLUMNS,
@@ -150,7 +150,7 @@ def input_set_count(shape: Shape, dtype: torch.dtype) -> int:
 
 @dataclass
 class Layer:
-    """One provider's implementation of a Problem: out = forward(h). bench_lora's timing and
+    """One provider's implementation of a Problem: out = forward(h). bench_lora_linear's timing and
     memory helpers take it in place of their own Layer: they use forward, held and clear_grads."""
 
     forward: Callable[[Tensor], Tensor]

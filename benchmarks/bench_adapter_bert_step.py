@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lowrank
-from benchmarks.bench_lora import skip_reasons as layer_skip_reasons, write_reports
+from benchmarks.bench_lora_linear import skip_reasons as layer_skip_reasons, write_reports
 from benchmarks.training_step import TrainingRun, compare_providers, markdown_rows, start_report, step_parser
 from lowrank.adapters import adapter_modules
 from lowrank.nn.adapter import Adapter

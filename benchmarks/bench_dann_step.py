@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.bench_grl import LAMBDA, providers, time_interleaved
-from benchmarks.bench_lora import (
+from benchmarks.bench_grad_reverse import LAMBDA, providers, time_interleaved
+from benchmarks.bench_lora_linear import (
     DEFAULT_OUT_DIR,
     _format_ms,
     _positive_int,

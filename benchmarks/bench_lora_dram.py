@@ -6,7 +6,7 @@ for torch LoRA at M=8192, K=N=4096, r=16 (H100); this puts ours beside them.
     python -m benchmarks.bench_lora_dram --shape 8192,4096,4096,16 --providers linear_frozen lowrank_auto
 
 For each provider, ncu runs this module again (--profile-one) in a child process: the layer of
-benchmarks.bench_lora is built and checked against the float64 reference, warmed up (autotuning
+benchmarks.bench_lora_linear is built and checked against the float64 reference, warmed up (autotuning
 and lowrank's backend pick happen there), then one forward+backward runs between
 cudaProfilerStart/Stop, so ncu counts exactly its kernels (dram__bytes_read.sum +
 dram__bytes_write.sum, each kernel replayed with caches flushed, as ncu does by default).
@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from benchmarks.bench_lora import (
+from benchmarks.bench_lora_linear import (
     DEFAULT_OUT_DIR,
     DTYPES,
     HEADLINE_SHAPE,

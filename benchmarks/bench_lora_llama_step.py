@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import lowrank
-from benchmarks.bench_lora import _positive_int, write_reports
+from benchmarks.bench_lora_linear import _positive_int, write_reports
 from benchmarks.training_step import TrainingRun, compare_providers, markdown_rows, start_report, step_parser
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -108,7 +108,7 @@ PROVIDERS = tuple(BUILDERS)
 def skip_reasons(device: torch.device) -> dict[str, str]:
     import importlib.util
 
-    from benchmarks.bench_lora import skip_reasons as layer_skip_reasons
+    from benchmarks.bench_lora_linear import skip_reasons as layer_skip_reasons
 
     reasons = {}
     for name in ("transformers", "peft"):

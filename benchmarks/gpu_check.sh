@@ -43,8 +43,8 @@ bench() {
 }
 if wants lora; then
   # The torch.compile baselines run at the first (headline) shape only: inductor compiles per shape.
-  bench benchmarks.bench_lora --dtype bf16 --max-minutes 2.5 --plot
-  bench benchmarks.bench_lora --dtype fp16 --shapes 8192,4096,4096,16
+  bench benchmarks.bench_lora_linear --dtype bf16 --max-minutes 2.5 --plot
+  bench benchmarks.bench_lora_linear --dtype fp16 --shapes 8192,4096,4096,16
   bench benchmarks.bench_lora_llama_step
   bench benchmarks.bench_lora_dram
 fi
@@ -52,7 +52,7 @@ if wants adapter; then
   for activation in relu gelu silu; do
     bench benchmarks.bench_adapter --dtype bf16 --activation $activation
   done
-  bench benchmarks.bench_grl --dtype bf16
+  bench benchmarks.bench_grad_reverse --dtype bf16
   bench benchmarks.bench_dann_step
   bench benchmarks.bench_dann_step --encoder vit-b --batch 256 --repeats 10
   bench benchmarks.bench_adapter_bert_step --placement houlsby
@@ -64,8 +64,7 @@ step "summary"
 python - "$RESULTS" <<'PY' | tee -a "$LOG"
 import json, pathlib, sys
 results = pathlib.Path(sys.argv[1])
-lora = [json.loads(path.read_text()) for path in sorted(results.glob("lora_*.json"))]
-lora = [report for report in lora if report["benchmark"] == "lora_linear"]
+lora = [json.loads(path.read_text()) for path in sorted(results.glob("lora_linear_*.json"))]
 for path in sorted(results.glob("*.md")):
     if not path.name.startswith("lora_"):  # the LoRA reports get the compact summary below
         print(f"\n{path.name}")

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from benchmarks.bench_lora import (
+from benchmarks.bench_lora_linear import (
     DEFAULT_OUT_DIR,
     DTYPES,
     _CudaEventTimer,

@@ -38,7 +38,7 @@ def _poisoned_cuda_memory():
 
 @pytest.fixture(scope="session")
 def benchmark_module():
-    """benchmark_module("bench_lora"): a module of benchmarks/, which is not part of the installed
+    """benchmark_module("bench_lora_linear"): a module of benchmarks/, which is not part of the installed
     package, imported from the checkout as `python -m benchmarks.<name>` does."""
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(REPO_ROOT))

@@ -1,4 +1,4 @@
-"""The gradient-reversal benchmark (benchmarks/bench_grl.py): its quick run times every provider
+"""The gradient-reversal benchmark (benchmarks/bench.py): its quick run times every provider
 it can run, in every mode, against copy bandwidth measured in the same run, and it refuses to
 time a GRL whose backward is wrong."""
 
@@ -14,27 +14,27 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def bench_grl(benchmark_module):
-    return benchmark_module("bench_grl")
+def bench(benchmark_module):
+    return benchmark_module("bench_grad_reverse")
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("bench_grl")
+    out_dir = tmp_path_factory.mktemp("bench_grad_reverse")
     completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_grl", "--quick", "--out-dir", str(out_dir)],
+        [sys.executable, "-m", "benchmarks.bench_grad_reverse", "--quick", "--out-dir", str(out_dir)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
     )
-    reports = list(out_dir.glob("grl_*.json"))
+    reports = list(out_dir.glob("grad_reverse_*.json"))
     report = json.loads(reports[0].read_text()) if len(reports) == 1 else None
     return completed, report, out_dir
 
 
-def test_quick_run_reports_every_runnable_provider(quick_run, bench_grl):
+def test_quick_run_reports_every_runnable_provider(quick_run, bench):
     completed, report, out_dir = quick_run
     assert completed.returncode == 0, f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
     assert report is not None and report["failed_checks"] == []
-    forwards, skipped = bench_grl.providers(torch.device(report["device"]["type"]))
+    forwards, skipped = bench.providers(torch.device(report["device"]["type"]))
     assert report["skipped"] == skipped
     assert [row["provider"] for row in report["results"]] == list(forwards)
     assert {"naive", "lowrank_torch"} <= set(forwards)
@@ -45,15 +45,15 @@ def test_quick_run_reports_every_runnable_provider(quick_run, bench_grl):
         assert set(row["median_ms"]) == modes
         assert all(len(row["times_ms"][mode]) == report["repeats"] for mode in modes)
         assert row["kernel_gbps"] > 0 and row["kernel_fraction_of_copy"] > 0
-    markdown = (out_dir / f"grl_{report['device']['slug']}_{report['dtype']}.md").read_text()
+    markdown = (out_dir / f"grad_reverse_{report['device']['slug']}_{report['dtype']}.md").read_text()
     table = [line for line in markdown.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| size | provider | fwd ms | bwd ms | bwd kernel ms | GB/s | % copy |")
     assert len(table) == 1 + len(report["results"]) + len(report["copy"])
 
 
-def test_check_rejects_a_wrong_grl(bench_grl):
-    bench_grl.check(lambda x: bench_grl.grad_reverse(x, bench_grl.LAMBDA), torch.device("cpu"), torch.float32)
+def test_check_rejects_a_wrong_grl(bench):
+    bench.check(lambda x: bench.grad_reverse(x, bench.LAMBDA), torch.device("cpu"), torch.float32)
     with pytest.raises(AssertionError):
-        bench_grl.check(lambda x: bench_grl.grad_reverse(x, 1.0), torch.device("cpu"), torch.float32)
+        bench.check(lambda x: bench.grad_reverse(x, 1.0), torch.device("cpu"), torch.float32)
     with pytest.raises(AssertionError):
-        bench_grl.check(lambda x: x * 1, torch.device("cpu"), torch.float32)
+        bench.check(lambda x: x * 1, torch.device("cpu"), torch.float32)

@@ -1,8 +1,8 @@
 """LoRA linear benchmark: speed and activation memory of lowrank's op against named baselines.
 
-    python -m benchmarks.bench_lora                    # default shapes for the device
-    python -m benchmarks.bench_lora --quick            # one small shape, few repeats: a smoke test
-    python -m benchmarks.bench_lora --device cuda --shapes 8192,4096,4096,16 --dropout 0 0.1 --plot
+    python -m benchmarks.bench_lora_linear                    # default shapes for the device
+    python -m benchmarks.bench_lora_linear --quick            # one small shape, few repeats: a smoke test
+    python -m benchmarks.bench_lora_linear --device cuda --shapes 8192,4096,4096,16 --dropout 0 0.1 --plot
 
 Every provider computes y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ with W, b frozen and x, A, B
 requiring grad:
@@ -23,7 +23,7 @@ lowrank.ops.lora_linear_reference before it is timed, with its dropout switched 
 are random: torch's, or lowrank's hash mask, which tests/ checks bit for bit), and one that
 disagrees is reported instead of timed (exit status 1). --max-minutes stops starting new shapes
 (after the first) once the run has taken that long; the report lists what was not run.
-Results: <out-dir>/lora_<device-slug>_<dtype>[_<tag>].json (all raw numbers) and .md, and .png
+Results: <out-dir>/lora_linear_<device-slug>_<dtype>[_<tag>].json (all raw numbers) and .md, and .png
 with --plot.
 """
 
@@ -721,7 +721,7 @@ def _dropout_rate(text: str) -> float:
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_lora",
+        prog="python -m benchmarks.bench_lora_linear",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -735,7 +735,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="lora_dropout rates of the training shapes (default: 0 on CPU; 0 and 0.1 on CUDA)")
     parser.add_argument("--max-minutes", type=float,
                         help="start no shape but the first after this long (default: no limit)")
-    parser.add_argument("--tag", help="appended to the result files' names (lora_<device>_<dtype>_<tag>)")
+    parser.add_argument("--tag", help="appended to the result files' names (lora_linear_<device>_<dtype>_<tag>)")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, help="default: every provider that can run here")
     parser.add_argument("--repeats", type=_positive_int, help="timed repeats per mode (default 10 on CPU, 100 on CUDA)")
     parser.add_argument("--warmup", type=int, help="untimed repeats before them (default 2 on CPU, 10 on CUDA)")
@@ -828,7 +828,7 @@ def write_reports(out_dir: Path, name: str, report: dict, markdown: str) -> Path
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     report = run_benchmark(args)
-    name = "_".join(["lora", report["device"]["slug"], report["dtype"]] + ([args.tag] if args.tag else []))
+    name = "_".join(["lora_linear", report["device"]["slug"], report["dtype"]] + ([args.tag] if args.tag else []))
     stem = write_reports(args.out_dir, name, report, markdown_report(report))
     if args.plot and report["results"]:
         if write_plot(report, Path(f"{stem}.png")):

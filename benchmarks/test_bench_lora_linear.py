@@ -2,7 +2,7 @@
 
     pytest benchmarks/ --benchmark-only
 
-Providers, problems and steps come from benchmarks.bench_lora, so this suite times exactly what
+Providers, problems and steps come from benchmarks.bench_lora_linear, so this suite times exactly what
 the CLI times; the CLI adds the separate forward/backward modes, memory and the reports.
 """
 
@@ -11,7 +11,7 @@ import contextlib
 import pytest
 import torch
 
-from benchmarks.bench_lora import (
+from benchmarks.bench_lora_linear import (
     DTYPES,
     PROVIDERS,
     Shape,

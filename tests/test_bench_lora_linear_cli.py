@@ -1,4 +1,4 @@
-"""The LoRA benchmark (benchmarks/bench_lora.py): its quick run reports every provider and mode,
+"""The LoRA benchmark (benchmarks/bench_lora_linear.py): its quick run reports every provider and mode,
 and it times only providers that agree with the reference (a benchmark of a wrong one is worthless)."""
 
 import importlib
@@ -16,22 +16,22 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def bench_lora(benchmark_module):
-    return benchmark_module("bench_lora")
+def bench_lora_linear(benchmark_module):
+    return benchmark_module("bench_lora_linear")
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """(completed process, report, out dir) of `python -m benchmarks.bench_lora --quick`."""
-    out_dir = tmp_path_factory.mktemp("bench_lora")
+    """(completed process, report, out dir) of `python -m benchmarks.bench_lora_linear --quick`."""
+    out_dir = tmp_path_factory.mktemp("bench_lora_linear")
     completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_lora", "--quick", "--out-dir", str(out_dir)],
+        [sys.executable, "-m", "benchmarks.bench_lora_linear", "--quick", "--out-dir", str(out_dir)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=600,
     )
-    reports = list(out_dir.glob("lora_*.json"))
+    reports = list(out_dir.glob("lora_linear_*.json"))
     report = json.loads(reports[0].read_text()) if len(reports) == 1 else None
     return completed, report, out_dir
 
@@ -39,21 +39,21 @@ def quick_run(tmp_path_factory):
 def test_quick_run_succeeds_and_writes_one_report(quick_run):
     completed, report, _ = quick_run
     assert completed.returncode == 0, f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
-    assert report is not None, "expected exactly one lora_<device>_<dtype>.json in the out dir"
+    assert report is not None, "expected exactly one lora_linear_<device>_<dtype>.json in the out dir"
     assert report["failed_checks"] == []
 
 
-def test_report_times_every_runnable_provider_in_every_mode(quick_run, bench_lora):
+def test_report_times_every_runnable_provider_in_every_mode(quick_run, bench_lora_linear):
     _, report, _ = quick_run
     device = torch.device(report["device"]["type"])
     # The subprocess inherits this environment (TRITON_INTERPRET included), so it skips the same ones.
-    assert report["skipped"] == bench_lora.skip_reasons(device)
+    assert report["skipped"] == bench_lora_linear.skip_reasons(device)
     timed = [row["provider"] for row in report["results"]]
-    assert sorted(timed) == sorted(set(bench_lora.PROVIDERS) - set(report["skipped"]))
+    assert sorted(timed) == sorted(set(bench_lora_linear.PROVIDERS) - set(report["skipped"]))
     assert {"linear_frozen", "eager_peft_style", "lowrank_torch"} <= set(timed)  # they run anywhere
     for row in report["results"]:
-        assert set(row["times_ms"]) == set(bench_lora.MODES)
-        for mode in bench_lora.MODES:
+        assert set(row["times_ms"]) == set(bench_lora_linear.MODES)
+        for mode in bench_lora_linear.MODES:
             assert len(row["times_ms"][mode]) == report["repeats"]
             assert all(ms > 0 for ms in row["times_ms"][mode]), (row["provider"], mode)
             assert row["median_ms"][mode] > 0
@@ -64,24 +64,24 @@ def test_report_times_every_runnable_provider_in_every_mode(quick_run, bench_lor
 
 def test_markdown_table_is_written_and_printed_last(quick_run):
     completed, report, out_dir = quick_run
-    markdown = (out_dir / f"lora_{report['device']['slug']}_{report['dtype']}.md").read_text()
+    markdown = (out_dir / f"lora_linear_{report['device']['slug']}_{report['dtype']}.md").read_text()
     table_rows = [line for line in markdown.splitlines() if line.startswith("| ")]
     assert table_rows[0].startswith("| M | K | N | r | p | provider | infer ms | fwd ms | bwd ms | fwd+bwd ms |")
     assert len(table_rows) == 1 + len(report["results"])
     assert completed.stdout.rstrip().splitlines()[-1] == table_rows[-1]
 
 
-def test_every_runnable_provider_matches_the_reference(bench_lora):
-    device = bench_lora.resolve_device("auto")
-    dtype = bench_lora.DTYPES[bench_lora.default_dtype_name(device)]
-    problem = bench_lora.make_problem(bench_lora.QUICK_SHAPE, device, dtype)
-    skipped = bench_lora.skip_reasons(device)
+def test_every_runnable_provider_matches_the_reference(bench_lora_linear):
+    device = bench_lora_linear.resolve_device("auto")
+    dtype = bench_lora_linear.DTYPES[bench_lora_linear.default_dtype_name(device)]
+    problem = bench_lora_linear.make_problem(bench_lora_linear.QUICK_SHAPE, device, dtype)
+    skipped = bench_lora_linear.skip_reasons(device)
     mismatches = {}
-    for provider in bench_lora.PROVIDERS:
+    for provider in bench_lora_linear.PROVIDERS:
         if provider in skipped:
             continue
         try:
-            bench_lora.check_against_reference(bench_lora.build_layer(provider, problem), problem)
+            bench_lora_linear.check_against_reference(bench_lora_linear.build_layer(provider, problem), problem)
         except AssertionError as exc:
             mismatches[provider] = str(exc)
     assert not mismatches, mismatches
@@ -103,34 +103,34 @@ def _adapter_gradients_dropped(layer, problem):
 
 
 @pytest.mark.parametrize("sabotage", [_adapter_ignored, _adapter_gradients_dropped])
-def test_reference_check_rejects_a_wrong_provider(bench_lora, sabotage):
-    problem = bench_lora.make_problem(bench_lora.QUICK_SHAPE, torch.device("cpu"), torch.float32)
-    layer = bench_lora.build_layer("lowrank_torch", problem)
-    wrong = bench_lora.Layer(sabotage(layer, problem), layer.held, layer.lora_A, layer.lora_B)
+def test_reference_check_rejects_a_wrong_provider(bench_lora_linear, sabotage):
+    problem = bench_lora_linear.make_problem(bench_lora_linear.QUICK_SHAPE, torch.device("cpu"), torch.float32)
+    layer = bench_lora_linear.build_layer("lowrank_torch", problem)
+    wrong = bench_lora_linear.Layer(sabotage(layer, problem), layer.held, layer.lora_A, layer.lora_B)
     with pytest.raises(AssertionError, match="differs from the reference"):
-        bench_lora.check_against_reference(wrong, problem)
+        bench_lora_linear.check_against_reference(wrong, problem)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_triton_interpreter_is_never_timed(bench_lora, monkeypatch):
+def test_triton_interpreter_is_never_timed(bench_lora_linear, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    device = bench_lora.resolve_device("auto")
-    assert bench_lora.skip_reasons(device)["lowrank_triton"].startswith("TRITON_INTERPRET=1")
+    device = bench_lora_linear.resolve_device("auto")
+    assert bench_lora_linear.skip_reasons(device)["lowrank_triton"].startswith("TRITON_INTERPRET=1")
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_every_provider_matches_the_reference_with_and_without_dropout(bench_lora, dropout_p):
+def test_every_provider_matches_the_reference_with_and_without_dropout(bench_lora_linear, dropout_p):
     """Named providers too: the compiled baselines (slow on CPU, so off by default there) and
     Unsloth's recipe, whose backward is written by hand. With dropout each is checked with it off."""
-    problem = bench_lora.make_problem(bench_lora.Shape(48, 40, 36, 4), torch.device("cpu"), torch.float32,
+    problem = bench_lora_linear.make_problem(bench_lora_linear.Shape(48, 40, 36, 4), torch.device("cpu"), torch.float32,
                                       dropout_p=dropout_p)
     providers = ["unsloth_style", "eager_peft_style_compiled", "lowrank_torch", "eager_peft_style"]
     for provider in providers:
-        if dropout_p and provider in bench_lora.DROPOUT_FREE_PROVIDERS:
+        if dropout_p and provider in bench_lora_linear.DROPOUT_FREE_PROVIDERS:
             continue
-        layer = bench_lora.build_layer(provider, problem)
-        bench_lora.check_against_reference(layer, problem)
-        x, _ = bench_lora.make_inputs(problem, 1, seed=5)[0]
+        layer = bench_lora_linear.build_layer(provider, problem)
+        bench_lora_linear.check_against_reference(layer, problem)
+        x, _ = bench_lora_linear.make_inputs(problem, 1, seed=5)[0]
         with torch.no_grad():
             with_dropout = layer.forward(x)
         layer.set_dropout(False)
@@ -139,13 +139,13 @@ def test_every_provider_matches_the_reference_with_and_without_dropout(bench_lor
         assert torch.equal(with_dropout, without) == (dropout_p == 0), provider  # the switch is real
 
 
-def test_decode_shapes_time_inference_only_and_the_budget_is_reported(bench_lora, tmp_path):
-    args = bench_lora.parse_args([
+def test_decode_shapes_time_inference_only_and_the_budget_is_reported(bench_lora_linear, tmp_path):
+    args = bench_lora_linear.parse_args([
         "--device", "cpu", "--shapes", "64,32,32,4", "--decode-shapes", "1,32,32,4", "16,32,32,4",
         "--dropout", "0", "0.1", "--providers", "linear_frozen", "unsloth_style", "lowrank_torch",
         "--repeats", "2", "--warmup", "0", "--out-dir", str(tmp_path),
     ])
-    report = bench_lora.run_benchmark(args)
+    report = bench_lora_linear.run_benchmark(args)
     decode = [row for row in report["results"] if row["shape"]["M"] in (1, 16)]
     assert {row["provider"] for row in decode} == {"linear_frozen", "unsloth_style", "lowrank_torch"}
     assert all(set(row["median_ms"]) == {"inference"} and row["ratio_mode"] == "inference" for row in decode)
@@ -154,13 +154,13 @@ def test_decode_shapes_time_inference_only_and_the_budget_is_reported(bench_lora
     assert "unsloth_style at p=0.1" in report["skipped"]
 
     args.max_minutes = 0.0
-    budgeted = bench_lora.run_benchmark(args)
+    budgeted = bench_lora_linear.run_benchmark(args)
     assert budgeted["not_run"] == [  # the first shape always runs
         "M=64 K=32 N=32 r=4 p=0.1", "M=1 K=32 N=32 r=4 p=0 (inference only)", "M=16 K=32 N=32 r=4 p=0 (inference only)"]
     assert {row["shape"]["M"] for row in budgeted["results"]} == {64}
-    assert "not run, over the --max-minutes budget" in bench_lora.markdown_report(budgeted)
+    assert "not run, over the --max-minutes budget" in bench_lora_linear.markdown_report(budgeted)
 
 
-def test_dropout_rate_out_of_range_is_refused(bench_lora):
+def test_dropout_rate_out_of_range_is_refused(bench_lora_linear):
     with pytest.raises(SystemExit):
-        bench_lora.parse_args(["--dropout", "1.0"])
+        bench_lora_linear.parse_args(["--dropout", "1.0"])

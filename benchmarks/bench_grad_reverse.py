@@ -1,9 +1,9 @@
 """Gradient-reversal benchmark: lowrank's GRL against a naive one, and its backward against the
 machine's copy bandwidth, measured in the same run.
 
-    python -m benchmarks.bench_grl                       # default sizes for the device
-    python -m benchmarks.bench_grl --quick               # one small size, few repeats: a smoke test
-    python -m benchmarks.bench_grl --device cuda --dtype bf16 --sizes 67108864
+    python -m benchmarks.bench_grad_reverse                       # default sizes for the device
+    python -m benchmarks.bench_grad_reverse --quick               # one small size, few repeats: a smoke test
+    python -m benchmarks.bench_grad_reverse --device cuda --dtype bf16 --sizes 67108864
 
 Providers (x of `size` elements requiring grad, λ = 0.7):
   naive              forward x.clone(), backward -λ * grad (an autograd.Function): what a GRL
@@ -16,7 +16,7 @@ out-of-place op and the in-place op (λ = 1 there, so repeating it on one tensor
 denormals), each as achieved bandwidth (one read + one write of the gradient) and as a fraction of
 `dst.copy_(src)` of the same size timed in the same run. The goal on CPU is ≥ 80 % of copy.
 Every provider is checked against −λ·grad in float64 before it is timed.
-Results: <out-dir>/grl_<device-slug>_<dtype>.json (all raw numbers) and .md.
+Results: <out-dir>/grad_reverse_<device-slug>_<dtype>.json (all raw numbers) and .md.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 import lowrank
-from benchmarks.bench_lora import (
+from benchmarks.bench_lora_linear import (
     DEFAULT_OUT_DIR,
     DTYPES,
     _CudaEventTimer,
@@ -221,7 +221,7 @@ def markdown_report(report: dict) -> str:
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_grl", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_grad_reverse", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
@@ -280,7 +280,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     report = run_benchmark(args)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"grl_{report['device']['slug']}_{report['dtype']}"
+    stem = args.out_dir / f"grad_reverse_{report['device']['slug']}_{report['dtype']}"
     Path(f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     Path(f"{stem}.md").write_text(markdown_report(report))
     print(f"wrote {stem}.json and {stem}.md")
