@@ -28,11 +28,10 @@ How each choice was made (none on target labels; the target test split is only e
                           raises Source only's source validation accuracy on every seed (MNIST<->USPS)
   label-free              fixed normalisation for MNIST->MNIST-M too: reverse validation scored it
                           over per-domain for DANN (--normalisation per_domain gives the other)
-  for the time budget     step counts and CoGAN's batch of 32 (one run <= 3 minutes on the 2-core
-                          CPU: CoGAN's 3200 steps with both cores, the others' on 1 thread, two runs
-                          side by side; on MNIST->MNIST-M every method on both cores, and DANN's
-                          11000 steps, lowrank.da.methods.TASK_DEFAULTS, the whole budget); source
-                          training Adam 1e-3, weight decay 5e-4, not tuned
+  for run time            step counts and CoGAN's batch of 32, and DANN's 11000 steps on
+                          MNIST->MNIST-M (lowrank.da.methods.TASK_DEFAULTS; the timings behind
+                          them are in docs/domain-adaptation.md); source training Adam 1e-3,
+                          weight decay 5e-4, not tuned
 Label-free checks of other settings: python -m lowrank.da.select (reverse validation).
 """
 

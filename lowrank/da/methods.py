@@ -39,8 +39,8 @@ __all__ = ["DAMethod", "SourceOnly", "DANN", "ADDA", "DomainConfusion", "CoGAN",
 
 CHECKPOINT_FORMAT = "lowrank.da checkpoint 1"
 
-# A task's own overrides of a method's defaults. On MNIST->MNIST-M DANN gets the whole 3-minute budget
-# (11000 steps take 142-148 s on both cores of the 2-core CPU): at 2000 it has not aligned the domains.
+# A task's own overrides of a method's defaults. On MNIST->MNIST-M DANN gets 11000 steps: at 2000
+# it has not aligned the domains (docs/domain-adaptation.md).
 TASK_DEFAULTS = {"mnist-mnistm": {"dann": {"steps": 11000}}}
 
 

@@ -21,14 +21,14 @@ Normalisation (Task.normalisation): "fixed" maps every domain's pixels by (x - 0
 (the source sample; for the target, the unlabelled pool), applied to its validation or test split too.
 Every task uses "fixed". MNIST->MNIST-M used per_domain until the 28x28 protocol, for a label-free
 reason that did not hold up (DANN's domain loss stayed as far under ln 2 with it), and reverse
-validation, the DANN paper's label-free criterion, scored fixed higher for DANN (README).
+validation, the DANN paper's label-free criterion, scored fixed higher for DANN (docs/domain-adaptation.md).
 
 Augmentation (Task.augment): a random affine warp (rotation ±10°, zoom 0.9-1.1, shift ±10%;
 lowrank.data.augment.RandomAffine) of every source and target training image, drawn afresh each
 time an image is read; validation and test images are not warped. Chosen on the source validation
 split, by one rule: on when it raises Source only's source validation accuracy on each of seeds 0-2.
 It did on both MNIST<->USPS tasks; on MNIST->MNIST-M it did on 2 of 3 seeds, so it is off there
-(README, "Domain adaptation").
+(docs/domain-adaptation.md).
 
 MNIST->MNIST-M source (Task.source_test_digits): MNIST-M test image i is MNIST test image i blended
 over a photo patch. The DANN paper adapts from the very MNIST training digits its MNIST-M training

@@ -17,7 +17,7 @@ Checkpoints (output_dir/checkpoint/) are safetensors plus JSON, never pickle:
 Resuming checks the key shapes and the frozen fingerprint, so a checkpoint from another model or
 from another pre-trained base of the same architecture is refused, naming the checkpoint.
 
-Distributed (config.distributed "ddp" or "fsdp", launched by torchrun; see README "Distributed"):
+Distributed (config.distributed "ddp" or "fsdp", launched by torchrun; see docs/finetune.md, "Distributed"):
 every rank shuffles the data alike and trains on its contiguous slice of each global batch of
 config.batch_size samples (which must divide by the world size); the loss is scaled by
 world_size / (samples in the optimizer step), so the averaged gradient is the single-process
