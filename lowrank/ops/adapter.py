@@ -57,7 +57,10 @@ def activation_derivative(name: str, z: Tensor) -> Tensor:
     return d.to(z.dtype)
 
 
-def adapter_reference(h, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=True):
+def adapter_reference(
+    h: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor],
+    activation: str = "relu", scaling: float = 1.0, residual: bool = True,
+) -> Tensor:
     """Plain autograd formula: the oracle for tests (any leading dims)."""
     a = activation_fn(activation)(torch.nn.functional.linear(h, w_down, b_down))
     delta = scaling * torch.nn.functional.linear(a, w_up, b_up)
@@ -114,14 +117,8 @@ def _implementation_for(backend: str, h: Tensor, w_down: Tensor, activation: str
         def make(*shape):
             return torch.randn(*shape, device=h.device, dtype=h.dtype)
 
-        h_, w_down_, b_down_, w_up_, b_up_, grad_out = (
-            make(rows, D),
-            make(Bn, D),
-            make(Bn),
-            make(D, Bn),
-            make(D),
-            make(rows, D),
-        )
+        h_, grad_out = make(rows, D), make(rows, D)
+        w_down_, b_down_, w_up_, b_up_ = make(Bn, D), make(Bn), make(D, Bn), make(D)
 
         def step():
             _, z = implementation.forward(h_, w_down_, b_down_, w_up_, b_up_, activation, 0.5, True)
@@ -290,7 +287,10 @@ def _check_inputs(h, w_down, b_down, w_up, b_up, activation, scaling, residual):
             )
 
 
-def adapter(h, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=True, *, backend=None):
+def adapter(
+    h: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor],
+    activation: str = "relu", scaling: float = 1.0, residual: bool = True, *, backend: Optional[str] = None,
+) -> Tensor:
     """out = h + scaling·(act(h·W_dᵀ + b_d)·W_uᵀ + b_u) (no `h +` when residual=False).
 
     backend: "torch", "cpu", "triton", "cuda", "auto" (the fastest for this shape, measured once:

@@ -32,7 +32,10 @@ from lowrank.ops._common import autocast_inputs
 from lowrank.ops._dispatch import OpBackends, empty_if_skipped, native_op, none_if_skipped, register_native_fakes
 
 
-def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=None):
+def lora_linear_reference(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
+    dropout_p: float = 0.0, seed: Optional[Tensor] = None,
+) -> Tensor:
     """Plain autograd formula: the oracle for tests (any leading dims)."""
     x_lora = x
     if dropout_p > 0.0:
@@ -280,7 +283,10 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         raise TypeError(f"lora_linear: scaling must be a Python number, got {type(scaling).__name__}")
 
 
-def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, backend=None):
+def lora_linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
+    dropout_p: float = 0.0, *, backend: Optional[str] = None,
+) -> Tensor:
     """y = x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ through the chosen backend.
 
     backend: "torch", "cpu", "triton", "cuda", "auto" (the fastest for this shape, measured once:
