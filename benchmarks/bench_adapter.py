@@ -13,8 +13,8 @@ tensors requiring grad (h stands for the activations of the layers below):
                      only when named in --providers, inductor's C++ builds being slow)
   lowrank_<backend>  lowrank.ops.adapter with that backend (auto: the fastest, measured per shape)
 
-Timing, interleaving, input rotation and memory accounting are those of benchmarks.bench_lora_linear
-(imported, not copied). Each provider is checked against lowrank.ops.adapter_reference before
+Timing, interleaving, input rotation and memory accounting are those of benchmarks.harness,
+shared with the LoRA benchmark. Each provider is checked against lowrank.ops.adapter_reference before
 it is timed, and one that disagrees is reported instead of timed (exit status 1).
 The cpu backend runs fp32 GEMMs through oneDNN, which on some CPUs (AMD Zen) is much faster
 than the MKL sgemm behind nn.Linear; --no-onednn turns oneDNN off (torch.backends.mkldnn) to
@@ -36,21 +36,21 @@ import torch
 from torch import Tensor, nn
 
 import lowrank
-from benchmarks.bench_lora_linear import (
+from benchmarks.harness import (
     DTYPES,
     MAX_INPUT_SETS,
     MODE_COLUMNS,
     MODES,
     ROTATION_BYTES,
-    _format_mib,
-    _format_ms,
-    _methods,
-    _positive_int,
+    backend_skip_reasons,
     default_dtype_name,
     describe_device,
+    describe_methods,
     describe_versions,
+    format_mib,
+    format_ms,
+    positive_int,
     resolve_device,
-    skip_reasons as lowrank_skip_reasons,
     time_checked_providers,
 )
 from lowrank.ops import adapter, adapter_reference
@@ -150,8 +150,8 @@ def input_set_count(shape: Shape, dtype: torch.dtype) -> int:
 
 @dataclass
 class Layer:
-    """One provider's implementation of a Problem: out = forward(h). bench_lora_linear's timing and
-    memory helpers take it in place of their own Layer: they use forward, held and clear_grads."""
+    """One provider's implementation of a Problem: out = forward(h). The harness's timing and
+    memory helpers take it in place of harness.Layer: they use forward, held and clear_grads."""
 
     forward: Callable[[Tensor], Tensor]
     trained: tuple[Tensor, ...]  # (w_down, b_down, w_up, b_up)
@@ -227,7 +227,7 @@ def build_layer(provider: str, problem: Problem) -> Layer:
 def skip_reasons(device: torch.device, named: tuple[str, ...] = ()) -> dict[str, str]:
     """The providers that cannot be timed on `device`, each with why (the LoRA benchmark's rules);
     `named`: the providers the user asked for by name."""
-    reasons = {provider: reason for provider, reason in lowrank_skip_reasons(device).items() if provider in BUILDERS}
+    reasons = {provider: reason for provider, reason in backend_skip_reasons(device).items() if provider in BUILDERS}
     if device.type != "cuda" and "eager_compiled" not in named:
         # Inductor compiles C++ for the CPU for tens of seconds per shape; ask with --providers.
         reasons["eager_compiled"] = "CPU runs time torch.compile only when named in --providers"
@@ -298,9 +298,9 @@ def markdown_table(report: dict) -> str:
     for row in report["results"]:
         shape, speedup = row["shape"], row["speedup_vs_eager"]
         cells = [str(shape[dim]) for dim in ("M", "D", "Bn")] + [row["provider"]]
-        cells += [_format_ms(row["median_ms"][mode]) for mode in MODES]
+        cells += [format_ms(row["median_ms"][mode]) for mode in MODES]
         cells += ["—" if speedup is None else f"{speedup[mode]:.2f}" for mode in MODES]
-        cells += [_format_mib(row["saved_bytes"])] + ([_format_mib(row["peak_bytes"])] if with_peak else [])
+        cells += [format_mib(row["saved_bytes"])] + ([format_mib(row["peak_bytes"])] if with_peak else [])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -342,7 +342,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--activation", choices=tuple(ACTIVATIONS), default="relu")
     parser.add_argument("--shapes", nargs="+", type=Shape.parse, metavar="M,D,Bn", help="default: a set per device")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, help="default: every provider that can run here")
-    parser.add_argument("--repeats", type=_positive_int, help="timed repeats per mode (default 10 on CPU, 100 on CUDA)")
+    parser.add_argument("--repeats", type=positive_int, help="timed repeats per mode (default 10 on CPU, 100 on CUDA)")
     parser.add_argument("--warmup", type=int, help="untimed repeats before them (default 2 on CPU, 10 on CUDA)")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="default: benchmarks/results")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_SHAPE}, {QUICK_REPEATS} repeats: a smoke test")
@@ -373,7 +373,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "quick": args.quick,
         "repeats": repeats,
         "warmup": warmup,
-        **_methods(device),
+        **describe_methods(device),
         "lowrank_backends": {name: status._asdict() for name, status in lowrank.backends().items()},
         "skipped": skipped,
         "failed_checks": [],

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lowrank
-from benchmarks.bench_lora_linear import skip_reasons as layer_skip_reasons, write_reports
+from benchmarks.harness import backend_skip_reasons, write_reports
 from benchmarks.training_step import TrainingRun, compare_providers, markdown_rows, start_report, step_parser
 from lowrank.adapters import adapter_modules
 from lowrank.nn.adapter import Adapter
@@ -94,7 +94,7 @@ def skip_reasons(device: torch.device) -> dict[str, str]:
 
     if importlib.util.find_spec("transformers") is None:
         return {provider: "transformers is not installed" for provider in PROVIDERS}
-    reasons = layer_skip_reasons(device)
+    reasons = backend_skip_reasons(device)
     return {provider: reasons[provider] for provider in PROVIDERS if provider in reasons}
 
 

@@ -34,12 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.bench_grad_reverse import LAMBDA, providers, time_interleaved
-from benchmarks.bench_lora_linear import (
+from benchmarks.harness import (
     DEFAULT_OUT_DIR,
-    _format_ms,
-    _positive_int,
     describe_device,
     describe_versions,
+    format_ms,
+    positive_int,
     resolve_device,
 )
 from lowrank.da.models import Classifier, Discriminator, LeNetEncoder
@@ -138,7 +138,7 @@ def markdown_table(report: dict) -> str:
     lines = ["| batch per domain | features | GRL | step ms | vs eager |", "|---:|---:|---|---:|---:|"]
     for row in report["results"]:
         name = "eager (clone fwd, allocating bwd)" if row["provider"] == "naive" else row["provider"]
-        lines.append(f"| {row['batch_per_domain']} | {row['feature_dim']} | {name} | {_format_ms(row['median_ms'])} | "
+        lines.append(f"| {row['batch_per_domain']} | {row['feature_dim']} | {name} | {format_ms(row['median_ms'])} | "
                      f"{row['ratio_to_eager']:.3f} |")
     return "\n".join(lines)
 
@@ -147,12 +147,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_dann_step", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--batch", type=_positive_int, help="images per domain per step (default: per device)")
-    parser.add_argument("--feature-dim", type=_positive_int, help="LeNet's output size (default: per device)")
+    parser.add_argument("--batch", type=positive_int, help="images per domain per step (default: per device)")
+    parser.add_argument("--feature-dim", type=positive_int, help="LeNet's output size (default: per device)")
     parser.add_argument("--encoder", choices=("lenet", "vit-b"), default="lenet")
-    parser.add_argument("--repeats", type=_positive_int)
+    parser.add_argument("--repeats", type=positive_int)
     parser.add_argument("--warmup", type=int)
-    parser.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--quick", action="store_true", help="one tiny config, few repeats: a smoke test")
     return parser.parse_args(argv)

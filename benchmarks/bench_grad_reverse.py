@@ -32,18 +32,18 @@ import torch
 from torch import Tensor
 
 import lowrank
-from benchmarks.bench_lora_linear import (
+from benchmarks.harness import (
     DEFAULT_OUT_DIR,
     DTYPES,
-    _CudaEventTimer,
-    _format_ms,
-    _positive_int,
-    _WallTimer,
+    CudaEventTimer,
+    WallTimer,
+    backend_skip_reasons,
     default_dtype_name,
     describe_device,
     describe_versions,
+    format_ms,
+    positive_int,
     resolve_device,
-    skip_reasons,
 )
 from lowrank.ops import grad_reverse
 
@@ -70,7 +70,7 @@ class _NaiveGradReverse(torch.autograd.Function):
 
 def providers(device: torch.device) -> tuple[dict[str, Callable[[Tensor], Tensor]], dict[str, str]]:
     """({name: forward}, {name skipped: why}) for the providers that can run on `device`."""
-    reasons = {name: why for name, why in skip_reasons(device).items() if name.startswith("lowrank_")}
+    reasons = {name: why for name, why in backend_skip_reasons(device).items()}
     forwards = {"naive": lambda x: _NaiveGradReverse.apply(x, LAMBDA)}
     for backend in LOWRANK_BACKENDS:
         if f"lowrank_{backend}" not in reasons:
@@ -90,7 +90,7 @@ def check(forward: Callable[[Tensor], Tensor], device: torch.device, dtype: torc
 
 
 def _timer(device: torch.device):
-    return _CudaEventTimer() if device.type == "cuda" else _WallTimer()
+    return CudaEventTimer() if device.type == "cuda" else WallTimer()
 
 
 def time_interleaved(steps: dict[str, Callable[[object], None]], device: torch.device, repeats: int, warmup: int):
@@ -187,16 +187,16 @@ def markdown_table(report: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|---:|---|" + "---:|" * (len(header) - 2)]
     for row in report["results"]:
         ms = row["median_ms"]
-        cells = [str(row["size"]), row["provider"], _format_ms(ms["forward"]), _format_ms(ms["backward"]),
-                 _format_ms(ms["kernel"]), f"{row['kernel_gbps']:.1f}", f"{100 * row['kernel_fraction_of_copy']:.0f}"]
+        cells = [str(row["size"]), row["provider"], format_ms(ms["forward"]), format_ms(ms["backward"]),
+                 format_ms(ms["kernel"]), f"{row['kernel_gbps']:.1f}", f"{100 * row['kernel_fraction_of_copy']:.0f}"]
         if "kernel_inplace" in ms:
-            cells += [_format_ms(ms["kernel_inplace"]), f"{row['kernel_inplace_gbps']:.1f}",
+            cells += [format_ms(ms["kernel_inplace"]), f"{row['kernel_inplace_gbps']:.1f}",
                       f"{100 * row['kernel_inplace_fraction_of_copy']:.0f}"]
         else:
             cells += ["—"] * 3
         lines.append("| " + " | ".join(cells) + " |")
     for copy in report["copy"]:
-        lines.append(f"| {copy['size']} | copy_ (dst.copy_(src)) | | | {_format_ms(copy['median_ms'])} | "
+        lines.append(f"| {copy['size']} | copy_ (dst.copy_(src)) | | | {format_ms(copy['median_ms'])} | "
                      f"{copy['gbps']:.1f} | 100 | | | |")
     return "\n".join(lines)
 
@@ -226,9 +226,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
     parser.add_argument(
-        "--sizes", nargs="+", type=_positive_int, metavar="NUMEL", help="elements of x (default: per device)"
+        "--sizes", nargs="+", type=positive_int, metavar="NUMEL", help="elements of x (default: per device)"
     )
-    parser.add_argument("--repeats", type=_positive_int, help="timed repeats (default 20 on CPU, 100 on CUDA)")
+    parser.add_argument("--repeats", type=positive_int, help="timed repeats (default 20 on CPU, 100 on CUDA)")
     parser.add_argument("--warmup", type=int, help="untimed repeats before them (default 3 on CPU, 10 on CUDA)")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="default: benchmarks/results")
     parser.add_argument(

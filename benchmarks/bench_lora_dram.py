@@ -28,19 +28,15 @@ from typing import Optional
 import torch
 
 from benchmarks.bench_lora_linear import (
-    DEFAULT_OUT_DIR,
-    DTYPES,
     HEADLINE_SHAPE,
     PROVIDERS,
     Shape,
     build_layer,
     check_against_reference,
-    describe_device,
-    describe_versions,
     make_inputs,
     make_problem,
-    write_reports,
 )
+from benchmarks.harness import DEFAULT_OUT_DIR, DTYPES, describe_device, describe_versions, write_reports
 
 METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum")
 UNIT_BYTES = {"byte": 1, "kbyte": 1e3, "mbyte": 1e6, "gbyte": 1e9, "tbyte": 1e12,

@@ -33,12 +33,7 @@ import argparse
 import dataclasses
 import importlib.metadata
 import importlib.util
-import json
 import math
-import os
-import platform
-import re
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -50,23 +45,31 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lowrank
-from lowrank import _backends
-from lowrank._machine import cpu_model
+from benchmarks.harness import (
+    DEFAULT_OUT_DIR,
+    DTYPES,
+    LOWRANK_BACKENDS,
+    MAX_INPUT_SETS,
+    MODE_COLUMNS,
+    MODES,
+    ROTATION_BYTES,
+    Layer,
+    backend_skip_reasons,
+    default_dtype_name,
+    describe_device,
+    describe_methods,
+    describe_versions,
+    format_mib,
+    format_ms,
+    positive_int,
+    resolve_device,
+    time_checked_providers,
+    write_reports,
+)
 from lowrank.ops import lora_linear, lora_linear_reference
 
-MODES = ("inference", "forward", "backward", "forward+backward")
-MODE_COLUMNS = {"inference": "infer ms", "forward": "fwd ms", "backward": "bwd ms", "forward+backward": "fwd+bwd ms"}
 BASELINE = "linear_frozen"
-LOWRANK_BACKENDS = ("torch", "cpu", "triton", "cuda", "auto")
-# The device type each lowrank backend needs its tensors on (None: any).
-BACKEND_DEVICE = {"torch": None, "cpu": "cpu", "triton": "cuda", "cuda": "cuda", "auto": None}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 
-# Inputs rotate among enough sets to total this many bytes, so no repeat finds the previous
-# one's activations still in cache (an H100's L2 holds 50 MB).
-ROTATION_BYTES = 256 << 20
-MAX_INPUT_SETS = 16
 CHECK_ROWS = 64
 # Tolerance of the check against the float64 reference, relative to each tensor's largest
 # entry; fp32 leaves room for the TF32 that Triton's tl.dot uses by default.
@@ -173,27 +176,6 @@ def make_inputs(problem: Problem, count: int, rows: Optional[int] = None, seed: 
 def input_set_count(shape: Shape, dtype: torch.dtype) -> int:
     set_bytes = shape.M * (shape.K + shape.N) * dtype.itemsize
     return max(1, min(MAX_INPUT_SETS, math.ceil(ROTATION_BYTES / set_bytes)))
-
-
-def _no_dropout(enabled: bool) -> None:
-    """The dropout switch of a layer without dropout."""
-
-
-@dataclass
-class Layer:
-    """One provider's implementation of a Problem: y = forward(x)."""
-
-    forward: Callable[[Tensor], Tensor]
-    held: tuple[Tensor, ...]  # the weights it holds: not activations, so not counted as saved
-    lora_A: Optional[Tensor] = None  # the trained tensors; None for linear_frozen
-    lora_B: Optional[Tensor] = None
-    set_dropout: Callable[[bool], None] = _no_dropout  # off while checked against the reference
-
-    def clear_grads(self, x: Tensor) -> None:
-        """Drop gradients so each repeat allocates them afresh, as after zero_grad(set_to_none=True)."""
-        for tensor in (x, self.lora_A, self.lora_B):
-            if tensor is not None:
-                tensor.grad = None
 
 
 def _frozen_linear(problem: Problem) -> nn.Linear:
@@ -363,16 +345,7 @@ def skip_reasons(device: torch.device, named: tuple[str, ...] = ()) -> dict[str,
         for provider in COMPILED_PROVIDERS:
             if provider not in named:
                 reasons.setdefault(provider, "CPU runs time torch.compile only when named in --providers")
-    statuses = lowrank.backends()
-    for backend in LOWRANK_BACKENDS:
-        provider, needed_device = f"lowrank_{backend}", BACKEND_DEVICE[backend]
-        status = statuses.get(backend, _backends.BackendStatus(True, "measured choice per shape"))
-        if not status.available:
-            reasons[provider] = status.reason
-        elif backend == "triton" and _backends.triton_interpret():
-            reasons[provider] = "TRITON_INTERPRET=1: the interpreter is for correctness checks, far too slow to time"
-        elif needed_device is not None and needed_device != device.type:
-            reasons[provider] = f"backend {backend!r} needs {needed_device} tensors; this run is on {device.type}"
+    reasons.update(backend_skip_reasons(device))
     return reasons
 
 
@@ -419,140 +392,6 @@ def check_against_reference(layer: Layer, problem: Problem) -> None:
 # ---------------------------------------------------------------- timing and memory
 
 
-class _WallTimer:
-    """perf_counter around a step; CPU ops finish before they return, so no synchronisation."""
-
-    def __enter__(self) -> "_WallTimer":
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._ms = (time.perf_counter() - self._start) * 1e3
-
-    def elapsed_ms(self) -> float:
-        return self._ms
-
-
-class _CudaEventTimer:
-    """CUDA events around a step: GPU time, readable once the device has been synchronised."""
-
-    def __enter__(self) -> "_CudaEventTimer":
-        self._start = torch.cuda.Event(enable_timing=True)
-        self._end = torch.cuda.Event(enable_timing=True)
-        self._start.record()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._end.record()
-
-    def elapsed_ms(self) -> float:
-        return self._start.elapsed_time(self._end)
-
-
-def run_step(layer: Layer, mode: str, x: Tensor, grad_y: Tensor, timer) -> None:
-    """One repeat of `mode`, with only what the mode measures inside `timer`."""
-    layer.clear_grads(x)
-    if mode == "inference":
-        with torch.no_grad(), timer:
-            layer.forward(x)
-    elif mode == "forward":
-        with timer:
-            y = layer.forward(x)
-        del y  # the graph is freed outside the timer
-    elif mode == "backward":
-        y = layer.forward(x)
-        with timer:
-            y.backward(grad_y)
-    else:
-        with timer:
-            layer.forward(x).backward(grad_y)
-
-
-def time_mode(
-    layers: dict[str, Layer], inputs: list[tuple[Tensor, Tensor]], mode: str, repeats: int, warmup: int
-) -> dict[str, list[float]]:
-    """Milliseconds of each repeat per provider, providers interleaved so drift hits all alike."""
-    on_cuda = inputs[0][0].is_cuda
-    timer_class = _CudaEventTimer if on_cuda else _WallTimer
-    names = list(layers)
-    timers: dict[str, list] = {name: [] for name in names}
-    for step in range(warmup + repeats):
-        x, grad_y = inputs[step % len(inputs)]
-        first = step % len(names)
-        for name in names[first:] + names[:first]:  # rotated, so no provider always follows the same one
-            timer = timer_class()
-            run_step(layers[name], mode, x, grad_y, timer)
-            if step >= warmup:
-                timers[name].append(timer)
-    if on_cuda:
-        torch.cuda.synchronize()  # once, at the end: reading timers earlier would drain the queue each repeat
-    return {name: [timer.elapsed_ms() for timer in timer_list] for name, timer_list in timers.items()}
-
-
-def saved_activation_bytes(layer: Layer, x: Tensor) -> int:
-    """Bytes of the distinct storages the forward saves for backward, the layer's weights excluded."""
-    weight_storages = {tensor.untyped_storage().data_ptr() for tensor in layer.held}
-    saved: dict[int, int] = {}
-
-    def pack(tensor: Tensor) -> Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weight_storages:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        layer.forward(x)
-    return sum(saved.values())
-
-
-def peak_cuda_bytes(layer: Layer, x: Tensor, grad_y: Tensor) -> int:
-    """Peak CUDA memory one forward+backward allocates above what was allocated before it."""
-    layer.clear_grads(x)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    layer.forward(x).backward(grad_y)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
-
-
-def time_checked_providers(shape, problem, providers: list[str], build, check, inputs: list, repeats: int,
-                           warmup: int, modes: tuple[str, ...] = MODES) -> tuple[list[dict], list[dict]]:
-    """Build each provider, check it against the float64 reference, time the ones that pass in
-    every mode of `modes`: (one result row per timed provider, the providers that failed their
-    check). Shared by the LoRA, adapter benchmarks: `build(provider, problem)`, `check(layer, problem)`."""
-    layers, failures = {}, []
-    for provider in providers:
-        try:
-            layer = build(provider, problem)
-            check(layer, problem)
-        except Exception as exc:  # a broken provider is reported; the others are still measured
-            error = f"{type(exc).__name__}: {exc}"
-            failures.append({"shape": dataclasses.asdict(shape), "provider": provider, "error": error})
-            continue
-        layers[provider] = layer
-    if not layers:
-        return [], failures
-
-    times = {mode: time_mode(layers, inputs, mode, repeats, warmup) for mode in modes}
-    x, grad_y = inputs[0]
-    on_cuda = x.is_cuda
-    training = "forward+backward" in modes
-    rows = [
-        {
-            "shape": dataclasses.asdict(shape),
-            "provider": provider,
-            "median_ms": {mode: statistics.median(times[mode][provider]) for mode in modes},
-            "times_ms": {mode: times[mode][provider] for mode in modes},
-            "saved_bytes": saved_activation_bytes(layer, x) if training else None,
-            "peak_bytes": peak_cuda_bytes(layer, x, grad_y) if on_cuda and training else None,
-            "input_sets": len(inputs),
-        }
-        for provider, layer in layers.items()
-    ]
-    return rows, failures
-
-
 def benchmark_shape(
     shape: Shape, providers: list[str], device: torch.device, dtype: torch.dtype, repeats: int, warmup: int,
     dropout_p: float = 0.0, modes: tuple[str, ...] = MODES,
@@ -579,51 +418,6 @@ def benchmark_shape(
 # ---------------------------------------------------------------- environment and reports
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-def describe_device(device: torch.device) -> dict:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return {"type": "cuda", "name": name, "slug": _slug(name)}
-    model = cpu_model()
-    return {
-        "type": "cpu",
-        "name": f"{model}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads",
-        "slug": f"cpu-{_slug(model)}",
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
-def _package_version(name: str) -> Optional[str]:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def describe_versions() -> dict:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": _package_version("triton"),
-        "peft": _package_version("peft"),
-        "lowrank": lowrank.__version__,
-        "lowrank_extension": dict(_backends.EXTENSION.build_info()) if _backends.EXTENSION is not None else None,
-    }
-
-
-def _format_ms(ms: float) -> str:
-    return f"{ms:.3f}" if ms < 10 else f"{ms:.1f}"
-
-
-def _format_mib(nbytes: Optional[int]) -> str:
-    return "—" if nbytes is None else f"{nbytes / 2**20:.2f}"
-
-
 def markdown_table(report: dict) -> str:
     """One row per (shape, dropout, provider); × linear_frozen is of fwd+bwd, or of inference on
     the decode rows (the only mode they time)."""
@@ -635,9 +429,9 @@ def markdown_table(report: dict) -> str:
     for row in report["results"]:
         shape, ratio = row["shape"], row["ratio_to_linear_frozen"]
         cells = [str(shape[dim]) for dim in ("M", "K", "N", "r")] + [f"{row['dropout_p']:g}", row["provider"]]
-        cells += [_format_ms(row["median_ms"][mode]) if mode in row["median_ms"] else "—" for mode in MODES]
-        cells += ["—" if ratio is None else f"{ratio:.2f}", _format_mib(row["saved_bytes"])]
-        cells += [_format_mib(row["peak_bytes"])] if with_peak else []
+        cells += [format_ms(row["median_ms"][mode]) if mode in row["median_ms"] else "—" for mode in MODES]
+        cells += ["—" if ratio is None else f"{ratio:.2f}", format_mib(row["saved_bytes"])]
+        cells += [format_mib(row["peak_bytes"])] if with_peak else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -693,25 +487,6 @@ def write_plot(report: dict, path: Path) -> bool:
 # ---------------------------------------------------------------- command line
 
 
-def resolve_device(choice: str) -> torch.device:
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible to torch")
-    return torch.device(choice)
-
-
-def default_dtype_name(device: torch.device) -> str:
-    return "bf16" if device.type == "cuda" else "fp32"
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def _dropout_rate(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -737,24 +512,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="start no shape but the first after this long (default: no limit)")
     parser.add_argument("--tag", help="appended to the result files' names (lora_linear_<device>_<dtype>_<tag>)")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, help="default: every provider that can run here")
-    parser.add_argument("--repeats", type=_positive_int, help="timed repeats per mode (default 10 on CPU, 100 on CUDA)")
+    parser.add_argument("--repeats", type=positive_int, help="timed repeats per mode (default 10 on CPU, 100 on CUDA)")
     parser.add_argument("--warmup", type=int, help="untimed repeats before them (default 2 on CPU, 10 on CUDA)")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="default: benchmarks/results")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_SHAPE}, {QUICK_REPEATS} repeats: a smoke test")
     parser.add_argument("--plot", action="store_true", help="also write a PNG (needs matplotlib)")
     return parser.parse_args(argv)
-
-
-def _methods(device: torch.device) -> dict[str, str]:
-    """How this run timed and measured, in words, for the reports."""
-    clock = "CUDA events" if device.type == "cuda" else "time.perf_counter"
-    memory = "saved = distinct storages saved for backward, the layer's weights excluded"
-    if device.type == "cuda":
-        memory += "; peak = max_memory_allocated above the allocation before one forward+backward"
-    return {
-        "timing": f"{clock}, providers interleaved round-robin, inputs rotated among up to {MAX_INPUT_SETS} sets",
-        "memory": memory,
-    }
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -782,7 +545,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "quick": args.quick,
         "repeats": repeats,
         "warmup": warmup,
-        **_methods(device),
+        **describe_methods(device),
         "lowrank_backends": {name: status._asdict() for name, status in lowrank.backends().items()},
         "skipped": skipped,
         "failed_checks": [],
@@ -813,16 +576,6 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         report["results"] += rows
         report["failed_checks"] += failures
     return report
-
-
-def write_reports(out_dir: Path, name: str, report: dict, markdown: str) -> Path:
-    """<out_dir>/<name>.json (every raw number) and .md; the stem, for further files."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / name
-    Path(f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    Path(f"{stem}.md").write_text(markdown)
-    print(f"wrote {stem}.json and {stem}.md")
-    return stem
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import lowrank
-from benchmarks.bench_lora_linear import _positive_int, write_reports
+from benchmarks.harness import backend_skip_reasons, positive_int, write_reports
 from benchmarks.training_step import TrainingRun, compare_providers, markdown_rows, start_report, step_parser
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -108,15 +108,13 @@ PROVIDERS = tuple(BUILDERS)
 def skip_reasons(device: torch.device) -> dict[str, str]:
     import importlib.util
 
-    from benchmarks.bench_lora_linear import skip_reasons as layer_skip_reasons
-
     reasons = {}
     for name in ("transformers", "peft"):
         if importlib.util.find_spec(name) is None:
             reasons.update({provider: f"{name} is not installed" for provider in PROVIDERS})
     for provider in PROVIDERS:
-        if provider != BASELINE and provider in layer_skip_reasons(device):
-            reasons.setdefault(provider, layer_skip_reasons(device)[provider])
+        if provider != BASELINE and provider in backend_skip_reasons(device):
+            reasons.setdefault(provider, backend_skip_reasons(device)[provider])
     return reasons
 
 
@@ -160,7 +158,7 @@ def markdown_report(report: dict) -> str:
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = step_parser("python -m benchmarks.bench_lora_llama_step", __doc__, PROVIDERS)
-    parser.add_argument("--layers", type=_positive_int)
+    parser.add_argument("--layers", type=positive_int)
     return parser.parse_args(argv)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from benchmarks import bench_adapter
-from benchmarks.bench_lora_linear import DTYPES, default_dtype_name, resolve_device, run_step
+from benchmarks.harness import DTYPES, default_dtype_name, resolve_device, run_step
 
 DEVICE = resolve_device("auto")
 DTYPE_NAME = default_dtype_name(DEVICE)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks import bench_grad_reverse
-from benchmarks.bench_lora_linear import DTYPES, default_dtype_name, resolve_device
+from benchmarks.harness import DTYPES, default_dtype_name, resolve_device
 
 DEVICE = resolve_device("auto")
 DTYPE_NAME = default_dtype_name(DEVICE)

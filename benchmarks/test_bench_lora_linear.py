@@ -12,19 +12,15 @@ import pytest
 import torch
 
 from benchmarks.bench_lora_linear import (
-    DTYPES,
     PROVIDERS,
     Shape,
     build_layer,
     check_against_reference,
-    default_dtype_name,
     make_inputs,
     make_problem,
-    resolve_device,
-    run_step,
-    saved_activation_bytes,
     skip_reasons,
 )
+from benchmarks.harness import DTYPES, default_dtype_name, resolve_device, run_step, saved_activation_bytes
 
 DEVICE = resolve_device("auto")
 DTYPE = DTYPES[default_dtype_name(DEVICE)]

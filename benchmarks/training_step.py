@@ -12,15 +12,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from benchmarks.bench_lora_linear import (
+from benchmarks.harness import (
     DEFAULT_OUT_DIR,
     DTYPES,
-    _CudaEventTimer,
-    _positive_int,
-    _WallTimer,
+    CudaEventTimer,
+    WallTimer,
     default_dtype_name,
     describe_device,
     describe_versions,
+    positive_int,
     resolve_device,
 )
 
@@ -73,7 +73,7 @@ def time_alternating(runs: dict[str, TrainingRun], batch: torch.Tensor, device: 
     """(ms of each timed step, peak bytes one step allocates above what was allocated before it
     (CUDA only)) per provider; providers alternate every step, so drift hits all alike."""
     on_cuda = device.type == "cuda"
-    timer_class = _CudaEventTimer if on_cuda else _WallTimer
+    timer_class = CudaEventTimer if on_cuda else WallTimer
     timers = {name: [] for name in runs}
     peaks = {}
     for step in range(warmup + repeats):
@@ -136,9 +136,9 @@ def step_parser(prog: str, description: str, providers: tuple[str, ...]) -> argp
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
-    parser.add_argument("--batch", type=_positive_int)
-    parser.add_argument("--seq", type=_positive_int)
-    parser.add_argument("--repeats", type=_positive_int)
+    parser.add_argument("--batch", type=positive_int)
+    parser.add_argument("--seq", type=positive_int)
+    parser.add_argument("--repeats", type=positive_int)
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--providers", nargs="+", choices=providers, default=list(providers))
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
