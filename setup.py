@@ -8,8 +8,8 @@ Switches (environment variables):
   MAX_JOBS                  parallel compile jobs for ninja
 Install without build isolation so the extension is built against the torch you run:
   pip install --no-build-isolation .
-The C++ standard is the one the installed torch asks for (C++17 up to torch 2.13, C++20 from 2.14):
-torch's BuildExtension adds it because no -std flag is given here.
+The C++ standard is the one the installed torch asks for (its headers need C++20 from torch 2.14,
+older ones accept C++17): torch's BuildExtension adds its default because no -std flag is given here.
 """
 
 import glob

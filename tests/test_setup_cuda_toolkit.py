@@ -92,8 +92,8 @@ def test_bad_switch_value_is_refused(setup_module, monkeypatch):
 
 
 def test_no_cxx_standard_is_forced(setup_module, monkeypatch):
-    """torch's BuildExtension adds the standard its headers need (C++17 up to 2.13, C++20 from
-    2.14) only when no -std flag is given."""
+    """torch's BuildExtension adds its default standard (which torch 2.14's headers need: C++20)
+    only when no -std flag is given."""
     monkeypatch.setenv("LOWRANK_CUDA", "0")
     monkeypatch.chdir(SETUP_PY.parent)
     flags = setup_module.extension().extra_compile_args
