@@ -1,6 +1,7 @@
 # Two entry points, each doing all the set-up on a fresh machine:
 #   make bench   LoRA benchmark, fused against unfused, on the best device present
-#   make test    the test suite (what .ci/run calls)
+#   make test    the test suite
+# .ci/run calls make lint, make test and make cuda-check.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
