@@ -3,7 +3,7 @@
 # print a short table last.
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh [lora|adapter|all]     (default: all)
 #     lora      LoRA tests; LoRA benchmark in bf16 (every shape, dropout rate and decode shape
-#               within a time budget, headline first) and fp16 (headline and decode); the
+#               within a time budget, headline first) and fp16 (the headline shape); the
 #               Llama-style end-to-end step; DRAM bytes per step from ncu
 #     adapter   adapter and gradient-reversal tests; the adapter benchmark in bf16 per activation,
 #               GRL bandwidth, the DANN step (LeNet and ViT-B encoders), the BERT-base adapter step
