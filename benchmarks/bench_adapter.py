@@ -344,7 +344,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, help="default: every provider that can run here")
     parser.add_argument("--repeats", type=positive_int, help="timed repeats per mode (default 10 on CPU, 100 on CUDA)")
     parser.add_argument("--warmup", type=int, help="untimed repeats before them (default 2 on CPU, 10 on CUDA)")
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="default: benchmarks/results")
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="default: benchmarks/results/kernels")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_SHAPE}, {QUICK_REPEATS} repeats: a smoke test")
     parser.add_argument("--no-onednn", action="store_true", help="disable oneDNN (torch.backends.mkldnn) for the run")
     return parser.parse_args(argv)

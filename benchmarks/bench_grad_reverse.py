@@ -230,7 +230,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=positive_int, help="timed repeats (default 20 on CPU, 100 on CUDA)")
     parser.add_argument("--warmup", type=int, help="untimed repeats before them (default 3 on CPU, 10 on CUDA)")
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="default: benchmarks/results")
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="default: benchmarks/results/kernels")
     parser.add_argument(
         "--quick", action="store_true", help=f"{QUICK_SIZE} elements, {QUICK_REPEATS} repeats: a smoke test"
     )

@@ -8,7 +8,7 @@
 #     adapter   adapter and gradient-reversal tests; the adapter benchmark in bf16 per activation,
 #               GRL bandwidth, the DANN step (LeNet and ViT-B encoders), the BERT-base adapter step
 # $OUT receives two files (the device tool brings back at most 8): logs.txt, and results.tgz
-# holding the benchmarks' JSON, markdown and PNG files for benchmarks/results/.
+# holding the benchmarks' JSON, markdown and PNG files for benchmarks/results/kernels/.
 # Uses the python on PATH and its torch (no network there: nothing is downloaded).
 set -uo pipefail
 cd "$(dirname "$0")/.."

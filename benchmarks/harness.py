@@ -37,7 +37,7 @@ MODE_COLUMNS = {"inference": "infer ms", "forward": "fwd ms", "backward": "bwd m
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results" / "kernels"
 
 
 # Inputs rotate among enough sets to total this many bytes, so no repeat finds the previous

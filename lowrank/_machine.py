@@ -20,9 +20,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def default_results_dir() -> Path:
-    """Where the experiment drivers (lowrank.da.bench, lowrank.da.select, lowrank.finetune.bench)
-    write by default: ./benchmarks/results when run from a lowrank checkout, else the current
-    directory (never inside the installed package)."""
+def default_results_dir(group: str) -> Path:
+    """Where the experiment drivers write by default: ./benchmarks/results/<group> ("da" for
+    lowrank.da.bench and lowrank.da.select, "finetune" for lowrank.finetune.bench) when run from a
+    lowrank checkout, else the current directory (never inside the installed package)."""
     checkout = Path.cwd() / RESULTS_IN_CHECKOUT
-    return checkout if checkout.is_dir() else Path.cwd()
+    return checkout / group if checkout.is_dir() else Path.cwd()

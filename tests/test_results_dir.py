@@ -1,5 +1,5 @@
-"""Where the experiment drivers write by default: a checkout's benchmarks/results, else the
-current directory, never the installed package's folder."""
+"""Where the experiment drivers write by default: a checkout's benchmarks/results/<group>, else
+the current directory, never the installed package's folder."""
 
 import lowrank
 from lowrank._machine import default_results_dir
@@ -7,11 +7,11 @@ from lowrank._machine import default_results_dir
 
 def test_outside_a_checkout_results_go_to_the_current_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert default_results_dir() == tmp_path
-    assert not default_results_dir().is_relative_to(lowrank.__path__[0])
+    assert default_results_dir("da") == tmp_path
+    assert not default_results_dir("da").is_relative_to(lowrank.__path__[0])
 
 
-def test_in_a_checkout_results_go_to_benchmarks_results(tmp_path, monkeypatch):
+def test_in_a_checkout_results_go_to_their_group_under_benchmarks_results(tmp_path, monkeypatch):
     (tmp_path / "benchmarks" / "results").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    assert default_results_dir() == tmp_path / "benchmarks" / "results"
+    assert default_results_dir("finetune") == tmp_path / "benchmarks" / "results" / "finetune"

@@ -226,7 +226,7 @@ def main(argv=None) -> int:
         help="folder with mnist/, usps/, mnist_m/, svhn/ (default: LOWRANK_DATA or ../shared/data/digits)",
     )
     parser.add_argument("--out-dir", type=Path, default=None,
-                        help="default: ./benchmarks/results in a lowrank checkout, else the current directory")
+                        help="default: ./benchmarks/results/da in a lowrank checkout, else the current directory")
     parser.add_argument("--quick", action="store_true", help="tiny samples and a few steps: a smoke test, not a result")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -266,7 +266,7 @@ def main(argv=None) -> int:
 
     rows = summarise(task.name, methods, runs)
     print(table(task, rows))
-    args.out_dir = args.out_dir or default_results_dir()
+    args.out_dir = args.out_dir or default_results_dir("da")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     # --method all writes da_<task>; a subset writes da_<task>_<methods>, leaving the full table alone.
     variant = variant_suffix(task)

@@ -100,7 +100,7 @@ def main(argv=None) -> int:
                         help="torch threads (default: torch's, every core; use 1 for runs side by side)")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--out-dir", type=Path, default=None,
-                        help="default: ./benchmarks/results in a lowrank checkout, else the current directory")
+                        help="default: ./benchmarks/results/da in a lowrank checkout, else the current directory")
     parser.add_argument("--quick", action="store_true", help="tiny samples and a few steps: a smoke test")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         lines.append(f"| {r['hparams']}{mark} | {r['reverse_accuracy']:.3f} | {r['source_val_accuracy']:.3f} | "
                      f"{r['target_accuracy']:.3f} | {r['seconds']:.0f} |")
     print("\n".join(lines))
-    args.out_dir = args.out_dir or default_results_dir()
+    args.out_dir = args.out_dir or default_results_dir("da")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     searched = "+".join(dict.fromkeys(key for candidate in candidates for key in candidate)) or "defaults"
     path = args.out_dir / (f"da_select_{task.name}_{args.method}{variant_suffix(task)}_{searched}"

@@ -379,7 +379,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data-root", default=None,
                         help="folder with mnist/, usps/, mnist_m/ (default: LOWRANK_DATA or ../shared/data/digits)")
     parser.add_argument("--out-dir", type=Path, default=None,
-                        help="default: ./benchmarks/results in a lowrank checkout, else the current directory")
+                        help="default: ./benchmarks/results/finetune in a lowrank checkout, else the current directory")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 1 epoch: a smoke test, not a result")
     parser.add_argument("--select-lr", action="store_true",
                         help="cross-validate LR_GRID on seed 0's labelled target images and print LEARNING_RATES")
@@ -414,7 +414,7 @@ def main(argv=None) -> int:
     rows = summarise(runs)
     text = table(rows)
     print(text)
-    args.out_dir = args.out_dir or default_results_dir()
+    args.out_dir = args.out_dir or default_results_dir("finetune")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / ("finetune_digits" + ("_quick" if args.quick else ""))
     report = {"command": "python -m lowrank.finetune.bench " + " ".join(sys.argv[1:] if argv is None else argv),
