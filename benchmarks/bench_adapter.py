@@ -25,7 +25,6 @@ Results: <out-dir>/adapter_<device-slug>_<dtype>_<activation>[_no-onednn].json (
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ from benchmarks.harness import (
     positive_int,
     resolve_device,
     time_checked_providers,
+    write_reports,
 )
 from lowrank.ops import adapter, adapter_reference
 
@@ -390,13 +390,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     report = run_benchmark(args)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"adapter_{report['device']['slug']}_{report['dtype']}_{report['activation']}"
-    if not report["onednn"]:
-        stem = stem.with_name(stem.name + "_no-onednn")
-    Path(f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    Path(f"{stem}.md").write_text(markdown_report(report))
-    print(f"wrote {stem}.json and {stem}.md")
+    name = f"adapter_{report['device']['slug']}_{report['dtype']}_{report['activation']}"
+    write_reports(args.out_dir, name + ("" if report["onednn"] else "_no-onednn"), report, markdown_report(report))
     print("\n".join(["", *report_notes(report), "", markdown_table(report)]))
     return 1 if report["failed_checks"] else 0
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -41,6 +40,7 @@ from benchmarks.harness import (
     format_ms,
     positive_int,
     resolve_device,
+    write_reports,
 )
 from lowrank.da.models import Classifier, Discriminator, LeNetEncoder
 
@@ -181,16 +181,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     for batch, feature_dim in configs:
         print(f"batch {batch} x 2 domains, {args.encoder}: timing {', '.join(forwards)}", file=sys.stderr, flush=True)
         report["results"] += benchmark_config(batch, feature_dim, forwards, device, repeats, warmup, vit)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / ("_".join(["dann_step", report["device"]["slug"]] + ([args.encoder] if vit else [])))
-    Path(f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     notes = [f"- skipped {name}: {why}" for name, why in skipped.items()]
     context = (f"# DANN training step: {report['device']['name']}\n\n{args.encoder} encoder, fp32, "
                f"torch {report['versions']['torch']}; "
                f"median of {repeats} steps after {warmup} warm-up, providers interleaved."
                + (" QUICK MODE: a smoke test, not a measurement." if args.quick else ""))
-    Path(f"{stem}.md").write_text("\n".join([context, "", markdown_table(report), "", *notes, ""]))
-    print(f"wrote {stem}.json and {stem}.md")
+    name = "_".join(["dann_step", report["device"]["slug"]] + ([args.encoder] if vit else []))
+    write_reports(args.out_dir, name, report, "\n".join([context, "", markdown_table(report), "", *notes, ""]))
     print("\n".join([markdown_table(report), *notes]))
     return 0
 

@@ -22,7 +22,6 @@ Results: <out-dir>/grad_reverse_<device-slug>_<dtype>.json (all raw numbers) and
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -44,6 +43,7 @@ from benchmarks.harness import (
     format_ms,
     positive_int,
     resolve_device,
+    write_reports,
 )
 from lowrank.ops import grad_reverse
 
@@ -279,11 +279,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     report = run_benchmark(args)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"grad_reverse_{report['device']['slug']}_{report['dtype']}"
-    Path(f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    Path(f"{stem}.md").write_text(markdown_report(report))
-    print(f"wrote {stem}.json and {stem}.md")
+    write_reports(args.out_dir, f"grad_reverse_{report['device']['slug']}_{report['dtype']}", report,
+                  markdown_report(report))
     print("\n".join(["", *report_notes(report), "", markdown_table(report)]))
     return 1 if report["failed_checks"] else 0
 
