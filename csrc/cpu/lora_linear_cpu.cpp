@@ -81,7 +81,7 @@ Tensor skinny_rows_times(const Tensor& rows, const Tensor& small) {
   const float* small_data = small.const_data_ptr<float>();
   float* out_data = out.data_ptr<float>();
   at::parallel_for(0, M, kSkinnyGrainRows, [&](int64_t begin, int64_t end) {
-    cpu::rows_times_skinny(rows_data + begin * ld, ld, end - begin, L, small_data, r, out_data + begin * r, r);
+    cpu::rows_times_skinny({rows_data + begin * ld, ld}, end - begin, L, small_data, r, out_data + begin * r, r);
   });
   return out;
 }
@@ -100,7 +100,7 @@ Tensor merged_weight(const Tensor& weight, const Tensor& lora_A, const Tensor& l
   float* out_data = merged.data_ptr<float>();
   at::parallel_for(0, N, parallel_grain_rows(K), [&](int64_t begin, int64_t end) {
     cpu::add_skinny_times_rows(w_data + begin * ld, ld, b_data + begin * r, a_data, end - begin, K, r,
-                               static_cast<float>(scaling), out_data + begin * K);
+                               static_cast<float>(scaling), {out_data + begin * K, K});
   });
   return merged;
 }
@@ -131,10 +131,10 @@ std::tuple<Tensor, Tensor, Tensor> skinny_backward(const Tensor& grad_y, const T
         const int64_t rows = std::min(kBackwardBlockRows, row_end - row);
         const float* dy_rows = dy_data + row * ld_dy;
         float* dyB_rows = dyB_data + row * n.r;
-        cpu::rows_times_skinny(dy_rows, ld_dy, rows, n.N, b_data, n.r, dyB_rows, n.r);
-        cpu::accumulate_skinny_t_times_rows(xa_data + row * n.r, n.r, dy_rows, ld_dy, rows, n.N, n.r,
+        cpu::rows_times_skinny({dy_rows, ld_dy}, rows, n.N, b_data, n.r, dyB_rows, n.r);
+        cpu::accumulate_skinny_t_times_rows({xa_data + row * n.r, n.r}, {dy_rows, ld_dy}, rows, n.N, n.r,
                                             dBt_data + part * n.r * n.N);
-        cpu::accumulate_skinny_t_times_rows(dyB_rows, n.r, x_data + row * ld_x, ld_x, rows, n.K, n.r,
+        cpu::accumulate_skinny_t_times_rows({dyB_rows, n.r}, {x_data + row * ld_x, ld_x}, rows, n.K, n.r,
                                             dA_data + part * n.r * n.K);
       }
     }

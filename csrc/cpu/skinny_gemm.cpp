@@ -2,6 +2,8 @@
 // accumulators across its whole reduction and streams the large operand once through it;
 // the small operand (width r) is re-read from cache. The target attribute compiles just
 // these functions for AVX-512, so the rest of the extension still runs on any x86-64.
+// Row sets are instantiated twice, strided and gathered (Strided / Gathered below): the
+// kernels take a row's address once per row and tile, so gathering costs one index load.
 #include "skinny_gemm.h"
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
@@ -23,12 +25,46 @@ __mmask16 lanes_mask(int64_t n) {
   return n >= kLanes ? kAllLanes : static_cast<__mmask16>((1u << n) - 1);
 }
 
+// Row i at data + i·stride.
+template <typename T>
+struct Strided {
+  T* data;
+  int64_t stride;
+  T* row(int64_t i) const { return data + i * stride; }
+  Strided after(int64_t rows) const { return {data + rows * stride, stride}; }
+  Strided shifted(int64_t columns) const { return {data + columns, stride}; }
+};
+
+// Row i at data + index[i]·stride.
+template <typename T>
+struct Gathered {
+  T* data;
+  int64_t stride;
+  const int64_t* index;
+  T* row(int64_t i) const { return data + index[i] * stride; }
+  Gathered after(int64_t rows) const { return {data, stride, index + rows}; }
+  Gathered shifted(int64_t columns) const { return {data + columns, stride, index}; }
+};
+
+// Calls body(rows) with the row set as a Strided or a Gathered accessor.
+template <typename T, typename Body>
+void with_rows(RowSet<T> rows, const Body& body) {
+  if (rows.index == nullptr) {
+    body(Strided<T>{rows.data, rows.stride});
+  } else {
+    body(Gathered<T>{rows.data, rows.stride, rows.index});
+  }
+}
+
 // ---- c[m, r] = x · p: rows of c on registers, r on the lanes.
 
 // RB rows of c, JV vectors wide (lanes of the last vector past `last` unused), over all of L.
-template <int RB, int JV>
-LOWRANK_AVX512 void rows_times_skinny_block(const float* x, int64_t ldx, int64_t L, const float* p, int64_t ldp,
-                                            __mmask16 last, float* c, int64_t ldc) {
+template <int RB, int JV, typename Rows>
+LOWRANK_AVX512 void rows_times_skinny_block(Rows x, int64_t L, const float* p, int64_t ldp, __mmask16 last, float* c,
+                                            int64_t ldc) {
+  const float* x_row[RB];
+#pragma GCC unroll 16
+  for (int i = 0; i < RB; ++i) x_row[i] = x.row(i);
   __m512 acc[RB][JV];
 #pragma GCC unroll 16
   for (int i = 0; i < RB; ++i) {
@@ -41,7 +77,7 @@ LOWRANK_AVX512 void rows_times_skinny_block(const float* x, int64_t ldx, int64_t
     for (int v = 0; v < JV; ++v) pk[v] = _mm512_maskz_loadu_ps(v + 1 < JV ? kAllLanes : last, p + k * ldp + v * kLanes);
 #pragma GCC unroll 16
     for (int i = 0; i < RB; ++i) {
-      const __m512 xi = _mm512_set1_ps(x[i * ldx + k]);
+      const __m512 xi = _mm512_set1_ps(x_row[i][k]);
 #pragma GCC unroll 4
       for (int v = 0; v < JV; ++v) acc[i][v] = _mm512_fmadd_ps(xi, pk[v], acc[i][v]);
     }
@@ -56,22 +92,39 @@ LOWRANK_AVX512 void rows_times_skinny_block(const float* x, int64_t ldx, int64_t
 }
 
 // All m rows: blocks of RB, then the remainder with halved blocks.
-template <int RB, int JV>
-LOWRANK_AVX512 void rows_times_skinny_rows(const float* x, int64_t ldx, int64_t m, int64_t L, const float* p,
-                                           int64_t ldp, __mmask16 last, float* c, int64_t ldc) {
-  for (; m >= RB; m -= RB, x += RB * ldx, c += RB * ldc) {
-    rows_times_skinny_block<RB, JV>(x, ldx, L, p, ldp, last, c, ldc);
+template <int RB, int JV, typename Rows>
+LOWRANK_AVX512 void rows_times_skinny_rows(Rows x, int64_t m, int64_t L, const float* p, int64_t ldp, __mmask16 last,
+                                           float* c, int64_t ldc) {
+  for (; m >= RB; m -= RB, x = x.after(RB), c += RB * ldc) {
+    rows_times_skinny_block<RB, JV>(x, L, p, ldp, last, c, ldc);
   }
   if constexpr (RB > 1) {
-    rows_times_skinny_rows<RB / 2, JV>(x, ldx, m, L, p, ldp, last, c, ldc);
+    rows_times_skinny_rows<RB / 2, JV>(x, m, L, p, ldp, last, c, ldc);
+  }
+}
+
+template <typename Rows>
+LOWRANK_AVX512 void rows_times_skinny_all(Rows x, int64_t m, int64_t L, const float* p, int64_t r, float* c,
+                                          int64_t ldc) {
+  // Up to 64 columns of c per pass; fewer rows per block as the pass widens, to stay in registers.
+  constexpr int64_t kMaxWidth = 4 * kLanes;
+  for (int64_t j0 = 0; j0 < r; j0 += kMaxWidth) {
+    const int64_t width = std::min(kMaxWidth, r - j0);
+    const int64_t vectors = (width + kLanes - 1) / kLanes;
+    const __mmask16 last = lanes_mask(width - (vectors - 1) * kLanes);
+    switch (vectors) {
+      case 1: rows_times_skinny_rows<12, 1>(x, m, L, p + j0, r, last, c + j0, ldc); break;
+      case 2: rows_times_skinny_rows<12, 2>(x, m, L, p + j0, r, last, c + j0, ldc); break;
+      case 3: rows_times_skinny_rows<6, 3>(x, m, L, p + j0, r, last, c + j0, ldc); break;
+      default: rows_times_skinny_rows<6, 4>(x, m, L, p + j0, r, last, c + j0, ldc); break;
+    }
   }
 }
 
 // ---- c[r, L] += sᵀ · x: a JR x (16·CV) tile of c on registers, reduced over the m rows.
 
-template <int JR, int CV>
-LOWRANK_AVX512 void skinny_t_times_rows_tile(const float* s, int64_t lds, const float* x, int64_t ldx, int64_t m,
-                                             __mmask16 last, float* c, int64_t ldc) {
+template <int JR, int CV, typename SRows, typename XRows>
+LOWRANK_AVX512 void skinny_t_times_rows_tile(SRows s, XRows x, int64_t m, __mmask16 last, float* c, int64_t ldc) {
   __m512 acc[JR][CV];
 #pragma GCC unroll 16
   for (int j = 0; j < JR; ++j) {
@@ -79,12 +132,14 @@ LOWRANK_AVX512 void skinny_t_times_rows_tile(const float* s, int64_t lds, const 
     for (int v = 0; v < CV; ++v) acc[j][v] = _mm512_setzero_ps();
   }
   for (int64_t i = 0; i < m; ++i) {
+    const float* x_row = x.row(i);
+    const float* s_row = s.row(i);
     __m512 xi[CV];
 #pragma GCC unroll 4
-    for (int v = 0; v < CV; ++v) xi[v] = _mm512_maskz_loadu_ps(v + 1 < CV ? kAllLanes : last, x + i * ldx + v * kLanes);
+    for (int v = 0; v < CV; ++v) xi[v] = _mm512_maskz_loadu_ps(v + 1 < CV ? kAllLanes : last, x_row + v * kLanes);
 #pragma GCC unroll 16
     for (int j = 0; j < JR; ++j) {
-      const __m512 sij = _mm512_set1_ps(s[i * lds + j]);
+      const __m512 sij = _mm512_set1_ps(s_row[j]);
 #pragma GCC unroll 4
       for (int v = 0; v < CV; ++v) acc[j][v] = _mm512_fmadd_ps(sij, xi[v], acc[j][v]);
     }
@@ -101,37 +156,35 @@ LOWRANK_AVX512 void skinny_t_times_rows_tile(const float* s, int64_t lds, const 
 }
 
 // JR rows of c across all L columns: full tiles, then single masked vectors.
-template <int JR, int CV>
-LOWRANK_AVX512 void skinny_t_times_rows_strip(const float* s, int64_t lds, const float* x, int64_t ldx, int64_t m,
-                                              int64_t L, float* c) {
+template <int JR, int CV, typename SRows, typename XRows>
+LOWRANK_AVX512 void skinny_t_times_rows_strip(SRows s, XRows x, int64_t m, int64_t L, float* c) {
   int64_t col = 0;
   for (; col + CV * kLanes <= L; col += CV * kLanes) {
-    skinny_t_times_rows_tile<JR, CV>(s, lds, x + col, ldx, m, kAllLanes, c + col, L);
+    skinny_t_times_rows_tile<JR, CV>(s, x.shifted(col), m, kAllLanes, c + col, L);
   }
   for (; col < L; col += kLanes) {
-    skinny_t_times_rows_tile<JR, 1>(s, lds, x + col, ldx, m, lanes_mask(L - col), c + col, L);
+    skinny_t_times_rows_tile<JR, 1>(s, x.shifted(col), m, lanes_mask(L - col), c + col, L);
   }
 }
 
 // All r rows of c: strips of JR, then the remainder with halved strips. Narrow strips get
 // wider tiles so that every tile keeps 16 accumulators in flight.
-template <int JR>
-LOWRANK_AVX512 void skinny_t_times_rows_all(const float* s, int64_t lds, const float* x, int64_t ldx, int64_t m,
-                                            int64_t L, int64_t r, float* c) {
+template <int JR, typename SRows, typename XRows>
+LOWRANK_AVX512 void skinny_t_times_rows_all(SRows s, XRows x, int64_t m, int64_t L, int64_t r, float* c) {
   constexpr int CV = JR >= 16 ? 1 : JR >= 8 ? 2 : 4;
-  for (; r >= JR; r -= JR, s += JR, c += JR * L) {
-    skinny_t_times_rows_strip<JR, CV>(s, lds, x, ldx, m, L, c);
+  for (; r >= JR; r -= JR, s = s.shifted(JR), c += JR * L) {
+    skinny_t_times_rows_strip<JR, CV>(s, x, m, L, c);
   }
   if constexpr (JR > 1) {
-    skinny_t_times_rows_all<JR / 2>(s, lds, x, ldx, m, L, r, c);
+    skinny_t_times_rows_all<JR / 2>(s, x, m, L, r, c);
   }
 }
 
 // ---- c[n, L] = w + alpha · s · a: an RB x (16·CV) tile of c on registers, reduced over r.
 
-template <int RB, int CV>
+template <int RB, int CV, typename CRows>
 LOWRANK_AVX512 void add_skinny_times_rows_tile(const float* w, int64_t ldw, const float* s, const float* a, int64_t L,
-                                               int64_t r, float alpha, __mmask16 last, float* c) {
+                                               int64_t r, float alpha, __mmask16 last, CRows c) {
   __m512 acc[RB][CV];
 #pragma GCC unroll 8
   for (int i = 0; i < RB; ++i) {
@@ -153,22 +206,22 @@ LOWRANK_AVX512 void add_skinny_times_rows_tile(const float* w, int64_t ldw, cons
   for (int i = 0; i < RB; ++i) {
 #pragma GCC unroll 4
     for (int v = 0; v < CV; ++v) {
-      _mm512_mask_storeu_ps(c + i * L + v * kLanes, v + 1 < CV ? kAllLanes : last, acc[i][v]);
+      _mm512_mask_storeu_ps(c.row(i) + v * kLanes, v + 1 < CV ? kAllLanes : last, acc[i][v]);
     }
   }
 }
 
-template <int RB>
+template <int RB, typename CRows>
 LOWRANK_AVX512 void add_skinny_times_rows_all(const float* w, int64_t ldw, const float* s, const float* a, int64_t n,
-                                              int64_t L, int64_t r, float alpha, float* c) {
+                                              int64_t L, int64_t r, float alpha, CRows c) {
   constexpr int CV = 4;
-  for (; n >= RB; n -= RB, w += RB * ldw, s += RB * r, c += RB * L) {
+  for (; n >= RB; n -= RB, w += RB * ldw, s += RB * r, c = c.after(RB)) {
     int64_t col = 0;
     for (; col + CV * kLanes <= L; col += CV * kLanes) {
-      add_skinny_times_rows_tile<RB, CV>(w + col, ldw, s, a + col, L, r, alpha, kAllLanes, c + col);
+      add_skinny_times_rows_tile<RB, CV>(w + col, ldw, s, a + col, L, r, alpha, kAllLanes, c.shifted(col));
     }
     for (; col < L; col += kLanes) {
-      add_skinny_times_rows_tile<RB, 1>(w + col, ldw, s, a + col, L, r, alpha, lanes_mask(L - col), c + col);
+      add_skinny_times_rows_tile<RB, 1>(w + col, ldw, s, a + col, L, r, alpha, lanes_mask(L - col), c.shifted(col));
     }
   }
   if constexpr (RB > 1) {
@@ -183,31 +236,21 @@ bool skinny_kernels_available() {
   return available;
 }
 
-LOWRANK_AVX512 void rows_times_skinny(const float* x, int64_t ldx, int64_t m, int64_t L, const float* p, int64_t r,
-                                      float* c, int64_t ldc) {
-  // Up to 64 columns of c per pass; fewer rows per block as the pass widens, to stay in registers.
-  constexpr int64_t kMaxWidth = 4 * kLanes;
-  for (int64_t j0 = 0; j0 < r; j0 += kMaxWidth) {
-    const int64_t width = std::min(kMaxWidth, r - j0);
-    const int64_t vectors = (width + kLanes - 1) / kLanes;
-    const __mmask16 last = lanes_mask(width - (vectors - 1) * kLanes);
-    switch (vectors) {
-      case 1: rows_times_skinny_rows<12, 1>(x, ldx, m, L, p + j0, r, last, c + j0, ldc); break;
-      case 2: rows_times_skinny_rows<12, 2>(x, ldx, m, L, p + j0, r, last, c + j0, ldc); break;
-      case 3: rows_times_skinny_rows<6, 3>(x, ldx, m, L, p + j0, r, last, c + j0, ldc); break;
-      default: rows_times_skinny_rows<6, 4>(x, ldx, m, L, p + j0, r, last, c + j0, ldc); break;
-    }
-  }
+void rows_times_skinny(RowSet<const float> x, int64_t m, int64_t L, const float* p, int64_t r, float* c,
+                       int64_t ldc) {
+  with_rows(x, [&](auto x_rows) { rows_times_skinny_all(x_rows, m, L, p, r, c, ldc); });
 }
 
-LOWRANK_AVX512 void accumulate_skinny_t_times_rows(const float* s, int64_t lds, const float* x, int64_t ldx,
-                                                   int64_t m, int64_t L, int64_t r, float* c) {
-  skinny_t_times_rows_all<16>(s, lds, x, ldx, m, L, r, c);
+void accumulate_skinny_t_times_rows(RowSet<const float> s, RowSet<const float> x, int64_t m, int64_t L, int64_t r,
+                                    float* c) {
+  with_rows(s, [&](auto s_rows) {
+    with_rows(x, [&](auto x_rows) { skinny_t_times_rows_all<16>(s_rows, x_rows, m, L, r, c); });
+  });
 }
 
-LOWRANK_AVX512 void add_skinny_times_rows(const float* w, int64_t ldw, const float* s, const float* a, int64_t n,
-                                          int64_t L, int64_t r, float alpha, float* c) {
-  add_skinny_times_rows_all<4>(w, ldw, s, a, n, L, r, alpha, c);
+void add_skinny_times_rows(const float* w, int64_t ldw, const float* s, const float* a, int64_t n, int64_t L,
+                           int64_t r, float alpha, RowSet<float> c) {
+  with_rows(c, [&](auto c_rows) { add_skinny_times_rows_all<4>(w, ldw, s, a, n, L, r, alpha, c_rows); });
 }
 
 }  // namespace cpu
@@ -222,17 +265,14 @@ namespace cpu {
 
 bool skinny_kernels_available() { return false; }
 
-void rows_times_skinny(const float*, int64_t, int64_t, int64_t, const float*, int64_t, float*, int64_t) {
-  std::abort();
-}
+void rows_times_skinny(RowSet<const float>, int64_t, int64_t, const float*, int64_t, float*, int64_t) { std::abort(); }
 
-void accumulate_skinny_t_times_rows(const float*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t,
-                                    float*) {
+void accumulate_skinny_t_times_rows(RowSet<const float>, RowSet<const float>, int64_t, int64_t, int64_t, float*) {
   std::abort();
 }
 
 void add_skinny_times_rows(const float*, int64_t, const float*, const float*, int64_t, int64_t, int64_t, float,
-                           float*) {
+                           RowSet<float>) {
   std::abort();
 }
 

@@ -40,15 +40,19 @@ def mix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 15)
 
 
-def keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, row_offset: int = 0) -> torch.Tensor:
-    """Boolean [rows, cols] keep mask for rows row_offset .. row_offset + rows - 1."""
-    device = seed.device
+def keep_mask_of_rows(seed: torch.Tensor, rows: torch.Tensor, cols: int, p: float) -> torch.Tensor:
+    """Boolean [len(rows), cols] keep mask of the given (global) row indices."""
     seed_key = mix32(seed.to(torch.int64) & _U32)
-    row = torch.arange(row_offset, row_offset + rows, device=device, dtype=torch.int64)
-    row_key = mix32((row & _U32) ^ seed_key)
-    col = torch.arange(cols, device=device, dtype=torch.int64)
+    row_key = mix32((rows.to(device=seed.device, dtype=torch.int64) & _U32) ^ seed_key)
+    col = torch.arange(cols, device=seed.device, dtype=torch.int64)
     bits = mix32(col[None, :] ^ row_key[:, None])
     return bits >= threshold(p)
+
+
+def keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, row_offset: int = 0) -> torch.Tensor:
+    """Boolean [rows, cols] keep mask for rows row_offset .. row_offset + rows - 1."""
+    row = torch.arange(row_offset, row_offset + rows, device=seed.device, dtype=torch.int64)
+    return keep_mask_of_rows(seed, row, cols, p)
 
 
 def apply(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
