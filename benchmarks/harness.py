@@ -167,10 +167,14 @@ def peak_cuda_bytes(layer: Layer, x: Tensor, grad_y: Tensor) -> int:
 
 
 def time_checked_providers(shape, problem, providers: list[str], build, check, inputs: list, repeats: int,
-                           warmup: int, modes: tuple[str, ...] = MODES) -> tuple[list[dict], list[dict]]:
+                           warmup: int, modes: tuple[str, ...] = MODES,
+                           provider_modes: Optional[Callable[[str], tuple[str, ...]]] = None,
+                           ) -> tuple[list[dict], list[dict]]:
     """Build each provider, check it against the float64 reference, time the ones that pass in
-    every mode of `modes`: (one result row per timed provider, the providers that failed their
-    check). Shared by the LoRA, adapter benchmarks: `build(provider, problem)`, `check(layer, problem)`."""
+    every mode of `modes` (or of provider_modes(provider), for providers that cannot run them
+    all): (one result row per timed provider, the providers that failed their check). Shared by
+    the LoRA, adapter benchmarks: `build(provider, problem)`, `check(layer, problem)`."""
+    modes_of = provider_modes or (lambda provider: modes)
     layers, failures = {}, []
     for provider in providers:
         try:
@@ -184,22 +188,25 @@ def time_checked_providers(shape, problem, providers: list[str], build, check, i
     if not layers:
         return [], failures
 
-    times = {mode: time_mode(layers, inputs, mode, repeats, warmup) for mode in modes}
+    times = {}
+    for mode in modes:
+        timed_layers = {provider: layer for provider, layer in layers.items() if mode in modes_of(provider)}
+        times[mode] = time_mode(timed_layers, inputs, mode, repeats, warmup) if timed_layers else {}
     x, grad_y = inputs[0]
     on_cuda = x.is_cuda
-    training = "forward+backward" in modes
-    rows = [
-        {
+    rows = []
+    for provider, layer in layers.items():
+        timed = [mode for mode in modes if mode in modes_of(provider)]
+        training = "forward+backward" in timed
+        rows.append({
             "shape": dataclasses.asdict(shape),
             "provider": provider,
-            "median_ms": {mode: statistics.median(times[mode][provider]) for mode in modes},
-            "times_ms": {mode: times[mode][provider] for mode in modes},
+            "median_ms": {mode: statistics.median(times[mode][provider]) for mode in timed},
+            "times_ms": {mode: times[mode][provider] for mode in timed},
             "saved_bytes": saved_activation_bytes(layer, x) if training else None,
             "peak_bytes": peak_cuda_bytes(layer, x, grad_y) if on_cuda and training else None,
             "input_sets": len(inputs),
-        }
-        for provider, layer in layers.items()
-    ]
+        })
     return rows, failures
 
 

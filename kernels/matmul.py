@@ -144,11 +144,13 @@ def fit(block: int, dim: int) -> int:
     return min(block, max(16, triton.next_power_of_2(dim)))
 
 
-def tile_pruner(accumulator_budget):
+def tile_pruner(accumulator_budget, fma_accumulator_budget=None):
     """The autotuner's early pruning for one kernel. accumulator_budget(launch constexprs) is
     the most accumulator values per thread (BLOCK_M·BLOCK_N / threads) the kernel may hold:
     128 fp32 values (a 128×256 tile over 8 warps) fit beside one accumulator's pointers and
     pipeline; kernels holding more live tiles, or heavy epilogues, get less.
+    fma_accumulator_budget, if given, replaces it where tl.dot runs on FMA units (IEEE fp32,
+    fp64), whose operand slices live in registers too.
     tests/compile_triton_sm90.py checks that no config left in a search space spills on sm_90."""
 
     def prune(configs, named_args, **kwargs):
@@ -158,7 +160,7 @@ def tile_pruner(accumulator_budget):
         M, N, K = named_args["M"], named_args["N"], named_args["K"]
         dtype = next(arg.dtype for arg in named_args.values() if isinstance(arg, torch.Tensor))  # the first operand's
         on_fma = kwargs["DOT_PRECISION"] == "ieee" and dtype not in (torch.float16, torch.bfloat16)
-        budget = accumulator_budget(kwargs)
+        budget = (fma_accumulator_budget if on_fma and fma_accumulator_budget else accumulator_budget)(kwargs)
         kept = {}
         for config in configs:
             block_m, block_n, block_k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
@@ -179,7 +181,7 @@ def tile_pruner(accumulator_budget):
     return prune
 
 
-def autotuned(kernel, tiles=GPU_TILES, accumulator_budget=lambda options: 128):
+def autotuned(kernel, tiles=GPU_TILES, accumulator_budget=lambda options: 128, fma_accumulator_budget=None):
     """The kernel with Hopper autotuning over `tiles`, keyed by power-of-two size buckets
     (M_KEY, N_KEY, K_KEY) so that varying sequence lengths reuse one measurement; dtypes are part
     of Triton's key. Timings persist in Triton's cache (TRITON_CACHE_DIR, default ~/.triton/cache),
@@ -190,7 +192,8 @@ def autotuned(kernel, tiles=GPU_TILES, accumulator_budget=lambda options: 128):
     ]
     return triton.autotune(
         configs, key=["M_KEY", "N_KEY", "K_KEY", "DOT_PRECISION"],
-        prune_configs_by={"early_config_prune": tile_pruner(accumulator_budget)}, cache_results=True,
+        prune_configs_by={"early_config_prune": tile_pruner(accumulator_budget, fma_accumulator_budget)},
+        cache_results=True,
     )(kernel)
 
 
@@ -205,17 +208,18 @@ def dot_options(dtype: torch.dtype) -> dict:
 
 
 def launch(kernel, tuned_kernel, dtype: torch.dtype, M: int, N: int, K: int, *args, splits: int = 1,
-            **options) -> None:
-    """Launch for an [M, N] output reduced over K (in `splits` slices along grid axis 1):
-    autotuned on the GPU, fixed tiles in the interpreter."""
+           batches: int = 1, **options) -> None:
+    """Launch for `batches` [M, N] outputs (tiles of batch b at grid axis 0 from b·tiles) reduced
+    over K (in `splits` slices along grid axis 1): autotuned on the GPU, fixed tiles in the
+    interpreter."""
     options.update(dot_options(dtype), M_KEY=triton.next_power_of_2(M), N_KEY=triton.next_power_of_2(N),
                    K_KEY=triton.next_power_of_2(K))
     if _backends.triton_interpret():
         config = dict(INTERPRETER_CONFIG, BLOCK_M=fit(32, M), BLOCK_N=fit(32, N), BLOCK_K=fit(32, K))
-        grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]), splits)
+        grid = (batches * triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]), splits)
         kernel[grid](*args, **options, **config)
         return
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
+    grid = lambda meta: (batches * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
     tuned_kernel[grid](*args, **options)
 
 
@@ -228,13 +232,14 @@ SPLIT_QUANTUM = 512
 INTERPRETER_SPLIT = dict(programs=8, tile=32, quantum=32)
 
 
-def split_length(device: torch.device, M: int, N: int, K: int) -> int:
-    """The length of each slice of the K reduction of an [M, N] output (K itself: no split)."""
+def split_length(device: torch.device, M: int, N: int, K: int, batches: int = 1) -> int:
+    """The length of each slice of the K reduction of an [M, N] output, or of each of `batches`
+    such outputs reduced over K each (K itself: no split)."""
     if _backends.triton_interpret():
         programs, tile, quantum = (INTERPRETER_SPLIT[key] for key in ("programs", "tile", "quantum"))
     else:
         programs, tile, quantum = PROGRAMS_PER_SM * _backends.multiprocessor_count(device), 128, SPLIT_QUANTUM
-    tiles = triton.cdiv(M, tile) * triton.cdiv(N, tile)
+    tiles = batches * triton.cdiv(M, tile) * triton.cdiv(N, tile)
     splits = min(triton.cdiv(programs, tiles), triton.cdiv(K, quantum))
     if splits <= 1:
         return K

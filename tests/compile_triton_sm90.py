@@ -86,7 +86,7 @@ class Recorder:
 
 def scenarios(quick: bool):
     """(name, thunk) pairs: realistic launches of every kernel through its host code."""
-    from lowrank.kernels import adapter, grad_reverse, lora_linear
+    from lowrank.kernels import adapter, grad_reverse, lora_linear, multi_lora_linear
 
     def empty(*shape, dtype=torch.bfloat16):
         return torch.empty(shape, dtype=dtype)
@@ -107,6 +107,20 @@ def scenarios(quick: bool):
             yield (f"lora backward {name} M={M} K=N={K} r={r} p={p}",
                    lambda p=p, x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, grad_y=grad_y, xa=xa:
                    lora_linear.backward(grad_y, x, xa, weight, lora_A, lora_B, 2.0, p, seed, True, False, False))
+        # Mixed adapters: every row a valid adapter, so the host code's grouping passes.
+        adapters = 16
+        index = torch.arange(M) % adapters
+        multi_A, multi_B = empty(adapters, r, K, dtype=dtype), empty(adapters, N, r, dtype=dtype)
+        for p in (0.0, 0.1):
+            rates = [p] * adapters
+            yield (f"multi-lora train {name} M={M} K=N={K} r={r} adapters={adapters} p={p}",
+                   lambda rates=rates, x=x, weight=weight, bias=bias, index=index, multi_A=multi_A, multi_B=multi_B:
+                   multi_lora_linear.forward(x, weight, bias, index, multi_A, multi_B, [2.0] * adapters, rates, seed))
+            yield (f"multi-lora backward {name} M={M} K=N={K} r={r} adapters={adapters} p={p}",
+                   lambda rates=rates, x=x, weight=weight, index=index, multi_A=multi_A, multi_B=multi_B, grad_y=grad_y,
+                   xa=xa:
+                   multi_lora_linear.backward(grad_y, x, xa, weight, index, multi_A, multi_B, [2.0] * adapters, rates,
+                                              seed, True, False, False))
     x_weight, x_bias = empty(N, K), empty(N)
     for rows in (16, 256):
         yield (f"lora inference bf16 M={rows} K=N={K} r={r}",

@@ -336,7 +336,9 @@ def _check_inputs(x, weight, bias, adapter_index, lora_A, lora_B, scaling, dropo
                                 ("lora_A", 3, "[n_adapters, r, in_features]"),
                                 ("lora_B", 3, "[n_adapters, out_features, r]")):
         if named[name].dim() != dims:
-            raise ValueError(f"multi_lora_linear: {name} must be {dims}-D {meaning}, got shape {tuple(named[name].shape)}")
+            raise ValueError(
+                f"multi_lora_linear: {name} must be {dims}-D {meaning}, got shape {tuple(named[name].shape)}"
+            )
     in_features, out_features = x.shape[-1], weight.shape[0]
     count, r = lora_A.shape[:2]
     if weight.shape[1] != in_features:
