@@ -2,9 +2,10 @@
 # One device call on an H100/H200: build the CUDA extension, run the GPU tests, benchmark, and
 # print a short table last.
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh [lora|adapter|all]     (default: all)
-#     lora      LoRA tests; LoRA benchmark in bf16 (every shape, dropout rate and decode shape
-#               within a time budget, headline first) and fp16 (the headline shape); the
-#               Llama-style end-to-end step; DRAM bytes per step from ncu
+#     lora      LoRA tests (single and mixed-batch multi-adapter); LoRA benchmark in bf16 (every
+#               shape, dropout rate and decode shape within a time budget, headline first) and
+#               fp16 (the headline shape); the mixed-batch multi-adapter benchmark (bf16, 1/4/16
+#               adapters); the Llama-style end-to-end step; DRAM bytes per step from ncu
 #     adapter   adapter and gradient-reversal tests; the adapter benchmark in bf16 per activation,
 #               GRL bandwidth, the DANN step (LeNet and ViT-B encoders), the BERT-base adapter step
 # $OUT receives two files (the device tool brings back at most 8): logs.txt, and results.tgz
@@ -30,7 +31,8 @@ fi
 python -c "import lowrank; [print(f'{n:7s} {s.available!s:5s} {s.reason}') for n, s in lowrank.backends().items()]" | tee -a "$LOG"
 
 tests=()
-wants lora && tests+=(tests/test_gpu.py tests/test_lora_linear.py tests/test_lora_linear_triton.py)
+wants lora && tests+=(tests/test_gpu.py tests/test_lora_linear.py tests/test_lora_linear_triton.py
+                      tests/test_multi_lora_linear.py)
 wants adapter && tests+=(tests/test_adapter.py tests/test_grad_reverse.py)
 step "GPU tests: ${tests[*]}"
 timeout 300 python -m pytest "${tests[@]}" -q -p no:cacheprovider >>"$LOG" 2>&1
@@ -45,6 +47,7 @@ if wants lora; then
   # The torch.compile baselines run at the first (headline) shape only: inductor compiles per shape.
   bench benchmarks.bench_lora_linear --dtype bf16 --max-minutes 2.5 --plot
   bench benchmarks.bench_lora_linear --dtype fp16 --shapes 8192,4096,4096,16
+  bench benchmarks.bench_multi_lora_linear --dtype bf16 --shapes 8192,4096,4096,16 --adapters 1 4 16
   bench benchmarks.bench_lora_llama_step
   bench benchmarks.bench_lora_dram
 fi

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lowrank
-from lowrank.ops import lora_linear, lora_linear_reference
+from lowrank.ops import lora_linear, lora_linear_reference, multi_lora_linear, multi_lora_linear_reference
 
 pytestmark = [
     pytest.mark.gpu,
@@ -85,3 +85,43 @@ def test_fast_path_strided_and_expanded(backend, poison_cuda):
     for ours, ref in zip((y, *grads), (y_ref, *grads_ref)):
         assert not ours.isnan().any()
         assert relative_error(ours, ref) < TOLERANCE[torch.bfloat16]
+
+
+# M, K, N, r, adapters: one-row decode, block-size-unfriendly, many adapters over few rows, empty.
+MULTI_SHAPES = [(1, 4096, 4096, 16, 4), (127, 1000, 3001, 8, 3), (2049, 129, 65, 3, 16), (0, 64, 64, 16, 2)]
+
+
+@pytest.mark.parametrize("backend", FAST_PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("M,K,N,r,count", MULTI_SHAPES)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_multi_lora_fast_path_against_float64(backend, dtype, M, K, N, r, count, dropout_p, poison_cuda):
+    """Mixed adapters per row, rows without one (-1), the last adapter without rows, per-adapter
+    dropout rates (every other adapter at dropout_p)."""
+    gen = torch.Generator(device="cuda").manual_seed(M * 7 + K)
+    x, weight, bias, _, _ = make(M, K, N, r, dtype, gen)
+    A = (torch.randn(count, r, K, generator=gen, device="cuda", dtype=torch.float64) / K**0.5).to(dtype)
+    B = (torch.randn(count, N, r, generator=gen, device="cuda", dtype=torch.float64) / r**0.5).to(dtype)
+    inputs = (x, weight, bias, A.requires_grad_(), B.requires_grad_())
+    index = torch.randint(-1, count - 1, (M,), generator=gen, device="cuda")
+    scaling = [0.5 + 0.25 * a for a in range(count)]
+    rates = [dropout_p * (a % 2) for a in range(count)]
+    grad_y = torch.randn(M, N, generator=gen, device="cuda", dtype=torch.float64)
+
+    poison_cuda()
+    torch.manual_seed(0)
+    y = multi_lora_linear(*inputs[:3], index, *inputs[3:], scaling, rates, backend=backend)
+    poison_cuda()
+    grads = torch.autograd.grad(y, inputs, grad_y.to(dtype))
+
+    torch.manual_seed(0)
+    seed = torch.randint(0, 2**31 - 1, (), device="cuda") if dropout_p else None
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    y_ref = multi_lora_linear_reference(*ref_inputs[:3], index, *ref_inputs[3:], scaling, rates, seed)
+    grads_ref = torch.autograd.grad(y_ref, ref_inputs, grad_y)
+
+    names = ("y", "dx", "dW", "db", "dA", "dB")
+    for name, ours, ref in zip(names, (y, *grads), (y_ref, *grads_ref)):
+        assert ours.dtype == dtype and ours.shape == ref.shape, name
+        assert not ours.isnan().any(), f"{name}: unwritten (NaN-poisoned) elements"
+        assert relative_error(ours, ref) < TOLERANCE[dtype], f"{name}: error {relative_error(ours, ref):.3g}"
