@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,13 +41,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lowrank
+from benchmarks.bench_lora_linear import Shape, _frozen_linear, _OneLinear, input_set_count, make_inputs
 from benchmarks.harness import (
     DEFAULT_OUT_DIR,
     DTYPES,
     LOWRANK_BACKENDS,
-    MAX_INPUT_SETS,
     MODE_COLUMNS,
-    ROTATION_BYTES,
     Layer,
     backend_skip_reasons,
     default_dtype_name,
@@ -70,28 +68,6 @@ FLOOR = "single_lora"
 CHECK_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 TRAINING_GOAL, INFERENCE_GOAL = 1.15, 2.0
 
-
-@dataclass(frozen=True)
-class Shape:
-    """x [M, K] through a K -> N linear layer with rank-r adapters."""
-
-    M: int
-    K: int
-    N: int
-    r: int
-
-    @classmethod
-    def parse(cls, text: str) -> "Shape":
-        try:
-            M, K, N, r = (int(value) for value in text.split(","))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"a shape is M,K,N,r (four integers), got {text!r}") from None
-        return cls(M, K, N, r)
-
-    def __str__(self) -> str:
-        return f"M={self.M} K={self.K} N={self.N} r={self.r}"
-
-
 DEFAULT_SHAPE = Shape(4096, 1024, 1024, 16)
 DEFAULT_ADAPTERS = (1, 4, 16)
 DEFAULT_REPEATS = {"cpu": 10, "cuda": 100}
@@ -103,17 +79,6 @@ QUICK_WARMUP = 1
 
 
 # ---------------------------------------------------------------- the problem and its providers
-
-
-@dataclass(frozen=True)
-class Key:
-    """One timed problem: a shape and the number of adapters mixed in the batch."""
-
-    M: int
-    K: int
-    N: int
-    r: int
-    adapters: int
 
 
 @dataclass
@@ -136,8 +101,12 @@ class Problem:
         return 2.0  # lora_alpha = 2r, PEFT's alpha / r
 
     @property
-    def key(self) -> Key:
-        return Key(**dataclasses.asdict(self.shape), adapters=self.adapters)
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
 
 
 def make_problem(shape: Shape, adapters: int, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Problem:
@@ -158,38 +127,12 @@ def make_problem(shape: Shape, adapters: int, device: torch.device, dtype: torch
     )
 
 
-def make_inputs(problem: Problem, count: int, rows: Optional[int] = None, seed: int = 1) -> list[tuple[Tensor, Tensor]]:
-    """`count` pairs (x requiring grad, gradient of y) of `rows` rows (default M)."""
-    generator = torch.Generator(device=problem.weight.device).manual_seed(seed)
-    rows = problem.shape.M if rows is None else rows
-    dtype, device = problem.weight.dtype, problem.weight.device
-    return [
-        (torch.randn(rows, problem.shape.K, generator=generator, device=device).to(dtype).requires_grad_(),
-         torch.randn(rows, problem.shape.N, generator=generator, device=device).to(dtype))
-        for _ in range(count)
-    ]
-
-
-def input_set_count(shape: Shape, dtype: torch.dtype) -> int:
-    set_bytes = shape.M * (shape.K + shape.N) * dtype.itemsize
-    return max(1, min(MAX_INPUT_SETS, math.ceil(ROTATION_BYTES / set_bytes)))
-
-
 @dataclass
 class MixedLayer(Layer):
     """A provider's layer, with the adapter of each row it applies (None: no adapter at all);
     lora_A, lora_B are [n, r, K], [n, N, r], or [r, K], [N, r] for single_lora's one adapter."""
 
     index: Optional[Tensor] = None
-
-
-def _frozen_linear(problem: Problem) -> nn.Linear:
-    N, K = problem.weight.shape
-    linear = nn.Linear(K, N, device=problem.weight.device, dtype=problem.weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(problem.weight)
-        linear.bias.copy_(problem.bias)
-    return linear.requires_grad_(False)
 
 
 def _trained_copies(problem: Problem) -> tuple[Tensor, Tensor]:
@@ -236,17 +179,6 @@ def build_masked_loop(problem: Problem) -> MixedLayer:
     return MixedLayer(module, tuple(module.parameters()), module.lora_A, module.lora_B, index=problem.adapter_index)
 
 
-class _OneLinear(nn.Module):
-    """The smallest model PEFT can wrap: one linear layer named `proj`."""
-
-    def __init__(self, proj: nn.Linear):
-        super().__init__()
-        self.proj = proj
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x)
-
-
 def build_hf_peft_mixed(problem: Problem) -> MixedLayer:
     import peft  # only when asked for: it pulls in transformers
 
@@ -257,7 +189,7 @@ def build_hf_peft_mixed(problem: Problem) -> MixedLayer:
     for name in names[1:]:
         model.add_adapter(name, config)
     layer = model.base_model.model.proj
-    layer.to(problem.weight.dtype)  # PEFT keeps half-precision adapters in fp32 by default
+    layer.to(problem.dtype)  # PEFT keeps half-precision adapters in fp32 by default
     with torch.no_grad():
         for adapter, name in enumerate(names):
             layer.lora_A[name].weight.copy_(problem.lora_A[adapter])
@@ -338,7 +270,7 @@ def check_against_reference(layer: MixedLayer, problem: Problem) -> None:
             ("grad of lora_A", layer.lora_A.grad, lora_A64.grad[0] if single else lora_A64.grad),
             ("grad of lora_B", layer.lora_B.grad, lora_B64.grad[0] if single else lora_B64.grad),
         ]
-    tolerance = CHECK_TOLERANCE[problem.weight.dtype]
+    tolerance = CHECK_TOLERANCE[problem.dtype]
     for what, actual, expected in comparisons:
         if actual is None:
             raise AssertionError(f"{what} was not computed")
@@ -369,7 +301,8 @@ def benchmark_problem(shape: Shape, adapters: int, providers: list[str], device:
 
 
 def goal_ratios(report: dict) -> list[dict]:
-    """The goals' ratios for each shape and adapter count where their providers were timed."""
+    """The goals' ratios (and, beside them, ratios that explain them: goal None) for each shape
+    and adapter count where their providers were timed."""
     goals = []
     problems = dict.fromkeys((Shape(**row["shape"]), row["adapters"]) for row in report["results"])
     for shape, adapters in problems:
@@ -387,6 +320,16 @@ def goal_ratios(report: dict) -> list[dict]:
             ratio = timed["hf_peft_mixed"]["inference"] / auto["inference"]
             goals.append(dict(where, what="hf_peft_mixed / lowrank_auto, inference", ratio=ratio,
                               goal=f">= {INFERENCE_GOAL}", met=ratio >= INFERENCE_GOAL))
+            if "linear_frozen" in timed:
+                # Both contain the frozen layer's GEMM, which bounds the ratio above by
+                # hf_peft_mixed / linear_frozen; what each adds to it is the adapters' cost.
+                base, peft = timed["linear_frozen"]["inference"], timed["hf_peft_mixed"]["inference"]
+                goals.append(dict(where, what="hf_peft_mixed / linear_frozen, inference (the bound of the goal ratio)",
+                                  ratio=peft / base, goal=None, met=None))
+                if auto["inference"] > base:
+                    goals.append(dict(where, what="(hf_peft_mixed - linear_frozen) / (lowrank_auto - linear_frozen), "
+                                      "inference: the adapters' cost", ratio=(peft - base) / (auto["inference"] - base),
+                                      goal=None, met=None))
     return goals
 
 
@@ -407,8 +350,9 @@ def markdown_table(report: dict) -> str:
 
 
 def report_notes(report: dict) -> list[str]:
-    notes = [f"- goal, {goal['adapters']} adapters at {Shape(**goal['shape'])}: {goal['what']} = {goal['ratio']:.3f} "
-             f"(goal {goal['goal']}: {'met' if goal['met'] else 'NOT met'})" for goal in report["goals"]]
+    notes = [f"- {goal['adapters']} adapters at {Shape(**goal['shape'])}: {goal['what']} = {goal['ratio']:.3f}"
+             + ("" if goal["goal"] is None else f" (goal {goal['goal']}: {'met' if goal['met'] else 'NOT met'})")
+             for goal in report["goals"]]
     notes += [f"- skipped {provider}: {reason}" for provider, reason in report["skipped"].items()]
     for failure in report["failed_checks"]:
         first_line = failure["error"].splitlines()[0]

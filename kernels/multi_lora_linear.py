@@ -31,7 +31,17 @@ import triton
 import triton.language as tl
 
 from lowrank import _backends
-from lowrank.kernels.matmul import autotuned, check_dtype, fit, keep_mask, launch, matmul, split_length, tile_ids
+from lowrank.kernels.matmul import (
+    GPU_TILES,
+    autotuned,
+    check_dtype,
+    fit,
+    keep_mask,
+    launch,
+    matmul,
+    split_length,
+    tile_ids,
+)
 from lowrank.ops import hash_dropout
 from lowrank.ops.multi_lora_linear import group_rows
 
@@ -205,7 +215,12 @@ def _segment_reduce_kernel(
 
 
 _BLOCK_R = 64  # rank chunk of the low-rank seed (32 in the interpreter)
-_rows_times_adapter_tuned = autotuned(_rows_times_adapter_kernel)
+# Its FMA tiles (BLOCK_K = 32) do not pipeline: with stages, the gathered rows
+# pointers beside the operand slices spill under triton 3.8.
+_rows_times_adapter_tuned = autotuned(
+    _rows_times_adapter_kernel, [(m, n, k, warps, min(stages, 1) if k == 32 else stages)
+                                 for m, n, k, warps, stages in GPU_TILES]
+)
 # With dropout, the keep mask of the whole tile is live beside the accumulator (as in lora_linear).
 # FMA tiles (IEEE fp32, fp64) hold each gathered row's pointer beside the operand slices: the
 # 64×64 tile spills there, so they get half lora_linear's budget.

@@ -39,6 +39,14 @@ def relative_error(ours, ref):
     return ((ours.double() - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
 
 
+def assert_all_close(ours_all, refs, dtype, names=("y", "dx", "dW", "db", "dA", "dB")):
+    """Output and gradients against float64: dtype, shape, every element written, error in tolerance."""
+    for name, ours, ref in zip(names, ours_all, refs):
+        assert ours.dtype == dtype and ours.shape == ref.shape, name
+        assert not ours.isnan().any(), f"{name}: unwritten (NaN-poisoned) elements"
+        assert relative_error(ours, ref) < TOLERANCE[dtype], f"{name}: error {relative_error(ours, ref):.3g}"
+
+
 @pytest.mark.parametrize("backend", FAST_PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("M,K,N,r", SHAPES)
@@ -60,11 +68,7 @@ def test_fast_path_against_float64(backend, dtype, M, K, N, r, dropout_p, poison
     y_ref = lora_linear_reference(*ref_inputs, 0.5, dropout_p, seed)
     grads_ref = torch.autograd.grad(y_ref, ref_inputs, grad_y)
 
-    names = ("y", "dx", "dW", "db", "dA", "dB")
-    for name, ours, ref in zip(names, (y, *grads), (y_ref, *grads_ref)):
-        assert ours.dtype == dtype and ours.shape == ref.shape, name
-        assert not ours.isnan().any(), f"{name}: unwritten (NaN-poisoned) elements"
-        assert relative_error(ours, ref) < TOLERANCE[dtype], f"{name}: error {relative_error(ours, ref):.3g}"
+    assert_all_close((y, *grads), (y_ref, *grads_ref), dtype)
 
 
 @pytest.mark.parametrize("backend", FAST_PATHS)
@@ -120,8 +124,4 @@ def test_multi_lora_fast_path_against_float64(backend, dtype, M, K, N, r, count,
     y_ref = multi_lora_linear_reference(*ref_inputs[:3], index, *ref_inputs[3:], scaling, rates, seed)
     grads_ref = torch.autograd.grad(y_ref, ref_inputs, grad_y)
 
-    names = ("y", "dx", "dW", "db", "dA", "dB")
-    for name, ours, ref in zip(names, (y, *grads), (y_ref, *grads_ref)):
-        assert ours.dtype == dtype and ours.shape == ref.shape, name
-        assert not ours.isnan().any(), f"{name}: unwritten (NaN-poisoned) elements"
-        assert relative_error(ours, ref) < TOLERANCE[dtype], f"{name}: error {relative_error(ours, ref):.3g}"
+    assert_all_close((y, *grads), (y_ref, *grads_ref), dtype)

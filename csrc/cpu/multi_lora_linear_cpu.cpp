@@ -219,6 +219,17 @@ bool skinny_path(const Tensor& x) { return x.scalar_type() == at::kFloat && cpu:
 // The skinny kernels read rows in place when their columns are unit-stride.
 bool unit_columns(const Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1; }
 
+// The block's rows of src for the skinny kernels: read in place, or gathered into buffer (a
+// [rows, cols] part buffer) where dropout applies or src's columns are strided.
+cpu::RowSet<const float> skinny_operand(const Tensor& src, const int64_t* rows, int64_t m, Tensor& buffer,
+                                        const std::optional<RowDropout>& dropout) {
+  if (!dropout.has_value() && unit_columns(src)) {
+    return {src.const_data_ptr<float>(), src.stride(0), rows};
+  }
+  gather_rows<float>(src, rows, m, buffer.data_ptr<float>(), dropout);
+  return {buffer.const_data_ptr<float>(), src.size(1)};
+}
+
 // One [rows, cols] buffer per part: a part's blocks run in order on one thread and reuse it.
 std::vector<Tensor> part_buffers(const Work& work, int64_t rows, int64_t cols, const at::TensorOptions& options) {
   std::vector<Tensor> buffers;
@@ -241,13 +252,8 @@ void forward_blocks_skinny(const Tensor& x, const Tensor& bias_row, const Tensor
   float* y_data = y.data_ptr<float>();
   for_each_block(work, groups, kSkinnyBlockRows, [&](int64_t part, int64_t piece, const int64_t* rows, int64_t m) {
     const int64_t adapter = work.pieces[piece].adapter;
-    const std::optional<RowDropout> dropout = dropout_of(dropouts, adapter, seed);
-    cpu::RowSet<const float> x_rows{x.const_data_ptr<float>(), x.stride(0), rows};
-    if (dropout.has_value() || !unit_columns(x)) {
-      float* buffer = x_blocks[part].data_ptr<float>();
-      gather_rows<float>(x, rows, m, buffer, dropout);
-      x_rows = {buffer, n.K};
-    }
+    const cpu::RowSet<const float> x_rows =
+        skinny_operand(x, rows, m, x_blocks[part], dropout_of(dropouts, adapter, seed));
     float* xa_block = xa_blocks[part].data_ptr<float>();
     cpu::rows_times_skinny(x_rows, m, n.K, a_t + adapter * n.K * n.r, n.r, xa_block, n.r);
     cpu::add_skinny_times_rows(bias_row.const_data_ptr<float>(), 0, xa_block, b_t + adapter * n.r * n.N, m, n.N, n.r,
@@ -333,18 +339,8 @@ void backward_blocks_skinny(const Tensor& grad_y, const Tensor& x, const Tensor&
   for_each_block(work, groups, kSkinnyBlockRows, [&](int64_t part, int64_t piece, const int64_t* rows, int64_t m) {
     const int64_t adapter = work.pieces[piece].adapter;
     const std::optional<RowDropout> dropout = dropout_of(dropouts, adapter, seed);
-    cpu::RowSet<const float> dy_rows{grad_y.const_data_ptr<float>(), grad_y.stride(0), rows};
-    if (!unit_columns(grad_y)) {
-      float* buffer = dy_blocks[part].data_ptr<float>();
-      gather_rows<float>(grad_y, rows, m, buffer, std::nullopt);
-      dy_rows = {buffer, n.N};
-    }
-    cpu::RowSet<const float> x_rows{x.const_data_ptr<float>(), x.stride(0), rows};
-    if (dropout.has_value() || !unit_columns(x)) {
-      float* buffer = x_blocks[part].data_ptr<float>();
-      gather_rows<float>(x, rows, m, buffer, dropout);
-      x_rows = {buffer, n.K};
-    }
+    const cpu::RowSet<const float> dy_rows = skinny_operand(grad_y, rows, m, dy_blocks[part], std::nullopt);
+    const cpu::RowSet<const float> x_rows = skinny_operand(x, rows, m, x_blocks[part], dropout);
     float* dyB = dyB_blocks[part].data_ptr<float>();
     cpu::rows_times_skinny(dy_rows, m, n.N, b_rows + adapter * n.N * n.r, n.r, dyB, n.r);
     cpu::accumulate_skinny_t_times_rows({xa.const_data_ptr<float>(), n.r, rows}, dy_rows, m, n.N, n.r,
