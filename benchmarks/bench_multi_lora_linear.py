@@ -3,7 +3,8 @@ mixed-batch inference, an eager loop over the adapters, and a single adapter (th
 
     python -m benchmarks.bench_multi_lora_linear                    # M=4096, K=N=1024, r=16; 1, 4, 16 adapters
     python -m benchmarks.bench_multi_lora_linear --quick            # one small shape, few repeats: a smoke test
-    python -m benchmarks.bench_multi_lora_linear --adapters 16 --threads 1 --repeats 20
+    python -m benchmarks.bench_multi_lora_linear --threads 1 --cpu-clock --repeats 15 --tag threads1
+                                       # one thread, timed by CPU time: steady on a shared machine
 
 The problem: x [M, K] through a frozen K -> N linear layer (W, b) with n LoRA adapters of rank r
 (A [n, r, K], B [n, N, r], scaling alpha/r = 2), each row's adapter drawn uniformly at random.
@@ -22,7 +23,8 @@ gradients). Each provider is checked against multi_lora_linear_reference in floa
 output; and the gradients for the training providers); one that disagrees is reported, not timed
 (exit status 1). The goals, as ratios of medians measured in the same run: lowrank_auto training
 at 16 adapters / single_lora training <= 1.15, and hf_peft_mixed inference / lowrank_auto
-inference >= 2.
+inference >= 2; beside the latter, its bound (hf_peft_mixed / linear_frozen: every provider pays
+the frozen GEMM) and the ratio of what each adds to linear_frozen. The report lists what auto chose.
 Results: <out-dir>/multi_lora_linear_<device-slug>_<dtype>[_<tag>].json (all raw numbers) and .md.
 """
 
@@ -60,6 +62,7 @@ from benchmarks.harness import (
     time_checked_providers,
     write_reports,
 )
+from lowrank import autotune
 from lowrank.ops import lora_linear, multi_lora_linear, multi_lora_linear_reference
 
 MODES = ("inference", "forward+backward")
@@ -284,13 +287,13 @@ def check_against_reference(layer: MixedLayer, problem: Problem) -> None:
 
 
 def benchmark_problem(shape: Shape, adapters: int, providers: list[str], device: torch.device, dtype: torch.dtype,
-                      repeats: int, warmup: int) -> tuple[list[dict], list[dict]]:
+                      repeats: int, warmup: int, cpu_clock: bool = False) -> tuple[list[dict], list[dict]]:
     """(one result row per provider, the providers that failed their check) for one shape and
     adapter count; each row with its ratio to single_lora in each mode both timed."""
     problem = make_problem(shape, adapters, device, dtype)
     inputs = make_inputs(problem, input_set_count(shape, dtype))
     rows, failures = time_checked_providers(shape, problem, providers, build_layer, check_against_reference, inputs,
-                                            repeats, warmup, MODES, provider_modes)
+                                            repeats, warmup, MODES, provider_modes, cpu_clock)
     floor = next((row for row in rows if row["provider"] == FLOOR), None)
     for row in rows + failures:
         row["adapters"] = adapters
@@ -353,6 +356,7 @@ def report_notes(report: dict) -> list[str]:
     notes = [f"- {goal['adapters']} adapters at {Shape(**goal['shape'])}: {goal['what']} = {goal['ratio']:.3f}"
              + ("" if goal["goal"] is None else f" (goal {goal['goal']}: {'met' if goal['met'] else 'NOT met'})")
              for goal in report["goals"]]
+    notes += [f"- auto chose {backend} for {key}" for key, backend in report["auto_choices"].items()]
     notes += [f"- skipped {provider}: {reason}" for provider, reason in report["skipped"].items()]
     for failure in report["failed_checks"]:
         first_line = failure["error"].splitlines()[0]
@@ -392,6 +396,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=positive_int, help="timed repeats per mode (default 10 on CPU, 100 on CUDA)")
     parser.add_argument("--warmup", type=int, help="untimed repeats before them (default 2 on CPU, 10 on CUDA)")
     parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
+    parser.add_argument("--cpu-clock", action="store_true",
+                        help="time CPU runs by process CPU time, not wall time: with --threads 1, each step's cost "
+                             "without what other jobs on a shared machine take")
     parser.add_argument("--tag", help="appended to the result files' names (multi_lora_linear_<device>_<dtype>_<tag>)")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="default: benchmarks/results/kernels")
     parser.add_argument("--quick", action="store_true",
@@ -420,7 +427,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "quick": args.quick,
         "repeats": repeats,
         "warmup": warmup,
-        **describe_methods(device),
+        **describe_methods(device, args.cpu_clock),
         "lowrank_backends": {name: status._asdict() for name, status in lowrank.backends().items()},
         "skipped": skipped,
         "failed_checks": [],
@@ -429,10 +436,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     for shape in shapes:
         for adapters in adapter_counts:
             print(f"{shape}, {adapters} adapters: timing {', '.join(providers)}", file=sys.stderr, flush=True)
-            rows, failures = benchmark_problem(shape, adapters, providers, device, DTYPES[dtype_name], repeats, warmup)
+            rows, failures = benchmark_problem(shape, adapters, providers, device, DTYPES[dtype_name], repeats, warmup,
+                                               args.cpu_clock)
             report["results"] += rows
             report["failed_checks"] += failures
     report["goals"] = goal_ratios(report)
+    report["auto_choices"] = {repr(key): backend for key, backend in autotune.choices().items()}
     return report
 
 

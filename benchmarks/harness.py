@@ -69,18 +69,31 @@ class Layer:
                 tensor.grad = None
 
 
-class WallTimer:
-    """perf_counter around a step; CPU ops finish before they return, so no synchronisation."""
+class HostTimer:
+    """A host clock around a step; CPU ops finish before they return, so no synchronisation."""
 
-    def __enter__(self) -> "WallTimer":
-        self._start = time.perf_counter()
+    clock = staticmethod(time.perf_counter)
+
+    def __enter__(self) -> "HostTimer":
+        self._start = self.clock()
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self._ms = (time.perf_counter() - self._start) * 1e3
+        self._ms = (self.clock() - self._start) * 1e3
 
     def elapsed_ms(self) -> float:
         return self._ms
+
+
+class WallTimer(HostTimer):
+    """time.perf_counter: wall time."""
+
+
+class CpuTimer(HostTimer):
+    """time.process_time: the CPU time of this process. With one torch thread it is the step's
+    cost without the time other jobs on a shared machine take the core away."""
+
+    clock = staticmethod(time.process_time)
 
 
 class CudaEventTimer:
@@ -119,11 +132,13 @@ def run_step(layer: Layer, mode: str, x: Tensor, grad_y: Tensor, timer) -> None:
 
 
 def time_mode(
-    layers: dict[str, Layer], inputs: list[tuple[Tensor, Tensor]], mode: str, repeats: int, warmup: int
+    layers: dict[str, Layer], inputs: list[tuple[Tensor, Tensor]], mode: str, repeats: int, warmup: int,
+    cpu_clock: bool = False,
 ) -> dict[str, list[float]]:
-    """Milliseconds of each repeat per provider, providers interleaved so drift hits all alike."""
+    """Milliseconds of each repeat per provider, providers interleaved so drift hits all alike
+    (cpu_clock: CPU tensors timed by CpuTimer rather than the wall clock)."""
     on_cuda = inputs[0][0].is_cuda
-    timer_class = CudaEventTimer if on_cuda else WallTimer
+    timer_class = CudaEventTimer if on_cuda else CpuTimer if cpu_clock else WallTimer
     names = list(layers)
     timers: dict[str, list] = {name: [] for name in names}
     for step in range(warmup + repeats):
@@ -169,11 +184,11 @@ def peak_cuda_bytes(layer: Layer, x: Tensor, grad_y: Tensor) -> int:
 def time_checked_providers(shape, problem, providers: list[str], build, check, inputs: list, repeats: int,
                            warmup: int, modes: tuple[str, ...] = MODES,
                            provider_modes: Optional[Callable[[str], tuple[str, ...]]] = None,
-                           ) -> tuple[list[dict], list[dict]]:
+                           cpu_clock: bool = False) -> tuple[list[dict], list[dict]]:
     """Build each provider, check it against the float64 reference, time the ones that pass in
     every mode of `modes` (or of provider_modes(provider), for providers that cannot run them
-    all): (one result row per timed provider, the providers that failed their check). Shared by
-    the LoRA, adapter benchmarks: `build(provider, problem)`, `check(layer, problem)`."""
+    all) with time_mode: (one result row per timed provider, the providers that failed their
+    check). Shared by the LoRA, adapter benchmarks: `build(provider, problem)`, `check(layer, problem)`."""
     modes_of = provider_modes or (lambda provider: modes)
     layers, failures = {}, []
     for provider in providers:
@@ -191,7 +206,7 @@ def time_checked_providers(shape, problem, providers: list[str], build, check, i
     times = {}
     for mode in modes:
         timed_layers = {provider: layer for provider, layer in layers.items() if mode in modes_of(provider)}
-        times[mode] = time_mode(timed_layers, inputs, mode, repeats, warmup) if timed_layers else {}
+        times[mode] = time_mode(timed_layers, inputs, mode, repeats, warmup, cpu_clock) if timed_layers else {}
     x, grad_y = inputs[0]
     on_cuda = x.is_cuda
     rows = []
@@ -300,9 +315,11 @@ def backend_skip_reasons(device: torch.device) -> dict[str, str]:
     return reasons
 
 
-def describe_methods(device: torch.device) -> dict[str, str]:
+def describe_methods(device: torch.device, cpu_clock: bool = False) -> dict[str, str]:
     """How this run timed and measured, in words, for the reports."""
-    clock = "CUDA events" if device.type == "cuda" else "time.perf_counter"
+    clock = "time.process_time (CPU time)" if cpu_clock else "time.perf_counter"
+    if device.type == "cuda":
+        clock = "CUDA events"
     memory = "saved = distinct storages saved for backward, the layer's weights excluded"
     if device.type == "cuda":
         memory += "; peak = max_memory_allocated above the allocation before one forward+backward"

@@ -58,6 +58,7 @@ def test_report_times_every_runnable_provider_in_its_modes(quick_run, bench):
                 assert all(ms > 0 for ms in row["times_ms"][mode]), (provider, mode)
             assert set(row["ratio_to_single_lora"]) == set(modes)
             assert (row["saved_bytes"] is None) == ("forward+backward" not in modes)
+    assert any(key.startswith("('multi_lora_linear'") for key in report["auto_choices"])
     goals = {(goal["adapters"], goal["what"]) for goal in report["goals"]}
     for adapters in bench.QUICK_ADAPTERS:
         assert (adapters, "lowrank_auto / single_lora, forward+backward") in goals
