@@ -7,7 +7,7 @@ against eager adapters injected at the same places, in tokens/s and peak memory,
 
 The model is transformers' BertModel built from a BertConfig of BERT-base's size (hidden 768,
 12 layers, 12 heads, intermediate 3072), random weights, bf16 on CUDA (fp32 on CPU), frozen.
-lowrank.inject_adapters puts bottleneck-64 relu adapters at the --placement (Houlsby: after the
+lowrank.inject_bottleneck puts bottleneck-64 relu adapters at the --placement (Houlsby: after the
 attention and the feed-forward sublayers; Pfeiffer: after the feed-forward one), Houlsby's
 near-identity init (so every adapter weight gets a gradient on the first step). Providers:
   eager              the same adapters, each computed as nn.Sequential would: F.linear, the
@@ -33,9 +33,9 @@ from torch import nn
 import lowrank
 from benchmarks.harness import backend_skip_reasons, write_reports
 from benchmarks.training_step import TrainingRun, compare_providers, markdown_rows, start_report, step_parser
-from lowrank.adapters import adapter_modules
 from lowrank.nn.adapter import Adapter
 from lowrank.ops.adapter import activation_fn
+from lowrank.tuners.bottleneck.model import bottleneck_adapters
 
 BOTTLENECK, ACTIVATION = 64, "relu"
 BASELINE = "eager"
@@ -71,12 +71,12 @@ def hidden_state_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor
 def builder(backend: str, eager: bool = False):
     def build(model: nn.Module, placement: str) -> TrainingRun:
         torch.manual_seed(1)  # the same adapter init for every provider
-        config = lowrank.AdapterConfig(placement=placement, bottleneck=BOTTLENECK, activation=ACTIVATION,
+        config = lowrank.BottleneckConfig(placement=placement, bottleneck=BOTTLENECK, activation=ACTIVATION,
                                        init="houlsby", backend=backend)
-        lowrank.inject_adapters(model, config)
-        lowrank.mark_only_adapters_trainable(model)
+        lowrank.inject_bottleneck(model, config)
+        lowrank.mark_only_bottleneck_trainable(model)
         if eager:
-            for adapter in adapter_modules(model).values():
+            for adapter in bottleneck_adapters(model).values():
                 adapter.__class__ = EagerAdapter
         trained = {name: param for name, param in model.named_parameters() if param.requires_grad}
         return TrainingRun(model, trained, hidden_state_loss)

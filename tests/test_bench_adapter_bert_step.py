@@ -28,12 +28,12 @@ def test_quick_run_times_fused_against_eager_adapters(bench, tmp_path, placement
 
 
 def test_eager_provider_runs_the_unfused_formula_on_the_same_adapters(bench):
-    from lowrank.adapters import adapter_modules
+    from lowrank.tuners.bottleneck.model import bottleneck_adapters
 
     model = bench.base_model(torch.device("cpu"), torch.float32, quick=True)
     eager = bench.BUILDERS["eager"](copy.deepcopy(model), "houlsby")
     fused = bench.BUILDERS["lowrank_auto"](model, "houlsby")
-    eager_adapters, fused_adapters = adapter_modules(eager.model), adapter_modules(fused.model)
+    eager_adapters, fused_adapters = bottleneck_adapters(eager.model), bottleneck_adapters(fused.model)
     assert eager_adapters.keys() == fused_adapters.keys() and len(eager_adapters) == 2 * 2  # two per layer
     assert all(type(adapter) is bench.EagerAdapter for adapter in eager_adapters.values())
     assert not any(isinstance(adapter, bench.EagerAdapter) for adapter in fused_adapters.values())

@@ -21,7 +21,7 @@ from lowrank.finetune import (
     trainer as trainer_module,
 )
 from lowrank.finetune.cli import main
-from lowrank.lora import lora_layers
+from lowrank.tuners.lora.model import lora_layers
 
 
 def tiny_vit():

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank import inject_adapters, load_adapters, mark_only_adapters_trainable, save_adapters
-from lowrank.adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig, adapter_modules
+from lowrank import inject_bottleneck, load_bottleneck, mark_only_bottleneck_trainable, save_bottleneck
 from lowrank.nn import Adapter
+from lowrank.tuners.bottleneck.model import BottleneckConfig, bottleneck_adapters
+from lowrank.tuners.bottleneck.save_load import CONFIG_NAME, WEIGHTS_NAME
 
 transformers = pytest.importorskip("transformers")
 
@@ -169,7 +170,7 @@ def hidden(model):
 
 
 def injected(base, placement, **kwargs):
-    return inject_adapters(copy.deepcopy(base), AdapterConfig(placement, bottleneck=4, backend=BACKEND, **kwargs))
+    return inject_bottleneck(copy.deepcopy(base), BottleneckConfig(placement, bottleneck=4, backend=BACKEND, **kwargs))
 
 
 @pytest.mark.parametrize("model_name, placement", CASES)
@@ -178,11 +179,11 @@ def test_placement_sites_and_unchanged_outputs_at_init(bases, model_name, placem
     model = injected(base, placement, activation="gelu")
     layer0 = {name: kind for name, kind in model.adapter_sites.items() if ".0." in name}
     assert layer0 == SITES[model_name, placement]
-    assert len(model.adapter_sites) == 2 * len(layer0) == len(adapter_modules(model))
+    assert len(model.adapter_sites) == 2 * len(layer0) == len(bottleneck_adapters(model))
     assert set(base.state_dict()) <= set(model.state_dict())  # the base's keys are untouched
     with torch.no_grad():
         assert torch.equal(hidden(model), hidden(base))
-        randomize(adapter_modules(model).values())
+        randomize(bottleneck_adapters(model).values())
         assert not torch.allclose(hidden(model), hidden(base), atol=1e-3)
 
 
@@ -224,7 +225,7 @@ def _site_semantics(model_name, placement, base, model):
 def test_feed_forward_site_computes_its_placement(bases, model_name, placement):
     base = bases[model_name]
     model = injected(base, placement, scaling=0.5)
-    randomize(adapter_modules(model).values())
+    randomize(bottleneck_adapters(model).values())
     with torch.no_grad():
         out, expected = _site_semantics(model_name, placement, base, model)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
@@ -233,7 +234,7 @@ def test_feed_forward_site_computes_its_placement(bases, model_name, placement):
 def test_attention_site_wraps_the_attention_output(bases):
     base = bases["gpt2"]
     model = injected(base, "houlsby")
-    randomize(adapter_modules(model).values())
+    randomize(bottleneck_adapters(model).values())
     x = torch.randn(2, 5, DIM)
     with torch.no_grad():
         out, expected = model.h[0].attn(x)[0], reference64(base.h[0].attn(x)[0], model.h[0].attn.adapter).float()
@@ -243,10 +244,10 @@ def test_attention_site_wraps_the_attention_output(bases):
 @pytest.mark.parametrize("model_name, placement", CASES)
 def test_training_only_adapters_reduces_loss_and_keeps_base_bit_identical(bases, model_name, placement):
     model = injected(bases[model_name], placement)
-    mark_only_adapters_trainable(model)
+    mark_only_bottleneck_trainable(model)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     params = ("down.weight", "down.bias", "up.weight", "up.bias")
-    assert trainable == {f"{adapter}.{param}" for adapter in adapter_modules(model) for param in params}
+    assert trainable == {f"{adapter}.{param}" for adapter in bottleneck_adapters(model) for param in params}
     frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
     target = torch.randn(2, 6, DIM, generator=torch.Generator().manual_seed(2))
 
@@ -273,39 +274,40 @@ def test_training_only_adapters_reduces_loss_and_keeps_base_bit_identical(bases,
 def test_save_load_round_trip(bases, tmp_path, model_name, placement):
     base = bases[model_name]
     model = injected(base, placement, activation="silu", scaling=0.5)
-    randomize(adapter_modules(model).values())
-    save_adapters(model, tmp_path)
+    randomize(bottleneck_adapters(model).values())
+    save_bottleneck(model, tmp_path)
     assert sorted(os.listdir(tmp_path)) == sorted([WEIGHTS_NAME, CONFIG_NAME])
     with torch.no_grad():
         expected = hidden(model)
-        fresh = load_adapters(copy.deepcopy(base), tmp_path, backend=BACKEND)  # adapters created from the file
+        fresh = load_bottleneck(copy.deepcopy(base), tmp_path, backend=BACKEND)  # adapters created from the file
         assert fresh.adapter_sites == model.adapter_sites
         assert torch.equal(hidden(fresh), expected)
         again = injected(base, placement, activation="silu")  # existing adapters get the saved weights and scaling
-        assert torch.equal(hidden(load_adapters(again, tmp_path)), expected)
+        assert torch.equal(hidden(load_bottleneck(again, tmp_path)), expected)
 
 
 def test_load_errors(bases, tmp_path):
     model = injected(bases["bert"], "pfeiffer")
-    save_adapters(model, tmp_path)
+    save_bottleneck(model, tmp_path)
     with pytest.raises(ValueError, match=r"encoder.layer.0.output.adapter.down.weight has shape \[4, 16\] in the file, "
                                          r"but the model's Adapter\(dim=16, bottleneck=2\) .* needs \[2, 16\]"):
-        load_adapters(inject_adapters(copy.deepcopy(bases["bert"]), dict(placement="pfeiffer", bottleneck=2)), tmp_path)
+        pfeiffer = inject_bottleneck(copy.deepcopy(bases["bert"]), dict(placement="pfeiffer", bottleneck=2))
+        load_bottleneck(pfeiffer, tmp_path)
     houlsby = injected(bases["bert"], "houlsby")
     with pytest.raises(ValueError, match="the file has no adapter for the model's adapters .*attention.output.adapter"):
-        load_adapters(houlsby, tmp_path)
+        load_bottleneck(houlsby, tmp_path)
     with pytest.raises(ValueError, match="sits at 'encoder.layer.0.output', which the model lacks"):
-        load_adapters(copy.deepcopy(bases["gpt2"]), tmp_path)
+        load_bottleneck(copy.deepcopy(bases["gpt2"]), tmp_path)
     with pytest.raises(ValueError, match="saved with activation='relu', the model's has 'gelu'"):
-        load_adapters(injected(bases["bert"], "pfeiffer", activation="gelu"), tmp_path)
+        load_bottleneck(injected(bases["bert"], "pfeiffer", activation="gelu"), tmp_path)
     with pytest.raises(FileNotFoundError, match=f"no {CONFIG_NAME}"):
-        load_adapters(model, tmp_path / "nowhere")
+        load_bottleneck(model, tmp_path / "nowhere")
     bare = copy.deepcopy(bases["bert"])
     keys_before = set(bare.state_dict())
     os.remove(tmp_path / WEIGHTS_NAME)
     with pytest.raises(FileNotFoundError, match=f"no {WEIGHTS_NAME}"):
-        load_adapters(bare, tmp_path)
-    assert set(bare.state_dict()) == keys_before and not adapter_modules(bare)  # a failed load changes nothing
+        load_bottleneck(bare, tmp_path)
+    assert set(bare.state_dict()) == keys_before and not bottleneck_adapters(bare)  # a failed load changes nothing
     with open(tmp_path / CONFIG_NAME) as f:
         assert json.load(f)["adapters"]["encoder.layer.1.output.adapter"]["kind"] == "post_ln_sequential"
 
@@ -342,18 +344,18 @@ def test_target_modules_sequential_and_parallel():
     net = Net()
     x = torch.randn(4, 6)
     config = dict(target_modules=["inp", "blocks.1.fc"], bottleneck=3, backend=BACKEND)
-    model = inject_adapters(copy.deepcopy(net), config)
+    model = inject_bottleneck(copy.deepcopy(net), config)
     assert model.adapter_sites == {"inp.adapter": "sequential", "blocks.1.fc.adapter": "sequential"}
     assert torch.equal(model(x), net(x))
-    randomize(adapter_modules(model).values())
+    randomize(bottleneck_adapters(model).values())
     with torch.no_grad():
         h = reference64(net.inp(x), model.inp.adapter).float()
         h = F.gelu(reference64(net.blocks[1].fc(net.blocks[0](h)), model.blocks[1].fc.adapter).float())
         torch.testing.assert_close(model(x), net.head(net.tail(h)), rtol=1e-5, atol=1e-5)
 
     config = dict(placement="parallel", target_modules=r"blocks\.\d", bottleneck=3, dim=12, backend=BACKEND)
-    parallel = inject_adapters(copy.deepcopy(net), config)
-    randomize(adapter_modules(parallel).values())
+    parallel = inject_bottleneck(copy.deepcopy(net), config)
+    randomize(bottleneck_adapters(parallel).values())
     with torch.no_grad():
         h = net.inp(x)
         for block, adapter in zip(net.blocks, (parallel.blocks[0].adapter, parallel.blocks[1].adapter)):
@@ -362,20 +364,20 @@ def test_target_modules_sequential_and_parallel():
 
 
 def test_deepcopy_hooks_follow_the_copied_adapters():
-    net = inject_adapters(Net(), dict(target_modules=["inp"], bottleneck=3, backend=BACKEND))
+    net = inject_bottleneck(Net(), dict(target_modules=["inp"], bottleneck=3, backend=BACKEND))
     twin = copy.deepcopy(net)
     x = torch.randn(2, 6)
     before = net(x)
-    randomize(adapter_modules(twin).values())
+    randomize(bottleneck_adapters(twin).values())
     assert torch.equal(net(x), before) and not torch.allclose(twin(x), before)
 
 
 def test_torch_compile_fullgraph_through_hooks():
     torch.manual_seed(0)
-    model = inject_adapters(Net(), dict(target_modules=["inp", "blocks.0.fc"], bottleneck=3, backend=BACKEND))
+    model = inject_bottleneck(Net(), dict(target_modules=["inp", "blocks.0.fc"], bottleneck=3, backend=BACKEND))
     config = dict(placement="parallel", target_modules=["blocks.1"], bottleneck=3, dim=12, backend=BACKEND)
-    inject_adapters(model, config)
-    randomize(adapter_modules(model).values())
+    inject_bottleneck(model, config)
+    randomize(bottleneck_adapters(model).values())
     x = torch.randn(4, 6)
     expected = model(x)
     # aot_eager traces the hooks and the op's fake/autograd registrations without inductor's slow codegen.
@@ -409,22 +411,22 @@ def test_injection_errors_leave_the_model_unchanged(model_maker, config, error, 
     model = model_maker()
     keys = set(model.state_dict())
     with pytest.raises(error, match=message):
-        inject_adapters(model, config)
-    assert set(model.state_dict()) == keys and not adapter_modules(model)
+        inject_bottleneck(model, config)
+    assert set(model.state_dict()) == keys and not bottleneck_adapters(model)
 
 
 def test_double_injection_and_wrong_dim_are_reported():
-    model = inject_adapters(Net(), dict(target_modules=["inp"], bottleneck=2, backend=BACKEND))
+    model = inject_bottleneck(Net(), dict(target_modules=["inp"], bottleneck=2, backend=BACKEND))
     with pytest.raises(ValueError, match="module 'inp' already has an attribute 'adapter'"):
-        inject_adapters(model, dict(target_modules=["inp"], bottleneck=2))
-    wrong = inject_adapters(Net(), dict(target_modules=["head"], bottleneck=2, dim=12, backend=BACKEND))
+        inject_bottleneck(model, dict(target_modules=["inp"], bottleneck=2))
+    wrong = inject_bottleneck(Net(), dict(target_modules=["head"], bottleneck=2, dim=12, backend=BACKEND))
     message = r"Adapter 'head.adapter': expected input of shape \[\.\.\., 12\], got \[4, 3\]"
     with pytest.raises(ValueError, match=message):
         wrong(torch.randn(4, 6))
-    with pytest.raises(ValueError, match="has no adapters; call inject_adapters first"):
-        mark_only_adapters_trainable(Net())
-    with pytest.raises(ValueError, match="has no adapters; call inject_adapters first"):
-        save_adapters(Net(), "unused")
+    with pytest.raises(ValueError, match="has no adapters; call inject_bottleneck first"):
+        mark_only_bottleneck_trainable(Net())
+    with pytest.raises(ValueError, match="has no adapters; call inject_bottleneck first"):
+        save_bottleneck(Net(), "unused")
 
 
 # ----------------------------------------------------------------------------- all-MiniLM-L6-v2
@@ -438,8 +440,8 @@ def test_minilm_houlsby_adapters_train_with_frozen_base():
     path = minilm.get_model_path()
     base = transformers.AutoModel.from_pretrained(path).eval()
     batch = dict(transformers.AutoTokenizer.from_pretrained(path)(SENTENCES, padding=True, return_tensors="pt"))
-    model = inject_adapters(copy.deepcopy(base), dict(placement="houlsby", bottleneck=32))  # default backend
-    assert len(adapter_modules(model)) == 12  # 6 layers x (attention, feed-forward)
+    model = inject_bottleneck(copy.deepcopy(base), dict(placement="houlsby", bottleneck=32))  # default backend
+    assert len(bottleneck_adapters(model)) == 12  # 6 layers x (attention, feed-forward)
 
     def embed(m):
         hidden_states = m(**batch).last_hidden_state
@@ -448,7 +450,7 @@ def test_minilm_houlsby_adapters_train_with_frozen_base():
 
     with torch.no_grad():
         assert torch.equal(embed(model), embed(base))
-    mark_only_adapters_trainable(model)
+    mark_only_bottleneck_trainable(model)
     frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
     assert len(frozen) == len(list(base.parameters()))
     target = F.normalize(torch.randn(len(SENTENCES), 384, generator=torch.Generator().manual_seed(0)), dim=-1)

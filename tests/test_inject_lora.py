@@ -6,8 +6,8 @@ from torch import nn
 
 import lowrank
 from lowrank import inject_lora, mark_only_lora_trainable, merge_lora, unmerge_lora
-from lowrank.lora import LoRAConfig, lora_layers
 from lowrank.nn import LoRAConv1D, LoRAConv2d, LoRAEmbedding, LoRALinear
+from lowrank.tuners.lora.model import LoRAConfig, lora_layers
 
 BACKEND = "torch"
 
@@ -222,7 +222,7 @@ def test_hf_embedding_lora_keeps_weight_tying():
 
 def test_lora_refuses_a_module_that_carries_an_adapter():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
-    lowrank.inject_adapters(model, {"target_modules": ["0"], "bottleneck": 2})
+    lowrank.inject_bottleneck(model, {"target_modules": ["0"], "bottleneck": 2})
     with pytest.raises(ValueError, match="'0' carries forward hooks or child modules"):
         lowrank.inject_lora(model, ["0"])
     assert isinstance(model[0], nn.Linear) and hasattr(model[0], "adapter")  # left as it was

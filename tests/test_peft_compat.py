@@ -1,4 +1,4 @@
-"""save_adapter / load_adapter against the installed HF PEFT, in both directions."""
+"""save_lora / load_lora against the installed HF PEFT, in both directions."""
 
 import copy
 import json
@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank import inject_lora, load_adapter, merge_lora, save_adapter
-from lowrank.lora import lora_layers
+from lowrank import inject_lora, load_lora, merge_lora, save_lora
+from lowrank.tuners.lora.model import lora_layers
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -72,7 +72,7 @@ def test_saved_by_us_loads_in_peft(case, tmp_path):
     base = make_base()
     ours = inject_lora(copy.deepcopy(base), targets, r=4, alpha=8, backend=BACKEND)
     randomize_lora_parameters(ours)
-    save_adapter(ours, tmp_path)
+    save_lora(ours, tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
 
     peft_model = peft.PeftModel.from_pretrained(base, tmp_path).eval()
@@ -89,7 +89,7 @@ def test_saved_by_peft_loads_in_ours(case, tmp_path):
     randomize_lora_parameters(peft_model)
     peft_model.save_pretrained(tmp_path)
 
-    ours = load_adapter(base, tmp_path, backend=BACKEND)
+    ours = load_lora(base, tmp_path, backend=BACKEND)
     assert len(lora_layers(ours)) > 0 and ours.lora_config.r == 4
     x = make_input()
     torch.testing.assert_close(output(ours(x)), output(peft_model(x)), rtol=1e-5, atol=1e-5)
@@ -100,7 +100,7 @@ def test_rank_and_alpha_patterns_round_trip_both_ways(tmp_path):
     ours = inject_lora(copy.deepcopy(base), ["query"], r=4, alpha=8, backend=BACKEND)
     inject_lora(ours, ["encoder.layer.1.attention.self.value"], r=2, alpha=6, backend=BACKEND)
     randomize_lora_parameters(ours)
-    save_adapter(ours, tmp_path / "ours")
+    save_lora(ours, tmp_path / "ours")
     config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert config["rank_pattern"] == {"encoder.layer.1.attention.self.value": 2}
     assert config["alpha_pattern"] == {"encoder.layer.1.attention.self.value": 6}
@@ -110,7 +110,7 @@ def test_rank_and_alpha_patterns_round_trip_both_ways(tmp_path):
     torch.testing.assert_close(peft_model(ids).last_hidden_state, ours(ids).last_hidden_state, rtol=1e-5, atol=1e-5)
 
     peft_model.save_pretrained(tmp_path / "peft")
-    reloaded = load_adapter(copy.deepcopy(base), tmp_path / "peft", backend=BACKEND)
+    reloaded = load_lora(copy.deepcopy(base), tmp_path / "peft", backend=BACKEND)
     assert {name: (layer.r, layer.alpha) for name, layer in lora_layers(reloaded).items()} == {
         "encoder.layer.0.attention.self.query": (4, 8),
         "encoder.layer.1.attention.self.query": (4, 8),
@@ -122,9 +122,9 @@ def test_rank_and_alpha_patterns_round_trip_both_ways(tmp_path):
 def test_loads_into_existing_lora_layers(tmp_path):
     source = inject_lora(tiny_bert(), ["query"], r=4, alpha=8, backend=BACKEND)
     randomize_lora_parameters(source)
-    save_adapter(source, tmp_path)
+    save_lora(source, tmp_path)
     target = inject_lora(tiny_bert(), ["query"], r=4, alpha=32, backend=BACKEND)
-    load_adapter(target, tmp_path)
+    load_lora(target, tmp_path)
     ids = torch.randint(0, 40, (2, 6))
     assert target.encoder.layer[0].attention.self.query.alpha == 8  # the adapter's config wins
     torch.testing.assert_close(target(ids).last_hidden_state, source(ids).last_hidden_state)
@@ -132,7 +132,7 @@ def test_loads_into_existing_lora_layers(tmp_path):
 
 def saved_adapter(tmp_path, **inject_kwargs):
     model = inject_lora(tiny_bert(), ["query"], r=4, backend=BACKEND, **inject_kwargs)
-    save_adapter(model, tmp_path)
+    save_lora(model, tmp_path)
     return tmp_path
 
 
@@ -140,7 +140,7 @@ def test_shape_mismatch_names_key_and_both_shapes(tmp_path):
     directory = saved_adapter(tmp_path)
     model = tiny_bert(hidden=32)
     with pytest.raises(ValueError) as error:
-        load_adapter(model, directory, backend=BACKEND)
+        load_lora(model, directory, backend=BACKEND)
     message = str(error.value)
     assert "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight" in message
     assert "(4, 16)" in message and "(4, 32)" in message
@@ -153,21 +153,21 @@ def test_missing_and_unexpected_modules(tmp_path):
     with pytest.raises(
         ValueError, match=r"no weights for the model's LoRA layers \['encoder.layer.0.attention.self.key'"
     ):
-        load_adapter(model, directory)
+        load_lora(model, directory)
     model = inject_lora(tiny_bert(), ["encoder.layer.0.attention.self.query"], r=4, backend=BACKEND)
     with pytest.raises(ValueError, match=r"weights for \['encoder.layer.1.attention.self.query'\], which are not LoRA"):
-        load_adapter(model, directory)
+        load_lora(model, directory)
     with pytest.raises(
         ValueError, match="weights for module 'encoder.layer.0.attention.self.query', which the model lacks"
     ):
-        load_adapter(ConvNet(), directory)
+        load_lora(ConvNet(), directory)
 
 
 def test_merged_model_is_refused(tmp_path):
     directory = saved_adapter(tmp_path)
     model = merge_lora(inject_lora(tiny_bert(), ["query"], r=4, backend=BACKEND))
     with pytest.raises(ValueError, match="merged into their base weights; call unmerge_lora first"):
-        load_adapter(model, directory)
+        load_lora(model, directory)
 
 
 @pytest.mark.parametrize(
@@ -185,11 +185,11 @@ def test_unsupported_config_is_refused(tmp_path, field, value, match):
     config[field] = value
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=match):
-        load_adapter(tiny_bert(), directory)
+        load_lora(tiny_bert(), directory)
 
 
 def test_pickle_file_is_never_loaded(tmp_path):
     directory = saved_adapter(tmp_path)
     (directory / "adapter_model.safetensors").rename(directory / "adapter_model.bin")
     with pytest.raises(FileNotFoundError, match="pickle-based and is never loaded"):
-        load_adapter(tiny_bert(), directory)
+        load_lora(tiny_bert(), directory)

@@ -51,7 +51,7 @@ class _Projection(nn.Module):
 class Adapter(nn.Module):
     """Bottleneck adapter: dim -> bottleneck -> dim, with an activation in between (see module docstring).
 
-    `name` is only used in error messages; inject_adapters sets it to the adapter's full module name.
+    `name` is only used in error messages; inject_bottleneck sets it to the adapter's full module name.
     """
 
     def __init__(

@@ -3,7 +3,7 @@
 Each adapter becomes a child named `adapter` of the module it sits at (its "site"), so its weights
 appear in the model's state_dict as `<site>.adapter.down.weight` etc., and the base model's own keys
 do not change. It joins the computation through a forward hook (or pre-hook) on the site; no base
-module is replaced. Placements (AdapterConfig.placement), with A(h) = h + scaling·f(h) the residual
+module is replaced. Placements (BottleneckConfig.placement), with A(h) = h + scaling·f(h) the residual
 adapter and f(h) = act(h·W_downᵀ + b_down)·W_upᵀ + b_up:
 
     "houlsby"   after the attention sublayer and after the feed-forward sublayer
@@ -36,41 +36,26 @@ scaling·f(input) to its output (input and output must both have `dim` features)
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowrank.nn.adapter import Adapter
 
-__all__ = [
-    "AdapterConfig",
-    "inject_adapters",
-    "adapter_modules",
-    "mark_only_adapters_trainable",
-    "save_adapters",
-    "load_adapters",
-    "WEIGHTS_NAME",
-    "CONFIG_NAME",
-]
+__all__ = ["BottleneckConfig", "inject_bottleneck", "bottleneck_adapters", "mark_only_bottleneck_trainable"]
 
-WEIGHTS_NAME = "bottleneck_adapters.safetensors"
-CONFIG_NAME = "bottleneck_adapters.json"
-_FORMAT = "lowrank-bottleneck-adapters"
-_CHILD = "adapter"  # the attribute each adapter is registered under at its site
+CHILD = "adapter"  # the attribute each adapter is registered under at its site
 _BLOCK_PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
 _TARGET_PLACEMENTS = ("sequential", "parallel")
-_SHOWN = 10
+SHOWN = 10
 
 
 @dataclass
-class AdapterConfig:
-    """What inject_adapters inserts, and where (see the module docstring).
+class BottleneckConfig:
+    """What inject_bottleneck inserts, and where (see the module docstring).
 
     placement: "houlsby" | "pfeiffer" | "parallel" for detected blocks (default "houlsby");
     "sequential" | "parallel" with target_modules (default "sequential").
@@ -150,7 +135,7 @@ class _Kind:
 
 
 # How each kind of site takes its adapter. Saved files name the kind, so these names are a file format.
-_KINDS = {
+KINDS = {
     "sequential": _Kind(True, lambda site, a: site.register_forward_hook(_Sequential(a))),
     "parallel": _Kind(False, lambda site, a: site.register_forward_hook(_Parallel(a), with_kwargs=True)),
     "post_ln_sequential": _Kind(True, lambda site, a: site.dropout.register_forward_hook(_Sequential(a))),
@@ -227,7 +212,7 @@ _STYLES = (
 )
 
 
-def _join(*parts: str) -> str:
+def join_name(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
@@ -237,12 +222,12 @@ def _block_sites(model: nn.Module, placement: str, dim: int | None) -> list[tupl
         style = next((s for s in _STYLES if s.matches(module)), None)
         if style is not None:
             block_dim = dim if dim is not None else style.dim(module)
-            sites += [(_join(name, path), kind, block_dim) for path, kind in style.sites[placement]]
+            sites += [(join_name(name, path), kind, block_dim) for path, kind in style.sites[placement]]
     if not sites:
         classes = sorted({type(m).__name__ for m in model.modules()})
         shown = ", ".join(classes[:30]) + (", ..." if len(classes) > 30 else "")
         raise ValueError(
-            "inject_adapters: unsupported model: found no BERT-style (attention/intermediate/output), GPT-2-style "
+            "inject_bottleneck: unsupported model: found no BERT-style (attention/intermediate/output), GPT-2-style "
             "(attn/mlp/ln_1/ln_2) or Llama-style (self_attn/mlp/input_layernorm/post_attention_layernorm) block "
             f"among its module classes [{shown}]; name the modules to adapt with target_modules"
         )
@@ -250,7 +235,7 @@ def _block_sites(model: nn.Module, placement: str, dim: int | None) -> list[tupl
 
 
 def _inside_adapter(name: str) -> bool:
-    return f".{_CHILD}." in f".{name}."
+    return f".{CHILD}." in f".{name}."
 
 
 def _output_size(model: nn.Module, name: str, module: nn.Module, dim: int | None) -> int:
@@ -265,7 +250,7 @@ def _output_size(model: nn.Module, name: str, module: nn.Module, dim: int | None
     if isinstance(hidden_size, int):
         return hidden_size  # a Hugging Face model: sublayers of a block map to its hidden size
     raise ValueError(
-        f"inject_adapters: cannot tell the output size of module {name!r} ({type(module).__name__}); "
+        f"inject_bottleneck: cannot tell the output size of module {name!r} ({type(module).__name__}); "
         "pass dim in the config"
     )
 
@@ -274,7 +259,7 @@ def _names(targets) -> bool:
     return bool(targets) and all(isinstance(t, str) and t for t in targets)
 
 
-def _target_sites(model: nn.Module, config: AdapterConfig) -> list[tuple[str, str, int]]:
+def _target_sites(model: nn.Module, config: BottleneckConfig) -> list[tuple[str, str, int]]:
     targets = config.target_modules
     named = [(n, m) for n, m in model.named_modules() if n and not _inside_adapter(n) and not isinstance(m, Adapter)]
     if isinstance(targets, str):
@@ -284,32 +269,32 @@ def _target_sites(model: nn.Module, config: AdapterConfig) -> list[tuple[str, st
         matched = [(n, m) for n, m in named if any(n == t or n.endswith("." + t) for t in targets)]
     else:
         raise TypeError(
-            "inject_adapters: target_modules must be a non-empty list of module names (full names or '.'-suffixes) "
+            "inject_bottleneck: target_modules must be a non-empty list of module names (full names or '.'-suffixes) "
             f"or a regular expression string; got {targets!r}"
         )
     if not matched:
-        shown = ", ".join(n for n, _ in named[:_SHOWN]) + (", ..." if len(named) > _SHOWN else "")
-        raise ValueError(f"inject_adapters: target_modules={targets!r} matched no module; the model has {shown}")
+        shown = ", ".join(n for n, _ in named[:SHOWN]) + (", ..." if len(named) > SHOWN else "")
+        raise ValueError(f"inject_bottleneck: target_modules={targets!r} matched no module; the model has {shown}")
     return [(n, config.placement, _output_size(model, n, m, config.dim)) for n, m in matched]
 
 
 # ------------------------------------------------------------------------------------ injection
 
 
-def _as_config(config) -> AdapterConfig:
+def _as_config(config) -> BottleneckConfig:
     if isinstance(config, dict):
-        unknown = sorted(set(config) - set(AdapterConfig.__dataclass_fields__))
+        unknown = sorted(set(config) - set(BottleneckConfig.__dataclass_fields__))
         if unknown:
-            raise TypeError(f"inject_adapters: unknown config keys {unknown}")
-        config = AdapterConfig(**config)
-    if not isinstance(config, AdapterConfig):
-        raise TypeError(f"inject_adapters: config must be an AdapterConfig or a dict, got {type(config).__name__}")
+            raise TypeError(f"inject_bottleneck: unknown config keys {unknown}")
+        config = BottleneckConfig(**config)
+    if not isinstance(config, BottleneckConfig):
+        raise TypeError(f"inject_bottleneck: config must be an BottleneckConfig or a dict, got {type(config).__name__}")
     placements = _TARGET_PLACEMENTS if config.target_modules is not None else _BLOCK_PLACEMENTS
     placement = config.placement if config.placement is not None else placements[0]
     if placement not in placements:
         where = "with target_modules" if config.target_modules is not None else "without target_modules"
-        raise ValueError(f"inject_adapters: placement must be one of {placements} {where}, got {placement!r}")
-    return AdapterConfig(**{**asdict(config), "placement": placement})
+        raise ValueError(f"inject_bottleneck: placement must be one of {placements} {where}, got {placement!r}")
+    return BottleneckConfig(**{**asdict(config), "placement": placement})
 
 
 def _factory(model: nn.Module, site: nn.Module) -> dict:
@@ -319,17 +304,17 @@ def _factory(model: nn.Module, site: nn.Module) -> dict:
     return {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
 
 
-def adapter_modules(model: nn.Module) -> dict[str, Adapter]:
+def bottleneck_adapters(model: nn.Module) -> dict[str, Adapter]:
     """Every Adapter in `model`, by full module name."""
     return {name: module for name, module in model.named_modules() if isinstance(module, Adapter)}
 
 
-def _sites_of(model: nn.Module) -> dict[str, str]:
-    """Adapter full name -> kind, for the adapters inject_adapters / load_adapters attached by hooks."""
+def adapter_sites(model: nn.Module) -> dict[str, str]:
+    """Adapter full name -> kind, for the adapters inject_bottleneck / load_bottleneck attached by hooks."""
     return getattr(model, "adapter_sites", {})
 
 
-def _build(caller, model, site_name, kind, dim, bottleneck, activation, scaling, init="identity", init_std=1e-2,
+def build_adapter(caller, model, site_name, kind, dim, bottleneck, activation, scaling, init="identity", init_std=1e-2,
            backend=None):  # fmt: skip
     site = model.get_submodule(site_name)
     if isinstance(site, Adapter) or _inside_adapter(site_name):
@@ -339,26 +324,26 @@ def _build(caller, model, site_name, kind, dim, bottleneck, activation, scaling,
             f"{caller}: module {site_name!r} is a {type(site).__name__}, whose children are its layers, so "
             "an adapter cannot be registered inside it; target its last layer or wrap it in a module of your own"
         )
-    if hasattr(site, _CHILD):
-        raise ValueError(f"{caller}: module {site_name!r} already has an attribute {_CHILD!r} (an adapter?)")
+    if hasattr(site, CHILD):
+        raise ValueError(f"{caller}: module {site_name!r} already has an attribute {CHILD!r} (an adapter?)")
     return Adapter(
-        dim, bottleneck, activation, scaling, init, residual=_KINDS[kind].residual, init_std=init_std,
-        backend=backend, name=_join(site_name, _CHILD), **_factory(model, site),
+        dim, bottleneck, activation, scaling, init, residual=KINDS[kind].residual, init_std=init_std,
+        backend=backend, name=join_name(site_name, CHILD), **_factory(model, site),
     )  # fmt: skip
 
 
-def _install(model: nn.Module, built: dict[str, tuple[str, Adapter]]) -> None:
+def install_adapters(model: nn.Module, built: dict[str, tuple[str, Adapter]]) -> None:
     """Register each adapter at its site and hook it in; `built` maps site name -> (kind, adapter)."""
-    sites = dict(_sites_of(model))
+    sites = dict(adapter_sites(model))
     for site_name, (kind, adapter) in built.items():
         site = model.get_submodule(site_name)
-        site.add_module(_CHILD, adapter)
-        _KINDS[kind].attach(site, adapter)
-        sites[_join(site_name, _CHILD)] = kind
+        site.add_module(CHILD, adapter)
+        KINDS[kind].attach(site, adapter)
+        sites[join_name(site_name, CHILD)] = kind
     model.adapter_sites = sites
 
 
-def inject_adapters(model: nn.Module, config: AdapterConfig | dict) -> nn.Module:
+def inject_bottleneck(model: nn.Module, config: BottleneckConfig | dict) -> nn.Module:
     """Insert bottleneck adapters into `model` in place (see the module docstring) and return it.
 
     Raises ValueError when no supported block is found, when target_modules matches nothing, or when
@@ -379,140 +364,21 @@ def inject_adapters(model: nn.Module, config: AdapterConfig | dict) -> nn.Module
         config.backend,
     )
     built = {
-        name: (kind, _build("inject_adapters", model, name, kind, dim, *hyperparameters)) for name, kind, dim in sites
+        name: (kind, build_adapter("inject_bottleneck", model, name, kind, dim, *hyperparameters))
+        for name, kind, dim in sites
     }
-    _install(model, built)
+    install_adapters(model, built)
     return model
 
 
-def mark_only_adapters_trainable(model: nn.Module) -> nn.Module:
+def mark_only_bottleneck_trainable(model: nn.Module) -> nn.Module:
     """Freeze every parameter except the adapters'."""
-    adapters = adapter_modules(model)
+    adapters = bottleneck_adapters(model)
     if not adapters:
-        raise ValueError("mark_only_adapters_trainable: the model has no adapters; call inject_adapters first")
+        raise ValueError("mark_only_bottleneck_trainable: the model has no adapters; call inject_bottleneck first")
     for param in model.parameters():
         param.requires_grad_(False)
     for adapter in adapters.values():
         for param in adapter.parameters():
             param.requires_grad_(True)
-    return model
-
-
-# ----------------------------------------------------------------------------------- save / load
-
-_PARAMS = ("down.weight", "down.bias", "up.weight", "up.bias")
-
-
-def _record(adapter: Adapter, kind: str | None) -> dict:
-    return {
-        "kind": kind,  # None: the adapter is part of the model's own structure, not hooked in
-        "dim": adapter.dim,
-        "bottleneck": adapter.bottleneck,
-        "activation": adapter.activation,
-        "scaling": adapter.scaling,
-        "residual": adapter.residual,
-    }
-
-
-def save_adapters(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Write only the adapters' weights (safetensors, keys as in the model's state_dict) and a JSON
-    description of where they sit into `directory`."""
-    adapters = adapter_modules(model)
-    if not adapters:
-        raise ValueError("save_adapters: the model has no adapters; call inject_adapters first")
-    kinds = _sites_of(model)
-    tensors = {
-        f"{name}.{param}": adapter.get_parameter(param).detach().contiguous()
-        for name, adapter in adapters.items()
-        for param in _PARAMS
-    }
-    config = {
-        "format": _FORMAT,
-        "version": 1,
-        "adapters": {name: _record(adapter, kinds.get(name)) for name, adapter in adapters.items()},
-    }
-    os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-
-
-def _read(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    paths = [os.path.join(directory, name) for name in (CONFIG_NAME, WEIGHTS_NAME)]
-    for path in paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"load_adapters: no {os.path.basename(path)} in {directory}")
-    with open(paths[0]) as f:
-        config = json.load(f)
-    if config.get("format") != _FORMAT or not isinstance(config.get("adapters"), dict):
-        raise ValueError(f"load_adapters: {paths[0]} is not a lowrank bottleneck-adapter config")
-    for name, record in config["adapters"].items():
-        if record.get("kind") not in (None, *_KINDS):
-            raise ValueError(f"load_adapters: adapter {name!r} has unknown kind {record.get('kind')!r}")
-    return config["adapters"], load_file(paths[1])
-
-
-def load_adapters(model: nn.Module, directory: str | os.PathLike, backend=None) -> nn.Module:
-    """Load adapters saved by save_adapters into `model` and return it.
-
-    A model without adapters gets them, at the saved sites, hooked in the saved way. A model that has
-    adapters must have exactly the saved set, with the same activation and residual mode. Every name
-    and shape is checked before anything is installed or copied.
-    """
-    directory = os.fspath(directory)
-    records, tensors = _read(directory)
-    adapters = adapter_modules(model)
-    built: dict[str, tuple[str, Adapter]] = {}
-    if not adapters:
-        for name, record in records.items():
-            site_name, _, child = name.rpartition(".")
-            if record["kind"] is None or child != _CHILD:
-                raise ValueError(
-                    f"load_adapters: adapter {name!r} is part of the saved model's own structure, "
-                    "which this model lacks"
-                )
-            try:
-                model.get_submodule(site_name)
-            except AttributeError:
-                raise ValueError(
-                    f"load_adapters: the saved adapter {name!r} sits at {site_name!r}, which the model lacks"
-                ) from None
-            built[site_name] = (record["kind"], _build(
-                "load_adapters", model, site_name, record["kind"], record["dim"], record["bottleneck"],
-                record["activation"], record["scaling"], backend=backend,
-            ))  # fmt: skip
-        adapters = {_join(site, _CHILD): adapter for site, (_, adapter) in built.items()}
-
-    missing, extra = sorted(set(adapters) - set(records)), sorted(set(records) - set(adapters))
-    if missing:
-        raise ValueError(f"load_adapters: the file has no adapter for the model's adapters {missing}")
-    if extra:
-        raise ValueError(f"load_adapters: the file has adapters {extra}, which the model lacks")
-    unexpected = sorted(set(tensors) - {f"{name}.{param}" for name in adapters for param in _PARAMS})
-    if unexpected:
-        raise ValueError(f"load_adapters: unexpected tensors in {WEIGHTS_NAME}: {unexpected[:_SHOWN]}")
-    for name, adapter in adapters.items():
-        record = records[name]
-        for attribute in ("activation", "residual"):
-            if record[attribute] != getattr(adapter, attribute):
-                raise ValueError(
-                    f"load_adapters: adapter {name!r} was saved with {attribute}={record[attribute]!r}, "
-                    f"the model's has {getattr(adapter, attribute)!r}"
-                )
-        for param in _PARAMS:
-            key, expected = f"{name}.{param}", adapter.get_parameter(param).shape
-            if key not in tensors:
-                raise ValueError(f"load_adapters: missing tensor {key!r} in {WEIGHTS_NAME}")
-            if tensors[key].shape != expected:
-                raise ValueError(
-                    f"load_adapters: {key} has shape {list(tensors[key].shape)} in the file, but the model's "
-                    f"Adapter(dim={adapter.dim}, bottleneck={adapter.bottleneck}) {name!r} needs {list(expected)}"
-                )
-    if built:
-        _install(model, built)
-    with torch.no_grad():
-        for name, adapter in adapters.items():
-            for param in _PARAMS:
-                adapter.get_parameter(param).copy_(tensors[f"{name}.{param}"])
-            adapter.scaling = float(records[name]["scaling"])
     return model

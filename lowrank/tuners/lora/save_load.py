@@ -6,8 +6,8 @@ A directory holds
                                 .lora_embedding_B (Embedding), in our layouts, which are PEFT's
     adapter_config.json         peft_type "LORA", r, lora_alpha, lora_dropout, target_modules, ...
 
-so `peft.PeftModel.from_pretrained(base_model, directory)` reads what save_adapter writes, and
-load_adapter reads what PEFT's `save_pretrained` writes.
+so `peft.PeftModel.from_pretrained(base_model, directory)` reads what save_lora writes, and
+load_lora reads what PEFT's `save_pretrained` writes.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowrank.lora import LoRAConfig, install_lora_layers, lora_layers, make_lora_layers
 from lowrank.nn.lora import LoRAConv1D, LoRAEmbedding, LoRALayer, check_lora_hyperparameters
+from lowrank.tuners.lora.model import LoRAConfig, install_lora_layers, lora_layers, make_lora_layers
 
-__all__ = ["save_adapter", "load_adapter", "WEIGHTS_NAME", "CONFIG_NAME"]
+__all__ = ["save_lora", "load_lora", "WEIGHTS_NAME", "CONFIG_NAME"]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -64,11 +64,11 @@ def _json_number(value: float):
     return int(value) if float(value).is_integer() else float(value)
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
+def save_lora(model: nn.Module, directory: str | os.PathLike) -> None:
     """Write only the LoRA weights and a PEFT LoraConfig for them into `directory`."""
     layers = lora_layers(model)
     if not layers:
-        raise ValueError("save_adapter: the model has no LoRA layers; call inject_lora first")
+        raise ValueError("save_lora: the model has no LoRA layers; call inject_lora first")
     record = getattr(model, "lora_config", None)
     if record is None:  # layers built by hand: take the most common settings as the defaults
         settings = Counter((layer.r, layer.alpha, layer.dropout) for layer in layers.values())
@@ -109,17 +109,17 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
 def _read_config(directory: str) -> dict:
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"load_adapter: no {CONFIG_NAME} in {directory}")
+        raise FileNotFoundError(f"load_lora: no {CONFIG_NAME} in {directory}")
     with open(path) as f:
         config = json.load(f)
     if config.get("peft_type") != "LORA":
         raise ValueError(
-            f"load_adapter: peft_type {config.get('peft_type')!r} is not supported; only 'LORA' adapters load"
+            f"load_lora: peft_type {config.get('peft_type')!r} is not supported; only 'LORA' adapters load"
         )
     for field_name, unused in _UNSUPPORTED_FIELDS.items():
         if config.get(field_name, unused) not in (unused, False, None, [], {}):
             raise ValueError(
-                f"load_adapter: the adapter uses {field_name}={config[field_name]!r}, which lowrank does not support"
+                f"load_lora: the adapter uses {field_name}={config[field_name]!r}, which lowrank does not support"
             )
     return config
 
@@ -130,20 +130,20 @@ def _read_weights(directory: str) -> dict[str, dict[str, torch.Tensor]]:
     if not os.path.isfile(path):
         pickled = os.path.isfile(os.path.join(directory, "adapter_model.bin"))
         why = " (adapter_model.bin is pickle-based and is never loaded; re-save it as safetensors)" if pickled else ""
-        raise FileNotFoundError(f"load_adapter: no {WEIGHTS_NAME} in {directory}{why}")
+        raise FileNotFoundError(f"load_lora: no {WEIGHTS_NAME} in {directory}{why}")
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in load_file(path).items():
         match = _KEY.fullmatch(key)
         if match is None:
             raise ValueError(
-                f"load_adapter: unexpected key {key!r}; expected {_PREFIX}<module>.lora_A.weight / lora_B.weight"
+                f"load_lora: unexpected key {key!r}; expected {_PREFIX}<module>.lora_A.weight / lora_B.weight"
             )
         by_module.setdefault(match["module"], {})[key] = tensor
     return by_module
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, backend=None) -> nn.Module:
-    """Load an adapter saved by save_adapter or by PEFT into `model` and return it.
+def load_lora(model: nn.Module, directory: str | os.PathLike, backend=None) -> nn.Module:
+    """Load an adapter saved by save_lora or by PEFT into `model` and return it.
 
     A model without LoRA layers gets them, on exactly the modules the adapter has weights for,
     with r / alpha / dropout from its config (and the base weights frozen). A model that
@@ -168,7 +168,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, backend=None) -
                 model.get_submodule(name)
             except AttributeError:
                 raise ValueError(
-                    f"load_adapter: the adapter has weights for module {name!r}, which the model lacks"
+                    f"load_lora: the adapter has weights for module {name!r}, which the model lacks"
                 ) from None
             new_layers |= make_lora_layers(model, [name], *hyperparameters(name), dropout, backend)
         layers = new_layers
@@ -176,14 +176,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, backend=None) -
     merged = [name for name, layer in layers.items() if layer.merged]
     if merged:
         raise ValueError(
-            f"load_adapter: LoRA layers {merged[:3]} are merged into their base weights; call unmerge_lora first"
+            f"load_lora: LoRA layers {merged[:3]} are merged into their base weights; call unmerge_lora first"
         )
     missing = sorted(set(layers) - set(weights))
     if missing:
-        raise ValueError(f"load_adapter: the adapter has no weights for the model's LoRA layers {missing}")
+        raise ValueError(f"load_lora: the adapter has no weights for the model's LoRA layers {missing}")
     extra = sorted(set(weights) - set(layers))
     if extra:
-        raise ValueError(f"load_adapter: the adapter has weights for {extra}, which are not LoRA layers in the model")
+        raise ValueError(f"load_lora: the adapter has weights for {extra}, which are not LoRA layers in the model")
 
     # Check every tensor before installing or copying anything, so a failed load leaves the model as it was.
     for name, layer in layers.items():
@@ -191,16 +191,16 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, backend=None) -
         found = weights[name]
         for key, param in ((key_A, layer.lora_A), (key_B, layer.lora_B)):
             if key not in found:
-                raise ValueError(f"load_adapter: missing key {key!r} (the adapter has {sorted(found)} for {name!r})")
+                raise ValueError(f"load_lora: missing key {key!r} (the adapter has {sorted(found)} for {name!r})")
             if found[key].shape != param.shape:
                 raise ValueError(
-                    f"load_adapter: {key} has shape {tuple(found[key].shape)} in the adapter, but the model's "
+                    f"load_lora: {key} has shape {tuple(found[key].shape)} in the adapter, but the model's "
                     f"{type(layer).__name__} {name!r} needs {tuple(param.shape)}"
                 )
         r, alpha = hyperparameters(name)
-        check_lora_hyperparameters(f"load_adapter ({name})", r, alpha, dropout)
+        check_lora_hyperparameters(f"load_lora ({name})", r, alpha, dropout)
         if r != layer.r:
-            raise ValueError(f"load_adapter: the adapter config gives {name!r} r={r}, but its weights have r={layer.r}")
+            raise ValueError(f"load_lora: the adapter config gives {name!r} r={r}, but its weights have r={layer.r}")
     if new_layers:
         install_lora_layers(model, new_layers)
         model.lora_config = LoRAConfig(default_r, default_alpha, dropout, sorted(new_layers))

@@ -44,10 +44,10 @@ _CANDIDATES_SHOWN = 10
 
 @dataclass
 class LoRAConfig:
-    """What inject_lora did, kept on the model as `model.lora_config`; save_adapter writes it out.
+    """What inject_lora did, kept on the model as `model.lora_config`; save_lora writes it out.
 
     r, alpha and dropout are those of the first injection; modules injected later with other
-    values keep their own (save_adapter records those as PEFT rank/alpha patterns).
+    values keep their own (save_lora records those as PEFT rank/alpha patterns).
     """
 
     r: int
@@ -113,7 +113,7 @@ def _lora_layer_for(name: str, module: nn.Module, r, alpha, dropout, backend) ->
         raise ValueError(f"inject_lora: module {name!r} already has LoRA ({type(module).__name__})")
     if module._forward_hooks or module._forward_pre_hooks or dict(module.named_children()):
         # Replacing the module would silently drop its hooks and children (e.g. a bottleneck
-        # adapter registered on it by inject_adapters).
+        # adapter registered on it by inject_bottleneck).
         raise ValueError(
             f"inject_lora: module {name!r} carries forward hooks or child modules (a bottleneck adapter?) "
             "that replacing it would drop; inject LoRA before adding adapters or hooks there"

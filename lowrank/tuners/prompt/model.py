@@ -28,13 +28,17 @@ Neither wrapper supports generation with a cache (`generate`, incremental decodi
 from __future__ import annotations
 
 import inspect
+import re
 
 import torch
 from torch import nn
 
-from lowrank.nn.prompt import PrefixEncoder, SoftPrompt
+from lowrank.nn.prompt import PrefixAttention, PrefixEncoder, SoftPrompt
 
-__all__ = ["PromptTuningModel", "PrefixTuningModel", "prompt_tuning", "prefix_tuning"]
+__all__ = [
+    "PromptTuningModel", "PrefixTuningModel", "prompt_tuning", "prefix_tuning", "inject_soft_prompt",
+    "inject_prefix_attention",
+]
 
 IGNORE_INDEX = -100  # what Hugging Face losses skip
 _CACHE_KWARGS = ("cache", "past_key_values")  # transformers >= 5 renames past_key_values to cache
@@ -239,3 +243,68 @@ def prefix_tuning(model: nn.Module, num_virtual_tokens: int, projection_dim: int
     layers, heads, head_dim = _prefix_shape(model.config)
     device = next(model.parameters()).device
     return PrefixTuningModel(model, PrefixEncoder(num_virtual_tokens, layers, heads, head_dim, projection_dim, device))
+
+
+# ------------------------------------------------------------------ models built by hand (not Hugging Face)
+
+
+class _PrependPrompt:
+    """Forward hook: the module's output [B, T, D] becomes [prompt; output]."""
+
+    def __init__(self, prompt: SoftPrompt):
+        self.prompt = prompt
+
+    def __call__(self, module, args, output):
+        return self.prompt(output)
+
+
+def inject_soft_prompt(model: nn.Module, embeddings: str, num_virtual_tokens: int, dim: int | None = None,
+                       init: str = "random") -> nn.Module:
+    """Prepend a trainable SoftPrompt to the output [B, T, D] of the module named `embeddings`, in place.
+
+    The prompt becomes that module's child `soft_prompt`; dim is D, read from the module's last
+    parameter when not given.
+    """
+    site = model.get_submodule(embeddings)
+    parameters = list(site.parameters())
+    if dim is None and not parameters:
+        raise ValueError(f"inject_soft_prompt: module {embeddings!r} has no parameters to read dim from; pass dim")
+    dim = dim or parameters[-1].shape[-1]
+    device = parameters[-1].device if parameters else None
+    site.soft_prompt = SoftPrompt(num_virtual_tokens, dim, init=init, device=device)
+    site.register_forward_hook(_PrependPrompt(site.soft_prompt))
+    return model
+
+
+def _is_attention(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "num_heads", None), int) and all(
+        isinstance(getattr(module, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
+
+
+def inject_prefix_attention(model: nn.Module, num_virtual_tokens: int, projection_dim: int | None = None,
+                            target_modules: str | None = None) -> nn.Module:
+    """Replace self-attention modules by lowrank.nn.PrefixAttention sharing their projections, in place.
+
+    The modules are those with q_proj/k_proj/v_proj/out_proj Linear layers and `num_heads`, or those
+    whose full name matches the regular expression `target_modules`; their forward must take (x) or
+    (x, attention_mask, is_causal) as PrefixAttention's.
+    """
+    pattern = re.compile(target_modules) if target_modules else None
+    names = [name for name, module in model.named_modules()
+             if name and (pattern.fullmatch(name) if pattern else _is_attention(module))]
+    if not names:
+        raise ValueError(f"inject_prefix_attention: no attention module found in {type(model).__name__} "
+                         f"(target_modules={target_modules!r}); expected modules with q_proj, k_proj, "
+                         "v_proj, out_proj (nn.Linear) and num_heads")
+    for name in names:
+        old = model.get_submodule(name)
+        if not _is_attention(old):
+            raise ValueError(f"inject_prefix_attention: {name!r} is a {type(old).__name__}, not an attention module "
+                             "with q_proj, k_proj, v_proj, out_proj (nn.Linear) and num_heads")
+        new = PrefixAttention(old.q_proj.in_features, old.num_heads, num_virtual_tokens, projection_dim,
+                              bias=old.q_proj.bias is not None, dropout=getattr(old, "dropout_p", 0.0),
+                              device=old.q_proj.weight.device)
+        new.q_proj, new.k_proj, new.v_proj, new.out_proj = old.q_proj, old.k_proj, old.v_proj, old.out_proj
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+    return model
