@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-CUDA_SOURCES = sorted((Path(__file__).resolve().parent.parent / "csrc" / "cuda").glob("*.cu"))
+CUDA_SOURCES = sorted((Path(__file__).resolve().parents[2] / "csrc" / "cuda").glob("*.cu"))
 # torch's CUDAExtension compiles .cu files with these: half types lose their implicit conversions.
 TORCH_NVCC_DEFINES = [
     "-D__CUDA_NO_HALF_OPERATORS__",

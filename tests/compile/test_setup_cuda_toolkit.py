@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SETUP_PY = Path(__file__).resolve().parent.parent / "setup.py"
+SETUP_PY = Path(__file__).resolve().parents[2] / "setup.py"
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import lowrank.data as data
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "digits"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "digits"
 real = pytest.mark.skipif(not DATA.is_dir(), reason=f"real digit data folder {DATA} is absent")
 
 MD5 = {

@@ -2,7 +2,7 @@
 adapters, each equal to a single process on the same global batches; checkpoints from rank 0 holding only
 the trained tensors; resume; a checkpoint from another pre-trained base refused.
 
-One torchrun job (tests/distributed_worker.py) runs every scenario; the tests read what it wrote.
+One torchrun job (tests/finetune/distributed_worker.py) runs every scenario; the tests read what it wrote.
 """
 
 import json

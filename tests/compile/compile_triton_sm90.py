@@ -10,7 +10,7 @@ Each compiled kernel is checked: it compiles, uses at most sm_90's shared memory
 spill, and a bf16/fp16 tile of 64 or more rows runs on wgmma. Registers, spills and shared
 memory come from the cubin (cuobjdump). Exit status 1 on any failure.
 
-  python tests/compile_triton_sm90.py [--json FILE] [--quick]
+  python tests/compile/compile_triton_sm90.py [--json FILE] [--quick]
 """
 
 from __future__ import annotations

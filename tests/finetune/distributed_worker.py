@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under torchrun (CPU, gloo): `distributed_worker.py plan.json out_dir`.
+"""Run by tests/finetune/test_distributed.py under torchrun (CPU, gloo): `distributed_worker.py plan.json out_dir`.
 
 For every scenario of the plan each rank trains a tiny float64 SmallViT with the scenario's strategy and
 distributed config; rank 0 then trains the same model as a single process on the same global batches.
