@@ -26,10 +26,19 @@ import re
 import torch
 from torch import nn
 
-from lowrank.tuners.bottleneck.model import BottleneckConfig, inject_bottleneck, mark_only_bottleneck_trainable
-from lowrank.tuners.lora.model import inject_lora, mark_only_lora_trainable, merge_and_unload_lora
-from lowrank.tuners.prompt.model import inject_prefix_attention, inject_soft_prompt, prefix_tuning, prompt_tuning
-from lowrank.tuners.prompt.save_load import mark_only_prompt_trainable
+from lowrank.tuners import (
+    BottleneckConfig,
+    inject_bottleneck,
+    inject_lora,
+    inject_prefix_attention,
+    inject_soft_prompt,
+    mark_only_bottleneck_trainable,
+    mark_only_lora_trainable,
+    mark_only_prompt_trainable,
+    merge_and_unload_lora,
+    prefix_tuning,
+    prompt_tuning,
+)
 
 __all__ = [
     "Strategy",

@@ -12,62 +12,9 @@ Prompt and prefix tuning wrap a Hugging Face model instead of injecting into it:
 prefix_tuning return the wrapper. The modules themselves live in lowrank.nn.
 """
 
-from lowrank.tuners.bottleneck import (
-    BottleneckConfig,
-    bottleneck_adapters,
-    inject_bottleneck,
-    load_bottleneck,
-    mark_only_bottleneck_trainable,
-    save_bottleneck,
-)
-from lowrank.tuners.lora import (
-    LoRAConfig,
-    inject_lora,
-    load_lora,
-    lora_layers,
-    mark_only_lora_trainable,
-    merge_and_unload_lora,
-    merge_lora,
-    save_lora,
-    unmerge_lora,
-)
-from lowrank.tuners.prompt import (
-    PrefixTuningModel,
-    PromptTuningModel,
-    inject_prefix_attention,
-    inject_soft_prompt,
-    load_prompt,
-    mark_only_prompt_trainable,
-    prefix_tuning,
-    prompt_modules,
-    prompt_tuning,
-    save_prompt,
-)
+from lowrank.tuners import bottleneck, lora, prompt
+from lowrank.tuners.bottleneck import *  # noqa: F403
+from lowrank.tuners.lora import *  # noqa: F403
+from lowrank.tuners.prompt import *  # noqa: F403
 
-__all__ = [
-    "LoRAConfig",
-    "inject_lora",
-    "lora_layers",
-    "mark_only_lora_trainable",
-    "merge_lora",
-    "unmerge_lora",
-    "merge_and_unload_lora",
-    "save_lora",
-    "load_lora",
-    "BottleneckConfig",
-    "inject_bottleneck",
-    "bottleneck_adapters",
-    "mark_only_bottleneck_trainable",
-    "save_bottleneck",
-    "load_bottleneck",
-    "PromptTuningModel",
-    "PrefixTuningModel",
-    "prompt_tuning",
-    "prefix_tuning",
-    "inject_soft_prompt",
-    "inject_prefix_attention",
-    "prompt_modules",
-    "mark_only_prompt_trainable",
-    "save_prompt",
-    "load_prompt",
-]
+__all__ = [*lora.__all__, *bottleneck.__all__, *prompt.__all__]

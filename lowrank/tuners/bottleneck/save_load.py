@@ -27,7 +27,7 @@ from lowrank.tuners.bottleneck.model import (
     join_name,
 )
 
-__all__ = ["save_bottleneck", "load_bottleneck", "WEIGHTS_NAME", "CONFIG_NAME"]
+__all__ = ["save_bottleneck", "load_bottleneck"]
 
 WEIGHTS_NAME = "bottleneck_adapters.safetensors"
 CONFIG_NAME = "bottleneck_adapters.json"

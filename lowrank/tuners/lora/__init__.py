@@ -3,25 +3,8 @@
 The layers themselves are the drop-in modules of lowrank.nn.lora, on the fused op lowrank.ops.lora_linear.
 """
 
-from lowrank.tuners.lora.model import (
-    LoRAConfig,
-    inject_lora,
-    lora_layers,
-    mark_only_lora_trainable,
-    merge_and_unload_lora,
-    merge_lora,
-    unmerge_lora,
-)
-from lowrank.tuners.lora.save_load import load_lora, save_lora
+from lowrank.tuners.lora import model, save_load
+from lowrank.tuners.lora.model import *  # noqa: F403
+from lowrank.tuners.lora.save_load import *  # noqa: F403
 
-__all__ = [
-    "LoRAConfig",
-    "inject_lora",
-    "lora_layers",
-    "mark_only_lora_trainable",
-    "merge_lora",
-    "unmerge_lora",
-    "merge_and_unload_lora",
-    "save_lora",
-    "load_lora",
-]
+__all__ = [*model.__all__, *save_load.__all__]

@@ -24,7 +24,7 @@ from torch import nn
 from lowrank.nn.lora import LoRAConv1D, LoRAEmbedding, LoRALayer, check_lora_hyperparameters
 from lowrank.tuners.lora.model import LoRAConfig, install_lora_layers, lora_layers, make_lora_layers
 
-__all__ = ["save_lora", "load_lora", "WEIGHTS_NAME", "CONFIG_NAME"]
+__all__ = ["save_lora", "load_lora"]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"

@@ -37,7 +37,7 @@ from lowrank.nn.prompt import PrefixAttention, PrefixEncoder, SoftPrompt
 
 __all__ = [
     "PromptTuningModel", "PrefixTuningModel", "prompt_tuning", "prefix_tuning", "inject_soft_prompt",
-    "inject_prefix_attention",
+    "inject_prefix_attention", "prompt_modules", "mark_only_prompt_trainable",
 ]
 
 IGNORE_INDEX = -100  # what Hugging Face losses skip
@@ -307,4 +307,30 @@ def inject_prefix_attention(model: nn.Module, num_virtual_tokens: int, projectio
         new.q_proj, new.k_proj, new.v_proj, new.out_proj = old.q_proj, old.k_proj, old.v_proj, old.out_proj
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
+    return model
+
+
+# ------------------------------------------------------------------------------------- training
+
+_PROMPT_TYPES = (SoftPrompt, PrefixEncoder)
+
+
+def prompt_modules(model: nn.Module) -> dict[str, SoftPrompt | PrefixEncoder]:
+    """Every SoftPrompt and PrefixEncoder in `model` (itself included, as ""), by full module name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, _PROMPT_TYPES)}
+
+
+def require_prompt_modules(caller: str, model: nn.Module) -> dict:
+    modules = prompt_modules(model)
+    if not modules:
+        raise ValueError(f"{caller}: {type(model).__name__} has no SoftPrompt or PrefixEncoder")
+    return modules
+
+
+def mark_only_prompt_trainable(model: nn.Module) -> nn.Module:
+    """Freeze every parameter except those of the prompt modules."""
+    modules = require_prompt_modules("mark_only_prompt_trainable", model)
+    model.requires_grad_(False)
+    for module in modules.values():
+        module.requires_grad_(True)
     return model

@@ -18,26 +18,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowrank.nn.prompt import PrefixEncoder, SoftPrompt
+from lowrank.tuners.prompt.model import require_prompt_modules
 
-__all__ = ["prompt_modules", "mark_only_prompt_trainable", "save_prompt", "load_prompt"]
+__all__ = ["save_prompt", "load_prompt"]
 
 WEIGHTS_NAME = "prompt_model.safetensors"
 CONFIG_NAME = "prompt_config.json"
 FORMAT = "lowrank-prompt"
-_PROMPT_TYPES = (SoftPrompt, PrefixEncoder)
-
-
-def prompt_modules(model: nn.Module) -> dict[str, SoftPrompt | PrefixEncoder]:
-    """Every SoftPrompt and PrefixEncoder in `model` (itself included, as ""), by full module name."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, _PROMPT_TYPES)}
-
-
-def _require_prompt_modules(caller: str, model: nn.Module) -> dict:
-    modules = prompt_modules(model)
-    if not modules:
-        raise ValueError(f"{caller}: {type(model).__name__} has no SoftPrompt or PrefixEncoder")
-    return modules
 
 
 def _config_of(modules: dict) -> dict:
@@ -52,18 +39,9 @@ def _tensors_of(modules: dict) -> dict[str, torch.Tensor]:
     }
 
 
-def mark_only_prompt_trainable(model: nn.Module) -> nn.Module:
-    """Freeze every parameter except those of the prompt modules."""
-    modules = _require_prompt_modules("mark_only_prompt_trainable", model)
-    model.requires_grad_(False)
-    for module in modules.values():
-        module.requires_grad_(True)
-    return model
-
-
 def save_prompt(model: nn.Module, directory: str | os.PathLike) -> None:
     """Write only the prompt modules' parameters and hyperparameters into `directory`."""
-    modules = _require_prompt_modules("save_prompt", model)
+    modules = require_prompt_modules("save_prompt", model)
     tensors = {key: param.detach().contiguous() for key, param in _tensors_of(modules).items()}
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
@@ -74,7 +52,7 @@ def save_prompt(model: nn.Module, directory: str | os.PathLike) -> None:
 def load_prompt(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Copy prompt parameters saved by save_prompt into the matching prompt modules of `model`."""
     directory = os.fspath(directory)
-    modules = _require_prompt_modules("load_prompt", model)
+    modules = require_prompt_modules("load_prompt", model)
     for file_name in (CONFIG_NAME, WEIGHTS_NAME):
         if not os.path.isfile(os.path.join(directory, file_name)):
             raise FileNotFoundError(f"load_prompt: no {file_name} in {directory}")
