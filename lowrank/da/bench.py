@@ -81,6 +81,21 @@ def _methods(spec: str) -> list[str]:
     return names
 
 
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options every domain-adaptation driver takes: threads, data and output folders, --quick."""
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch threads (default: torch's, every core; use 1 for runs side by side)")
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        help="folder with mnist/, usps/, mnist_m/, svhn/ (default: LOWRANK_DATA or ../shared/data/digits)",
+    )
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="default: ./benchmarks/results/da in a lowrank checkout, else the current directory")
+    parser.add_argument("--quick", action="store_true", help="tiny samples and a few steps: a smoke test, not a result")
+    parser.add_argument("--no-progress", action="store_true")
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer of at least 1."""
     value = int(text)
@@ -218,17 +233,7 @@ def main(argv=None) -> int:
         metavar="NAME=VALUE",
         help="override a hyper-parameter of the one --method (repeatable; e.g. a lowrank.da.select choice)",
     )
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch threads (default: torch's, every core; use 1 for runs side by side)")
-    parser.add_argument(
-        "--data-root",
-        default=None,
-        help="folder with mnist/, usps/, mnist_m/, svhn/ (default: LOWRANK_DATA or ../shared/data/digits)",
-    )
-    parser.add_argument("--out-dir", type=Path, default=None,
-                        help="default: ./benchmarks/results/da in a lowrank checkout, else the current directory")
-    parser.add_argument("--quick", action="store_true", help="tiny samples and a few steps: a smoke test, not a result")
-    parser.add_argument("--no-progress", action="store_true")
+    add_run_options(parser)
     args = parser.parse_args(argv)
     try:
         augment = None if args.augment is None else args.augment == "on"

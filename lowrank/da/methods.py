@@ -181,7 +181,8 @@ class DAMethod:
 
     @property
     def phases(self) -> list[tuple[str, int]]:
-        raise NotImplementedError
+        """(phase name, steps) in training order; by default one adaptation phase of `steps` steps."""
+        return [("adapt", self.hparams["steps"])]
 
     def _train_step(self, phase: str, source: _Cycle, target: _Cycle) -> dict:
         raise NotImplementedError
@@ -397,10 +398,6 @@ class DANN(DAMethod):
                                          weight_decay=self.hparams["weight_decay"])
         self.lambda_schedule = DANNLambdaScheduler(self.grl, total_steps=self.hparams["steps"])
 
-    @property
-    def phases(self):
-        return [("adapt", self.hparams["steps"])]
-
     def _modules(self):
         return {"encoder": self.encoder, "classifier": self.classifier, "discriminator": self.discriminator}
 
@@ -523,10 +520,6 @@ class DomainConfusion(DAMethod):
         self.discriminator_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=hp["adapt_lr"],
                                                         betas=(hp["adapt_beta1"], 0.999))
 
-    @property
-    def phases(self):
-        return [("adapt", self.hparams["steps"])]
-
     def _modules(self):
         return {"encoder": self.encoder, "classifier": self.classifier, "discriminator": self.discriminator}
 
@@ -612,10 +605,6 @@ class CoGAN(DAMethod):
                                 for p in m.parameters()]
         self.discriminator_optimizer = torch.optim.Adam(discriminator_params, lr=hp["lr"], betas=betas)
         self.generator_optimizer = torch.optim.Adam(self.generators.parameters(), lr=hp["lr"], betas=betas)
-
-    @property
-    def phases(self):
-        return [("adapt", self.hparams["steps"])]
 
     def _modules(self):
         return {"encoder": self.encoder, "classifier": self.classifier, "target_stream": self.target_stream,

@@ -176,6 +176,15 @@ class _BlockStyle:
     sites: dict[str, list[tuple[str, str]]]
 
 
+def _pre_ln_sites(attention: str) -> dict[str, list[tuple[str, str]]]:
+    """A pre-LN block's sites: the adapter wraps a sublayer's output, or sits beside the `mlp`."""
+    return {
+        "houlsby": [(attention, "sequential"), ("mlp", "sequential")],
+        "pfeiffer": [("mlp", "sequential")],
+        "parallel": [("mlp", "parallel")],
+    }
+
+
 _STYLES = (
     _BlockStyle(
         "BERT",
@@ -190,24 +199,13 @@ _STYLES = (
         },
     ),
     _BlockStyle(
-        "GPT-2",
-        lambda m: _has(m, "attn", "mlp", "ln_1", "ln_2"),
-        lambda m: _norm_size(m.ln_2),
-        {
-            "houlsby": [("attn", "sequential"), ("mlp", "sequential")],
-            "pfeiffer": [("mlp", "sequential")],
-            "parallel": [("mlp", "parallel")],
-        },
+        "GPT-2", lambda m: _has(m, "attn", "mlp", "ln_1", "ln_2"), lambda m: _norm_size(m.ln_2), _pre_ln_sites("attn")
     ),
     _BlockStyle(
         "Llama",
         lambda m: _has(m, "self_attn", "mlp", "input_layernorm", "post_attention_layernorm"),
         lambda m: _norm_size(m.post_attention_layernorm),
-        {
-            "houlsby": [("self_attn", "sequential"), ("mlp", "sequential")],
-            "pfeiffer": [("mlp", "sequential")],
-            "parallel": [("mlp", "parallel")],
-        },
+        _pre_ln_sites("self_attn"),
     ),
 )
 
