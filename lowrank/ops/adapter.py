@@ -32,7 +32,14 @@ from torch import Tensor
 
 from lowrank import _backends, autotune
 from lowrank.ops._common import autocast_inputs
-from lowrank.ops._dispatch import OpBackends, empty_if_skipped, native_op, none_if_skipped, register_native_fakes
+from lowrank.ops._dispatch import (
+    OpBackends,
+    empty_if_skipped,
+    fake_gradients,
+    native_op,
+    none_if_skipped,
+    register_fakes,
+)
 
 ACTIVATIONS = ("relu", "gelu", "silu")
 
@@ -135,17 +142,13 @@ def _implementation_for(backend: str, h: Tensor, w_down: Tensor, activation: str
 # ---------------------------------------------------------------- custom op
 
 
+# Every custom op takes `backend` last, so one fake serves it and its C++ op (register_fakes).
+
+
 @torch.library.custom_op("lowrank::adapter", mutates_args=())
 def _adapter_op(
-    h: Tensor,
-    w_down: Tensor,
-    b_down: Optional[Tensor],
-    w_up: Tensor,
-    b_up: Optional[Tensor],
-    activation: str,
-    scaling: float,
-    residual: bool,
-    backend: str,
+    h: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor], activation: str,
+    scaling: float, residual: bool, backend: str,
 ) -> tuple[Tensor, Tensor]:
     implementation = _implementation_for(backend, h, w_down, activation)
     out, z = implementation.forward(h, w_down, b_down, w_up, b_up, activation, scaling, residual)
@@ -156,27 +159,14 @@ def _forward_fake(h, w_down, b_down, w_up, b_up, activation, scaling, residual):
     return h.new_empty(h.shape[0], w_up.shape[0]), h.new_empty(h.shape[0], w_down.shape[0])
 
 
-@_adapter_op.register_fake
-def _(h, w_down, b_down, w_up, b_up, activation, scaling, residual, backend):
-    return _forward_fake(h, w_down, b_down, w_up, b_up, activation, scaling, residual)
+register_fakes(_adapter_op, _forward_fake, "adapter_forward_native")
 
 
 @torch.library.custom_op("lowrank::adapter_backward", mutates_args=())
 def _adapter_backward_op(
-    grad_out: Tensor,
-    h: Tensor,
-    z: Tensor,
-    w_down: Tensor,
-    w_up: Tensor,
-    activation: str,
-    scaling: float,
-    residual: bool,
+    grad_out: Tensor, h: Tensor, z: Tensor, w_down: Tensor, w_up: Tensor, activation: str, scaling: float,
+    residual: bool, needs_dh: bool, needs_dw_down: bool, needs_db_down: bool, needs_dw_up: bool, needs_db_up: bool,
     backend: str,
-    needs_dh: bool,
-    needs_dw_down: bool,
-    needs_db_down: bool,
-    needs_dw_up: bool,
-    needs_db_up: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     needed = (needs_dh, needs_dw_down, needs_db_down, needs_dw_up, needs_db_up)
     grads = _implementation_for(backend, h, w_down, activation).backward(
@@ -185,29 +175,12 @@ def _adapter_backward_op(
     return empty_if_skipped(grads, needed, grad_out)
 
 
-def _backward_fake(grad_out, h, z, w_down, w_up, activation, scaling, residual,
-                   needs_dh, needs_dw_down, needs_db_down, needs_dw_up, needs_db_up):
-    def grad_of_shape(shape, need):
-        return grad_out.new_empty(shape) if need else grad_out.new_empty(0)
-
+def _backward_fake(grad_out, h, z, w_down, w_up, activation, scaling, residual, *needed):
     Bn, D = w_down.shape
-    return (
-        grad_of_shape(h.shape, needs_dh),
-        grad_of_shape((Bn, D), needs_dw_down),
-        grad_of_shape((Bn,), needs_db_down),
-        grad_of_shape((D, Bn), needs_dw_up),
-        grad_of_shape((D,), needs_db_up),
-    )
+    return fake_gradients(grad_out, (h.shape, (Bn, D), (Bn,), (D, Bn), (D,)), needed)
 
 
-@_adapter_backward_op.register_fake
-def _(grad_out, h, z, w_down, w_up, activation, scaling, residual, backend,
-      needs_dh, needs_dw_down, needs_db_down, needs_dw_up, needs_db_up):
-    return _backward_fake(grad_out, h, z, w_down, w_up, activation, scaling, residual,
-                          needs_dh, needs_dw_down, needs_db_down, needs_dw_up, needs_db_up)
-
-
-register_native_fakes({"adapter_forward_native": _forward_fake, "adapter_backward_native": _backward_fake})
+register_fakes(_adapter_backward_op, _backward_fake, "adapter_backward_native")
 
 
 def _setup_context(ctx, inputs, output):
@@ -224,7 +197,7 @@ def _backward(ctx, grad_out, _grad_z):
     activation, scaling, residual, backend = ctx.hyper
     needs = ctx.needs_input_grad
     needed = (needs[0], needs[1], ctx.has_bias[0] and needs[2], needs[3], ctx.has_bias[1] and needs[4])
-    grads = _adapter_backward_op(grad_out, h, z, w_down, w_up, activation, scaling, residual, backend, *needed)
+    grads = _adapter_backward_op(grad_out, h, z, w_down, w_up, activation, scaling, residual, *needed, backend)
     return none_if_skipped(grads, needed) + (None,) * 4
 
 

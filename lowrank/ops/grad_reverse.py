@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from lowrank import _backends, autotune
-from lowrank.ops._dispatch import OpBackends, native_op, register_native_fakes
+from lowrank.ops._dispatch import OpBackends, native_op, register_fakes
 
 # ---------------------------------------------------------------- torch backend
 
@@ -72,9 +72,7 @@ def _grad_reverse_backward_op(grad: Tensor, lambda_: Tensor, backend: str) -> Te
     return _implementation(backend, grad).backward(grad, lambda_)
 
 
-@_grad_reverse_backward_op.register_fake
-def _(grad, lambda_, backend):
-    return torch.empty_like(grad)
+register_fakes(_grad_reverse_backward_op, lambda grad, lambda_: torch.empty_like(grad), "grad_reverse_backward_native")
 
 
 def _setup_double_backward(ctx, inputs, output):
@@ -97,13 +95,7 @@ def _grad_reverse_backward_inplace_op(grad: Tensor, lambda_: Tensor, backend: st
     _implementation(backend, grad).backward_(grad, lambda_)
 
 
-@_grad_reverse_backward_inplace_op.register_fake
-def _(grad, lambda_, backend):
-    return None
-
-
-register_native_fakes({"grad_reverse_backward_native": lambda grad, lambda_: torch.empty_like(grad),
-                       "grad_reverse_backward_native_": lambda grad, lambda_: None})
+register_fakes(_grad_reverse_backward_inplace_op, lambda grad, lambda_: None, "grad_reverse_backward_native_")
 
 
 # ---------------------------------------------------------------- may the gradient be overwritten?

@@ -29,7 +29,14 @@ from torch import Tensor
 from lowrank import _backends, autotune
 from lowrank.ops import hash_dropout
 from lowrank.ops._common import autocast_inputs
-from lowrank.ops._dispatch import OpBackends, empty_if_skipped, native_op, none_if_skipped, register_native_fakes
+from lowrank.ops._dispatch import (
+    OpBackends,
+    empty_if_skipped,
+    fake_gradients,
+    native_op,
+    none_if_skipped,
+    register_fakes,
+)
 
 
 def lora_linear_reference(
@@ -123,17 +130,13 @@ def _implementation_for(backend: str, x: Tensor, weight: Tensor, lora_A: Tensor,
 # ---------------------------------------------------------------- custom op
 
 
+# Every custom op takes `backend` last, so one fake serves it and its C++ op (register_fakes).
+
+
 @torch.library.custom_op("lowrank::lora_linear", mutates_args=())
 def _lora_linear_op(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scaling: float,
-    dropout_p: float,
-    seed: Optional[Tensor],
-    backend: str,
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
+    dropout_p: float, seed: Optional[Tensor], backend: str,
 ) -> tuple[Tensor, Tensor]:
     implementation = _implementation_for(backend, x, weight, lora_A, dropout_p)
     y, xa = implementation.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
@@ -144,26 +147,13 @@ def _forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
 
 
-@_lora_linear_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
-    return _forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+register_fakes(_lora_linear_op, _forward_fake, "lora_linear_forward_native")
 
 
 @torch.library.custom_op("lowrank::lora_linear_backward", mutates_args=())
 def _lora_linear_backward_op(
-    grad_y: Tensor,
-    x: Tensor,
-    xa: Tensor,
-    weight: Tensor,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scaling: float,
-    dropout_p: float,
-    seed: Optional[Tensor],
-    backend: str,
-    needs_dx: bool,
-    needs_dweight: bool,
-    needs_dbias: bool,
+    grad_y: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+    dropout_p: float, seed: Optional[Tensor], needs_dx: bool, needs_dweight: bool, needs_dbias: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = _implementation_for(backend, x, weight, lora_A, dropout_p).backward(
         grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs_dx, needs_dweight, needs_dbias
@@ -171,29 +161,12 @@ def _lora_linear_backward_op(
     return empty_if_skipped(grads, (needs_dx, needs_dweight, needs_dbias, True, True), grad_y)
 
 
-def _backward_fake(
-    grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs_dx, needs_dweight, needs_dbias
-):
-    def grad_like(t, need):
-        return t.new_empty(t.shape) if need else grad_y.new_empty(0)
-
-    return (
-        grad_like(x, needs_dx),
-        grad_like(weight, needs_dweight),
-        grad_y.new_empty(weight.shape[0]) if needs_dbias else grad_y.new_empty(0),
-        lora_A.new_empty(lora_A.shape),
-        lora_B.new_empty(lora_B.shape),
-    )
+def _backward_fake(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, *needed):
+    shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape)
+    return fake_gradients(grad_y, shapes, (*needed, True, True))  # dA and dB are always computed
 
 
-@_lora_linear_backward_op.register_fake
-def _(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, backend, needs_dx, needs_dweight, needs_dbias):
-    return _backward_fake(
-        grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs_dx, needs_dweight, needs_dbias
-    )
-
-
-register_native_fakes({"lora_linear_forward_native": _forward_fake, "lora_linear_backward_native": _backward_fake})
+register_fakes(_lora_linear_backward_op, _backward_fake, "lora_linear_backward_native")
 
 
 @torch.library.custom_op("lowrank::lora_linear_inference", mutates_args=())
@@ -205,9 +178,7 @@ def _lora_linear_inference_op(
     return _implementation_for(backend, x, weight, lora_A, 0.0).inference(x, weight, bias, lora_A, lora_B, scaling)
 
 
-@_lora_linear_inference_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, backend):
-    return x.new_empty(x.shape[0], weight.shape[0])
+register_fakes(_lora_linear_inference_op, lambda x, weight, *_: x.new_empty(x.shape[0], weight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
@@ -225,7 +196,7 @@ def _backward(ctx, grad_y, _grad_xa):
     needs = ctx.needs_input_grad
     needs_dbias = ctx.has_bias and needs[2]
     grads = _lora_linear_backward_op(
-        grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, backend, needs[0], needs[1], needs_dbias
+        grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs[0], needs[1], needs_dbias, backend
     )
     return none_if_skipped(grads, (needs[0], needs[1], needs_dbias, needs[3], needs[4])) + (None,) * 4
 

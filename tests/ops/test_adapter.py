@@ -163,8 +163,8 @@ def test_opcheck(backend, residual):
     )
     grad_out = torch.randn(5, 7, dtype=torch.float64, device=DEVICE)
     z = h.detach() @ w_down.detach().t() + b_down.detach()
-    args = (grad_out, h.detach(), z, w_down.detach(), w_up.detach(), "silu", 0.5, residual, backend)
-    torch.library.opcheck(torch.ops.lowrank.adapter_backward.default, args + (True, False, True, True, False))
+    args = (grad_out, h.detach(), z, w_down.detach(), w_up.detach(), "silu", 0.5, residual)
+    torch.library.opcheck(torch.ops.lowrank.adapter_backward.default, args + (True, False, True, True, False, backend))
 
 
 @pytest.mark.skipif(lowrank._backends.EXTENSION is None, reason="C++ extension not built")

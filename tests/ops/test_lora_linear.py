@@ -128,8 +128,8 @@ def test_opcheck(backend, dropout_p):
     torch.library.opcheck(torch.ops.lowrank.lora_linear.default, (x, weight, b, A, B, 0.5, dropout_p, seed, backend))
     grad_y = torch.randn(5, 7, dtype=torch.float64, device=DEVICE)
     xa = (x.detach() @ A.detach().t())
-    args = (grad_y, x.detach(), xa, weight.detach(), A.detach(), B.detach(), 0.5, dropout_p, seed, backend)
-    torch.library.opcheck(torch.ops.lowrank.lora_linear_backward.default, args + (True, False, True))
+    args = (grad_y, x.detach(), xa, weight.detach(), A.detach(), B.detach(), 0.5, dropout_p, seed)
+    torch.library.opcheck(torch.ops.lowrank.lora_linear_backward.default, args + (True, False, True, backend))
 
 
 @pytest.mark.skipif(lowrank._backends.EXTENSION is None, reason="C++ extension not built")
