@@ -62,6 +62,27 @@ def backend(request):
     return request.param
 
 
+@pytest.fixture(scope="session")
+def compiles_like_eager():
+    """compiles_like_eager(step, x, params): torch.compile(step, fullgraph=True) (aot_eager, so the
+    custom ops' fakes and autograd registrations are traced) gives step(x)'s value and its gradients
+    with respect to params, both runs starting from the same RNG state."""
+
+    def check(step, x, params):
+        torch._dynamo.reset()
+        results = []
+        for fn in (torch.compile(step, fullgraph=True, backend="aot_eager"), step):
+            torch.manual_seed(0)
+            loss = fn(x)
+            results.append((loss, torch.autograd.grad(loss, params)))
+        (loss, grads), (loss_eager, grads_eager) = results
+        torch.testing.assert_close(loss, loss_eager)
+        for grad, grad_eager in zip(grads, grads_eager):
+            torch.testing.assert_close(grad, grad_eager)
+
+    return check
+
+
 def _data_root_with(*domains: str) -> str:
     """The digit data root (lowrank.data.default_root) if it holds every domain's folder; else the test skips."""
     from lowrank.data import default_root

@@ -150,9 +150,9 @@ def _adapter_op(
     h: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor], activation: str,
     scaling: float, residual: bool, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    implementation = _implementation_for(backend, h, w_down, activation)
-    out, z = implementation.forward(h, w_down, b_down, w_up, b_up, activation, scaling, residual)
-    return out, z
+    return _implementation_for(backend, h, w_down, activation).forward(
+        h, w_down, b_down, w_up, b_up, activation, scaling, residual
+    )
 
 
 def _forward_fake(h, w_down, b_down, w_up, b_up, activation, scaling, residual):

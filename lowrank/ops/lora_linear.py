@@ -138,9 +138,9 @@ def _lora_linear_op(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
     dropout_p: float, seed: Optional[Tensor], backend: str,
 ) -> tuple[Tensor, Tensor]:
-    implementation = _implementation_for(backend, x, weight, lora_A, dropout_p)
-    y, xa = implementation.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    return y, xa
+    return _implementation_for(backend, x, weight, lora_A, dropout_p).forward(
+        x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed
+    )
 
 
 def _forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):

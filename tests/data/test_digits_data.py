@@ -374,22 +374,20 @@ def test_h5_errors(tmp_path, monkeypatch):
         data.load_usps_h5(path, "test")
 
 
-def test_libsvm_errors(tmp_path):
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"3 1:0.5 2:oops\n", r"usps\.t: line 1 is not 'label index:value \.\.\.'"),
+        (b"3 1:0.5\n4 257:0.5\n", r"usps\.t: line 2 is not"),
+        (b"11 1:0.5\n", r"usps\.t: labels must lie in 1\.\.10, found 11\.\.11"),
+        (b"1 1:1.5\n", r"usps\.t: features must lie in \[-1, 1\]"),
+        (bz2.compress(b"1 1:0.5\n")[:-8], r"usps\.t: truncated or corrupt compressed file"),
+    ],
+)
+def test_libsvm_errors(tmp_path, content, message):
     path = tmp_path / "usps.t"
-    path.write_text("3 1:0.5 2:oops\n")
-    with pytest.raises(ValueError, match=r"usps\.t: line 1 is not 'label index:value \.\.\.'"):
-        data.load_usps_libsvm(path)
-    path.write_text("3 1:0.5\n4 257:0.5\n")
-    with pytest.raises(ValueError, match=r"usps\.t: line 2 is not"):
-        data.load_usps_libsvm(path)
-    path.write_text("11 1:0.5\n")
-    with pytest.raises(ValueError, match=r"usps\.t: labels must lie in 1\.\.10, found 11\.\.11"):
-        data.load_usps_libsvm(path)
-    path.write_text("1 1:1.5\n")
-    with pytest.raises(ValueError, match=r"usps\.t: features must lie in \[-1, 1\]"):
-        data.load_usps_libsvm(path)
-    path.write_bytes(bz2.compress(b"1 1:0.5\n")[:-8])
-    with pytest.raises(ValueError, match=r"usps\.t: truncated or corrupt compressed file"):
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
         data.load_usps_libsvm(path)
 
 

@@ -184,23 +184,14 @@ def test_opcheck_native_ops(has_bias):
     )
 
 
-def test_torch_compile_fullgraph(backend):
-    torch._dynamo.reset()
+def test_torch_compile_fullgraph(backend, compiles_like_eager):
     h, w_down, b_down, w_up, b_up = make_inputs((2, 5), 8, 4, torch.float64)
 
     def step(h):
         out = adapter(h, w_down, b_down, w_up, b_up, "gelu", 0.5, backend=backend)
         return torch.tanh(out).sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    params = (h, w_down, b_down, w_up, b_up)
-    loss = compiled(h)
-    grads = torch.autograd.grad(loss, params)
-    loss_eager = step(h)
-    grads_eager = torch.autograd.grad(loss_eager, params)
-    torch.testing.assert_close(loss, loss_eager)
-    for g, g_eager in zip(grads, grads_eager):
-        torch.testing.assert_close(g, g_eager)
+    compiles_like_eager(step, h, (h, w_down, b_down, w_up, b_up))
 
 
 @pytest.mark.skipif(not AVAILABLE["cpu"].available or DEVICE != "cpu", reason="needs the cpu backend and CPU tensors")

@@ -144,24 +144,14 @@ def test_opcheck_native_ops():
     )
 
 
-def test_torch_compile_fullgraph(backend):
-    torch._dynamo.reset()
+def test_torch_compile_fullgraph(backend, compiles_like_eager):
     x, weight, b, A, B = make_inputs((2, 5), 8, 6, 4, torch.float64)
 
     def step(x):
         y = lora_linear(x, weight, b, A, B, 0.5, 0.1, backend=backend)
         return torch.nn.functional.gelu(y).sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    torch.manual_seed(0)
-    loss = compiled(x)
-    grads = torch.autograd.grad(loss, (x, A, B))
-    torch.manual_seed(0)
-    loss_eager = step(x)
-    grads_eager = torch.autograd.grad(loss_eager, (x, A, B))
-    torch.testing.assert_close(loss, loss_eager)
-    for g, g_eager in zip(grads, grads_eager):
-        torch.testing.assert_close(g, g_eager)
+    compiles_like_eager(step, x, (x, A, B))
 
 
 @pytest.mark.skipif(not AVAILABLE["cpu"].available or DEVICE != "cpu", reason="needs the cpu backend and CPU tensors")
