@@ -59,6 +59,6 @@ def _up_bias_gradient_dropped(layer):
 def test_reference_check_rejects_a_wrong_provider(bench, sabotage):
     problem = bench.make_problem(bench.QUICK_SHAPE, "silu", torch.device("cpu"), torch.float32)
     layer = bench.build_layer("lowrank_torch", problem)
-    wrong = bench.Layer(sabotage(layer), layer.trained)
+    wrong = bench.Layer(sabotage(layer), layer.held, layer.trained)
     with pytest.raises(AssertionError, match="differs from the reference"):
         bench.check_against_reference(wrong, problem)

@@ -80,7 +80,7 @@ def _adapter_gradients_dropped(layer, problem):
 def test_reference_check_rejects_a_wrong_provider(bench, sabotage):
     problem = bench.make_problem(bench.QUICK_SHAPE, torch.device("cpu"), torch.float32)
     layer = bench.build_layer("lowrank_torch", problem)
-    wrong = bench.Layer(sabotage(layer, problem), layer.held, layer.lora_A, layer.lora_B)
+    wrong = bench.Layer(sabotage(layer, problem), layer.held, layer.trained)
     with pytest.raises(AssertionError, match="differs from the reference"):
         bench.check_against_reference(wrong, problem)
 
@@ -93,7 +93,7 @@ def test_triton_interpreter_is_never_timed(bench, harness, monkeypatch):
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_every_provider_matches_the_reference_with_and_without_dropout(bench, dropout_p):
+def test_every_provider_matches_the_reference_with_and_without_dropout(bench, harness, dropout_p):
     """Named providers too: the compiled baselines (slow on CPU, so off by default there) and
     Unsloth's recipe, whose backward is written by hand. With dropout each is checked with it off."""
     problem = bench.make_problem(bench.Shape(48, 40, 36, 4), torch.device("cpu"), torch.float32,
@@ -104,7 +104,7 @@ def test_every_provider_matches_the_reference_with_and_without_dropout(bench, dr
             continue
         layer = bench.build_layer(provider, problem)
         bench.check_against_reference(layer, problem)
-        x, _ = bench.make_inputs(problem, 1, seed=5)[0]
+        x, _ = harness.make_inputs(problem, 1, seed=5)[0]
         with torch.no_grad():
             with_dropout = layer.forward(x)
         layer.set_dropout(False)
