@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lowrank
-from benchmarks.harness import backend_skip_reasons, write_reports
+from benchmarks.harness import backend_skip_reasons, markdown_document, publish
 from benchmarks.training_step import TrainingRun, compare_providers, markdown_rows, start_report, step_parser
 from lowrank.nn.adapter import Adapter
 from lowrank.ops.adapter import activation_fn
@@ -125,19 +125,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
 def markdown_report(report: dict) -> str:
     model, adapters = report["model"], report["adapters"]
-    lines = [
-        f"# Adapter fine-tuning step, BERT-base-sized model: {report['device']['name']}", "",
+    context = (
         f"{model['num_hidden_layers']} layers of hidden {model['hidden_size']}; batch {report['batch']} × seq "
         f"{report['seq']}; {report['dtype']}; {adapters['placement']} adapters, bottleneck {adapters['bottleneck']}, "
         f"{adapters['activation']}. Median of {report['repeats']} steps after {report['warmup']} warm-up, providers "
-        "alternating." + (" QUICK MODE: a smoke test, not a measurement." if report["quick"] else ""), "",
-        *markdown_rows(report["results"], BASELINE), "",
-    ]
-    lines += [f"- skipped {provider}: {reason}" for provider, reason in report["skipped"].items()]
-    lines += [
-        f"- FAILED CHECK, not timed: {f['provider']}: {f['error'].splitlines()[0]}" for f in report["failed_checks"]
-    ]
-    return "\n".join(lines) + "\n"
+        "alternating."
+    )
+    table = "\n".join(markdown_rows(report["results"], BASELINE))
+    return markdown_document(report, "Adapter fine-tuning step, BERT-base-sized model", context, table)
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -149,10 +144,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     report = run_benchmark(args)
-    name = f"adapter_bert_step_{report['device']['slug']}_{args.placement}"
-    write_reports(args.out_dir, name, report, markdown_report(report))
-    print(markdown_report(report))
-    return 1 if report["failed_checks"] else 0
+    markdown = markdown_report(report)
+    return publish(report, args.out_dir, f"adapter_bert_step_{report['device']['slug']}_{args.placement}", markdown,
+                   markdown)
 
 
 if __name__ == "__main__":

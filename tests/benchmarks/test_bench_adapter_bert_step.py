@@ -11,9 +11,7 @@ import torch
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def bench(benchmark_module):
-    return benchmark_module("bench_adapter_bert_step")
+BENCHMARK = "bench_adapter_bert_step"  # the `bench` fixture of conftest.py
 
 
 @pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])

@@ -8,10 +8,7 @@ import json
 import pytest
 import torch
 
-
-@pytest.fixture(scope="module")
-def bench(benchmark_module):
-    return benchmark_module("bench_dann_step")
+BENCHMARK = "bench_dann_step"  # the `bench` fixture of conftest.py
 
 
 def test_quick_run_times_eager_and_lowrank_steps(bench, tmp_path, capsys):

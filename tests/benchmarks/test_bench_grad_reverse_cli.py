@@ -2,32 +2,10 @@
 it can run, in every mode, against copy bandwidth measured in the same run, and it refuses to
 time a GRL whose backward is wrong."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def bench(benchmark_module):
-    return benchmark_module("bench_grad_reverse")
-
-
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("bench_grad_reverse")
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_grad_reverse", "--quick", "--out-dir", str(out_dir)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-    )
-    reports = list(out_dir.glob("grad_reverse_*.json"))
-    report = json.loads(reports[0].read_text()) if len(reports) == 1 else None
-    return completed, report, out_dir
+BENCHMARK = "bench_grad_reverse"  # the `bench` and `quick_run` fixtures of conftest.py
 
 
 def test_quick_run_reports_every_runnable_provider(quick_run, bench):

@@ -3,6 +3,8 @@
 
 import pytest
 
+BENCHMARK = "bench_lora_dram"  # the `bench` fixture of conftest.py
+
 NCU_OUTPUT = """==PROF== Connected to process 4242 (/usr/bin/python3.12)
 ==PROF== Profiling "gemm" - 0: 0%....50%....100% - 1 pass
 "ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
@@ -12,11 +14,6 @@ NCU_OUTPUT = """==PROF== Connected to process 4242 (/usr/bin/python3.12)
 "1","4242","python3.12","127.0.0.1","xa","1","7","(128, 1, 1)","(64, 1, 1)","0","9.0","Command line profiler metrics","sm__cycles_elapsed.avg","cycle","1,000"
 ==PROF== Disconnected from process 4242
 """
-
-
-@pytest.fixture(scope="module")
-def bench(benchmark_module):
-    return benchmark_module("bench_lora_dram")
 
 
 def test_dram_bytes_sum_read_and_write_over_kernels_in_bytes(bench):

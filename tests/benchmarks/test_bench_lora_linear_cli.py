@@ -1,39 +1,13 @@
 """The LoRA benchmark (benchmarks/bench_lora_linear.py): its quick run reports every provider and mode,
 and it times only providers that agree with the reference (a benchmark of a wrong one is worthless)."""
 
-import importlib
 import importlib.util
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def bench_lora_linear(benchmark_module):
-    return benchmark_module("bench_lora_linear")
-
-
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    """(completed process, report, out dir) of `python -m benchmarks.bench_lora_linear --quick`."""
-    out_dir = tmp_path_factory.mktemp("bench_lora_linear")
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_lora_linear", "--quick", "--out-dir", str(out_dir)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    reports = list(out_dir.glob("lora_linear_*.json"))
-    report = json.loads(reports[0].read_text()) if len(reports) == 1 else None
-    return completed, report, out_dir
+BENCHMARK = "bench_lora_linear"  # the `bench` and `quick_run` fixtures of conftest.py
 
 
 def test_quick_run_succeeds_and_writes_one_report(quick_run):
@@ -43,17 +17,17 @@ def test_quick_run_succeeds_and_writes_one_report(quick_run):
     assert report["failed_checks"] == []
 
 
-def test_report_times_every_runnable_provider_in_every_mode(quick_run, bench_lora_linear):
+def test_report_times_every_runnable_provider_in_every_mode(quick_run, bench):
     _, report, _ = quick_run
     device = torch.device(report["device"]["type"])
     # The subprocess inherits this environment (TRITON_INTERPRET included), so it skips the same ones.
-    assert report["skipped"] == bench_lora_linear.skip_reasons(device)
+    assert report["skipped"] == bench.skip_reasons(device)
     timed = [row["provider"] for row in report["results"]]
-    assert sorted(timed) == sorted(set(bench_lora_linear.PROVIDERS) - set(report["skipped"]))
+    assert sorted(timed) == sorted(set(bench.PROVIDERS) - set(report["skipped"]))
     assert {"linear_frozen", "eager_peft_style", "lowrank_torch"} <= set(timed)  # they run anywhere
     for row in report["results"]:
-        assert set(row["times_ms"]) == set(bench_lora_linear.MODES)
-        for mode in bench_lora_linear.MODES:
+        assert set(row["times_ms"]) == set(bench.MODES)
+        for mode in bench.MODES:
             assert len(row["times_ms"][mode]) == report["repeats"]
             assert all(ms > 0 for ms in row["times_ms"][mode]), (row["provider"], mode)
             assert row["median_ms"][mode] > 0
@@ -71,17 +45,17 @@ def test_markdown_table_is_written_and_printed_last(quick_run):
     assert completed.stdout.rstrip().splitlines()[-1] == table_rows[-1]
 
 
-def test_every_runnable_provider_matches_the_reference(bench_lora_linear):
-    device = bench_lora_linear.resolve_device("auto")
-    dtype = bench_lora_linear.DTYPES[bench_lora_linear.default_dtype_name(device)]
-    problem = bench_lora_linear.make_problem(bench_lora_linear.QUICK_SHAPE, device, dtype)
-    skipped = bench_lora_linear.skip_reasons(device)
+def test_every_runnable_provider_matches_the_reference(bench, harness):
+    device = harness.resolve_device("auto")
+    dtype = harness.DTYPES[harness.default_dtype_name(device)]
+    problem = bench.make_problem(bench.QUICK_SHAPE, device, dtype)
+    skipped = bench.skip_reasons(device)
     mismatches = {}
-    for provider in bench_lora_linear.PROVIDERS:
+    for provider in bench.PROVIDERS:
         if provider in skipped:
             continue
         try:
-            bench_lora_linear.check_against_reference(bench_lora_linear.build_layer(provider, problem), problem)
+            bench.check_against_reference(bench.build_layer(provider, problem), problem)
         except AssertionError as exc:
             mismatches[provider] = str(exc)
     assert not mismatches, mismatches
@@ -103,34 +77,34 @@ def _adapter_gradients_dropped(layer, problem):
 
 
 @pytest.mark.parametrize("sabotage", [_adapter_ignored, _adapter_gradients_dropped])
-def test_reference_check_rejects_a_wrong_provider(bench_lora_linear, sabotage):
-    problem = bench_lora_linear.make_problem(bench_lora_linear.QUICK_SHAPE, torch.device("cpu"), torch.float32)
-    layer = bench_lora_linear.build_layer("lowrank_torch", problem)
-    wrong = bench_lora_linear.Layer(sabotage(layer, problem), layer.held, layer.lora_A, layer.lora_B)
+def test_reference_check_rejects_a_wrong_provider(bench, sabotage):
+    problem = bench.make_problem(bench.QUICK_SHAPE, torch.device("cpu"), torch.float32)
+    layer = bench.build_layer("lowrank_torch", problem)
+    wrong = bench.Layer(sabotage(layer, problem), layer.held, layer.trained)
     with pytest.raises(AssertionError, match="differs from the reference"):
-        bench_lora_linear.check_against_reference(wrong, problem)
+        bench.check_against_reference(wrong, problem)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_triton_interpreter_is_never_timed(bench_lora_linear, monkeypatch):
+def test_triton_interpreter_is_never_timed(bench, harness, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    device = bench_lora_linear.resolve_device("auto")
-    assert bench_lora_linear.skip_reasons(device)["lowrank_triton"].startswith("TRITON_INTERPRET=1")
+    device = harness.resolve_device("auto")
+    assert bench.skip_reasons(device)["lowrank_triton"].startswith("TRITON_INTERPRET=1")
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_every_provider_matches_the_reference_with_and_without_dropout(bench_lora_linear, dropout_p):
+def test_every_provider_matches_the_reference_with_and_without_dropout(bench, harness, dropout_p):
     """Named providers too: the compiled baselines (slow on CPU, so off by default there) and
     Unsloth's recipe, whose backward is written by hand. With dropout each is checked with it off."""
-    problem = bench_lora_linear.make_problem(bench_lora_linear.Shape(48, 40, 36, 4), torch.device("cpu"), torch.float32,
+    problem = bench.make_problem(bench.Shape(48, 40, 36, 4), torch.device("cpu"), torch.float32,
                                       dropout_p=dropout_p)
     providers = ["unsloth_style", "eager_peft_style_compiled", "lowrank_torch", "eager_peft_style"]
     for provider in providers:
-        if dropout_p and provider in bench_lora_linear.DROPOUT_FREE_PROVIDERS:
+        if dropout_p and provider in bench.DROPOUT_FREE_PROVIDERS:
             continue
-        layer = bench_lora_linear.build_layer(provider, problem)
-        bench_lora_linear.check_against_reference(layer, problem)
-        x, _ = bench_lora_linear.make_inputs(problem, 1, seed=5)[0]
+        layer = bench.build_layer(provider, problem)
+        bench.check_against_reference(layer, problem)
+        x, _ = harness.make_inputs(problem, 1, seed=5)[0]
         with torch.no_grad():
             with_dropout = layer.forward(x)
         layer.set_dropout(False)
@@ -139,13 +113,13 @@ def test_every_provider_matches_the_reference_with_and_without_dropout(bench_lor
         assert torch.equal(with_dropout, without) == (dropout_p == 0), provider  # the switch is real
 
 
-def test_decode_shapes_time_inference_only_and_the_budget_is_reported(bench_lora_linear, tmp_path):
-    args = bench_lora_linear.parse_args([
+def test_decode_shapes_time_inference_only_and_the_budget_is_reported(bench, tmp_path):
+    args = bench.parse_args([
         "--device", "cpu", "--shapes", "64,32,32,4", "--decode-shapes", "1,32,32,4", "16,32,32,4",
         "--dropout", "0", "0.1", "--providers", "linear_frozen", "unsloth_style", "lowrank_torch",
         "--repeats", "2", "--warmup", "0", "--out-dir", str(tmp_path),
     ])
-    report = bench_lora_linear.run_benchmark(args)
+    report = bench.run_benchmark(args)
     decode = [row for row in report["results"] if row["shape"]["M"] in (1, 16)]
     assert {row["provider"] for row in decode} == {"linear_frozen", "unsloth_style", "lowrank_torch"}
     assert all(set(row["median_ms"]) == {"inference"} and row["ratio_mode"] == "inference" for row in decode)
@@ -154,13 +128,13 @@ def test_decode_shapes_time_inference_only_and_the_budget_is_reported(bench_lora
     assert "unsloth_style at p=0.1" in report["skipped"]
 
     args.max_minutes = 0.0
-    budgeted = bench_lora_linear.run_benchmark(args)
+    budgeted = bench.run_benchmark(args)
     assert budgeted["not_run"] == [  # the first shape always runs
         "M=64 K=32 N=32 r=4 p=0.1", "M=1 K=32 N=32 r=4 p=0 (inference only)", "M=16 K=32 N=32 r=4 p=0 (inference only)"]
     assert {row["shape"]["M"] for row in budgeted["results"]} == {64}
-    assert "not run, over the --max-minutes budget" in bench_lora_linear.markdown_report(budgeted)
+    assert "not run, over the --max-minutes budget" in bench.markdown_report(budgeted)
 
 
-def test_dropout_rate_out_of_range_is_refused(bench_lora_linear):
+def test_dropout_rate_out_of_range_is_refused(bench):
     with pytest.raises(SystemExit):
-        bench_lora_linear.parse_args(["--dropout", "1.0"])
+        bench.parse_args(["--dropout", "1.0"])

@@ -9,9 +9,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 
-@pytest.fixture(scope="module")
-def bench(benchmark_module):
-    return benchmark_module("bench_lora_llama_step")
+BENCHMARK = "bench_lora_llama_step"  # the `bench` fixture of conftest.py
 
 
 def test_quick_run_times_lowrank_against_peft(bench, tmp_path):
