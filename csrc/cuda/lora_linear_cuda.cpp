@@ -81,7 +81,7 @@ std::tuple<Tensor, Tensor> lora_linear_forward_cuda(const Tensor& x, const Tenso
   }
   const bool has_bias = bias.has_value() && bias->defined();
   Tensor y = has_bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  y.addmm_(xa, lora_B.t(), 1.0, scaling);
+  y.addmm_(xa, lora_B.mul(scaling).t());  // s on B, not alpha: cuBLAS may skip the product at alpha=0
   return {std::move(y), std::move(xa)};
 }
 
@@ -101,7 +101,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_backward_cuda(
   if (needs_dx) {
     dx = at::mm(grad_y, weight);
     if (dropout_p == 0.0) {
-      dx.addmm_(dyB, lora_A, 1.0, scaling);
+      dx.addmm_(dyB, lora_A.mul(scaling));
     } else {
       const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lowrank_masked_lowrank_accumulate",
