@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from lowrank._machine import default_results_dir
-from lowrank.da.methods import METHODS, make_method
+from lowrank.da.methods import METHODS, check_hyperparameters, make_method
 from lowrank.da.models import NETWORKS
 from lowrank.da.tasks import FRAMINGS, NORMALISATIONS, TASKS, get_task, load_task_data, make_loader, variant_suffix
 
@@ -248,6 +248,7 @@ def main(argv=None) -> int:
             if len(values) != 1:
                 raise ValueError(f"--set {spec!r}: expected one value")
             settings[name] = values[0]
+        check_hyperparameters("--set", METHODS[methods[0]].defaults, settings)
     except ValueError as err:
         parser.error(str(err))
     if args.seeds < 1:
@@ -259,8 +260,8 @@ def main(argv=None) -> int:
     for seed in range(args.seeds):
         try:
             data = load_task_data(task, seed, root=args.data_root, **(QUICK_SIZES if args.quick else {}))
-        except (FileNotFoundError, ValueError) as err:  # missing or corrupt data file: the loaders name it
-            print(f"lowrank.da.bench: cannot load the data for task {task}: {err}", file=sys.stderr)
+        except (FileNotFoundError, ValueError, ImportError) as err:  # missing or corrupt file, or h5py: named
+            print(f"lowrank.da.bench: cannot load the data for task {task.name}: {err}", file=sys.stderr)
             return 2
         for method in methods:
             run = run_one(task.name, method, seed, data, args.quick, not args.no_progress, settings)
