@@ -5,9 +5,10 @@ count rounded up to a power of two so varying sequence lengths share a key) time
 backward of every candidate backend on random inputs of that shape: WARMUP rounds, then REPEATS
 rounds that each time every candidate once, in an order rotated per round, so drift on a busy
 machine hits all alike. The first candidate (triton, cuda, torch on CUDA tensors; cpu, torch on
-CPU tensors) is kept unless another's median is more than MARGIN faster: noise between backends
-of about equal speed cannot flip the pick from one run to the next. Later calls, forward and
-backward alike, reuse the pick. LOWRANK_AUTOTUNE=0 takes the first candidate without measuring.
+CPU tensors) is kept unless another's median is more than MARGIN faster, and again so in as many
+new rounds: noise between backends of about equal speed rarely flips the pick from one run to the
+next (pin the picks where it must never). Later calls, forward and backward alike, reuse the
+pick. LOWRANK_AUTOTUNE=0 takes the first candidate without measuring.
 
 Backends round differently (last bits of fp32), so a pick is part of a run's numbers. choices()
 lists the picks of this process; save(path) writes them and load(path) pins them for a later run,
@@ -99,9 +100,12 @@ def pick(key: tuple, device: torch.device, step_for: Callable[[str], Callable[[]
     # results do not depend on whether this shape was met before in the process.
     devices = [device] if device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
-        seconds = time_interleaved({name: step_for(name) for name in names}, device)
-    _choices[key] = choose(names, seconds)
-    return _choices[key]
+        steps = {name: step_for(name) for name in names}
+        choice = choose(names, time_interleaved(steps, device))
+        if choice != names[0] and choose(names, time_interleaved(steps, device)) != choice:
+            choice = names[0]  # leaving the preferred backend takes a second, independent win
+    _choices[key] = choice
+    return choice
 
 
 # ------------------------------------------------------------------------ pinning the picks
