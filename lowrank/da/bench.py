@@ -106,7 +106,7 @@ def positive_int(text: str) -> int:
 
 def parse_assignment(method: str, spec: str) -> tuple[str, list]:
     """"lr=0.01,0.003" -> ("lr", [0.01, 0.003]), values typed as JSON reads them (else strings);
-    the name must be one of `method`'s hyper-parameters."""
+    the name must be one of `method`'s hyper-parameters and each value of its type and range."""
     name, sep, values = spec.partition("=")
     if not sep or not values:
         raise ValueError(f"{spec!r}: expected name=value[,value...]")
@@ -114,7 +114,10 @@ def parse_assignment(method: str, spec: str) -> tuple[str, list]:
         raise ValueError(
             f"{spec!r}: {method} has no hyper-parameter {name!r}; it takes {sorted(METHODS[method].defaults)}"
         )
-    return name, [_typed(value) for value in values.split(",")]
+    typed = [_typed(value) for value in values.split(",")]
+    for value in typed:
+        check_hyperparameters(repr(spec), METHODS[method].defaults, {name: value})
+    return name, typed
 
 
 def _typed(text: str):
@@ -248,7 +251,6 @@ def main(argv=None) -> int:
             if len(values) != 1:
                 raise ValueError(f"--set {spec!r}: expected one value")
             settings[name] = values[0]
-        check_hyperparameters("--set", METHODS[methods[0]].defaults, settings)
     except ValueError as err:
         parser.error(str(err))
     if args.seeds < 1:

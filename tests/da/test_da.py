@@ -462,11 +462,11 @@ def test_bench_cli_sets_hyper_parameters_of_one_method(tmp_path, capsys):
     for argv, message in ((["--method", "all", "--set", "lr=0.1"], "--set needs exactly one --method"),
                           (["--method", "adda", "--set", "lr=0.1"], "adda has no hyper-parameter 'lr'"),
                           (["--method", "dann", "--set", "lr=0.1,0.2"], "expected one value"),
-                          (["--method", "dann", "--set", "lr=abc"], "--set: lr must be a finite number, got 'abc'"),
-                          (["--method", "dann", "--set", "lr=-1"], "--set: lr (a learning rate) must be positive"),
-                          (["--method", "dann", "--set", "steps=0"], "--set: steps must be an integer of at least 1"),
+                          (["--method", "dann", "--set", "lr=abc"], "'lr=abc': lr must be a finite number, got 'abc'"),
+                          (["--method", "dann", "--set", "lr=-1"], "'lr=-1': lr (a learning rate) must be positive"),
+                          (["--method", "dann", "--set", "steps=0"], "'steps=0': steps must be an integer of at least"),
                           (["--method", "dann", "--set", "batch_size=0"], "batch_size must be an integer of at least"),
-                          (["--method", "dann", "--set", "momentum=1.5"], "--set: momentum must lie in [0, 1)"),
+                          (["--method", "dann", "--set", "momentum=1.5"], "momentum must lie in [0, 1)"),
                           (["--method", "dann", "--set", "grl_backend=gpu"], "grl_backend: backend must be None")):
         with pytest.raises(SystemExit):
             bench.main(["--task", "mnist-usps", *argv, "--out-dir", str(tmp_path)])
