@@ -161,7 +161,7 @@ def build_model(spec: dict) -> nn.Module:
     _check_arguments("model", factory, spec)
     try:
         model = factory(**spec)
-    except (TypeError, ValueError) as err:
+    except ValueError as err:  # the constructor's own check of its arguments
         raise ValueError(f"model: {err}") from None
     if weights is not None:
         load_state(model, os.fspath(weights), "model.weights")
