@@ -65,11 +65,12 @@ inline LoraSizes check_backward_inputs(c10::DeviceType device_type, const at::Te
   return n;
 }
 
-// y = x·Wᵀ + b + scaling·xa·Bᵀ, from xa = dropout(x)·Aᵀ.
+// y = x·Wᵀ + b + scaling·xa·Bᵀ, from xa = dropout(x)·Aᵀ. The scaling multiplies B, not the GEMM's
+// alpha: BLAS may skip the product at alpha = 0, which would hide a NaN in xa or B.
 inline at::Tensor lora_output(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               const at::Tensor& xa, const at::Tensor& lora_B, double scaling) {
   at::Tensor y = linear_output(x, weight.t(), bias);
-  y.addmm_(xa, lora_B.t(), 1.0, scaling);
+  y.addmm_(xa, lora_B.mul(scaling).t());
   return y;
 }
 

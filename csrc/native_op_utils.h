@@ -134,12 +134,14 @@ inline at::ScalarType chunk_accumulate_dtype(at::ScalarType dtype) {
   return (dtype == at::kHalf || dtype == at::kBFloat16) ? at::kFloat : dtype;
 }
 
-// acc += scaling · a·b, for acc of chunk_accumulate_dtype(a's dtype).
+// acc += scaling · a·b, for acc of chunk_accumulate_dtype(a's dtype). The scaling multiplies the
+// small factor a, not the GEMM's alpha, so a NaN in a or b propagates at scaling 0 as well.
 inline void accumulate_product(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b, double scaling) {
+  const at::Tensor scaled = a.mul(scaling);
   if (acc.scalar_type() == a.scalar_type()) {
-    acc.addmm_(a, b, 1.0, scaling);
+    acc.addmm_(scaled, b);
   } else {
-    acc.add_(at::mm(a, b), scaling);
+    acc.add_(at::mm(scaled, b));
   }
 }
 

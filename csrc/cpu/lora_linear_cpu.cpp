@@ -1,7 +1,9 @@
 // CPU kernels of lowrank::lora_linear_forward_native and lowrank::lora_linear_backward_native.
 //
 // The large GEMMs go to MKL through at::mm/addmm; this file decides their order and operand
-// layouts, and does the dropout-masked elementwise work itself. Without dropout, when the
+// layouts, and does the dropout-masked elementwise work itself. The scaling s multiplies a small
+// factor (B, A or dy·B), never a GEMM's alpha: BLAS skips the product at alpha=0, which would
+// hide a NaN in A or B that the formula s·(x·Aᵀ)·Bᵀ propagates. Without dropout, when the
 // batch is taller than the weight is wide, the LoRA update is merged into the weight
 // (W + s·B·A, an [N, K] temporary) so the large activations take a single GEMM.
 // With dropout, masked pieces are formed one row chunk at a time, so no [M, K]
@@ -75,7 +77,7 @@ Tensor skinny_rows_times(const Tensor& rows, const Tensor& small) {
 
 Tensor merged_weight(const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B, double scaling) {
   if (!skinny_kernels_fit(weight)) {
-    return at::addmm(weight, lora_B, lora_A, 1.0, scaling);
+    return at::addmm(weight, lora_B.mul(scaling), lora_A);
   }
   // One read of W and one write of the result; addmm would copy W first and then update it.
   const int64_t N = weight.size(0), K = weight.size(1), r = lora_A.size(0), ld = weight.stride(0);
@@ -270,7 +272,7 @@ LoraGrads lora_linear_backward_cpu(
       dx = at::mm(grad_y, merged_weight(weight, lora_A, lora_B, scaling));
     } else if (needs_dx) {
       dx = at::mm(grad_y, weight);
-      dx.addmm_(dyB, lora_A, 1.0, scaling);
+      dx.addmm_(dyB, lora_A.mul(scaling));
     }
   } else {
     if (needs_dx) {

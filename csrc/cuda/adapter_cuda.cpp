@@ -50,7 +50,7 @@ std::tuple<Tensor, Tensor> adapter_forward_cuda(const Tensor& h, const Tensor& w
   } else if (residual) {
     out = at::addmm(h, a_s, w_up.t());
   } else if (has_b_up) {
-    out = at::addmm(*b_up, a_s, w_up.t(), scaling, 1.0);
+    out = at::addmm(b_up->mul(scaling), a_s, w_up.t());  // not beta=s: at beta=0 a NaN in b_up would vanish
   } else {
     out = at::mm(a_s, w_up.t());
   }

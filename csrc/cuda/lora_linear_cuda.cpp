@@ -93,7 +93,7 @@ LoraGrads lora_linear_backward_cuda(
   if (needs_dx) {
     dx = at::mm(grad_y, weight);
     if (dropout_p == 0.0) {
-      dx.addmm_(dyB, lora_A, 1.0, scaling);
+      dx.addmm_(dyB, lora_A.mul(scaling));
     } else {
       const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lowrank_masked_lowrank_accumulate",
