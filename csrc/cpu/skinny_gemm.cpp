@@ -13,6 +13,7 @@
 #include <algorithm>
 
 #define LOWRANK_AVX512 __attribute__((target("avx512f,fma")))
+#define LOWRANK_AVX512_INLINE LOWRANK_AVX512 __attribute__((always_inline)) inline
 
 namespace lowrank {
 namespace cpu {
@@ -46,6 +47,27 @@ struct Gathered {
   Gathered shifted(int64_t columns) const { return {data + columns, stride, index}; }
 };
 
+// Rows i < R of a row set with their addresses fixed for a block: gathered ones looked up once
+// (the compiler keeps the index loads inside a kernel's loop), strided ones left as they are.
+template <int R, typename T>
+struct RowPointers {
+  T* rows[R];
+  T* row(int64_t i) const { return rows[i]; }
+};
+
+template <int R, typename T>
+Strided<T> block_rows(const Strided<T>& rows) {
+  return rows;
+}
+
+template <int R, typename T>
+RowPointers<R, T> block_rows(const Gathered<T>& rows) {
+  RowPointers<R, T> pointers;
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) pointers.rows[i] = rows.row(i);
+  return pointers;
+}
+
 // Calls body(rows) with the row set as a Strided or a Gathered accessor.
 template <typename T, typename Body>
 void with_rows(RowSet<T> rows, const Body& body) {
@@ -56,39 +78,78 @@ void with_rows(RowSet<T> rows, const Body& body) {
   }
 }
 
+// An R x V tile of c in registers: R rows, each V vectors of 16 lanes, the last vector of a row
+// limited to the lanes in `last`. The kernels below differ only in how they start the tile, what
+// they stream through it and where it goes at the end.
+template <int R, int V>
+struct RegisterTile {
+  __m512 acc[R][V];
+  __mmask16 last;
+
+  explicit RegisterTile(__mmask16 last_lanes) : last(last_lanes) {}
+
+  LOWRANK_AVX512_INLINE __mmask16 lanes(int v) const { return v + 1 < V ? kAllLanes : last; }
+
+  LOWRANK_AVX512_INLINE void zero() {
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[i][v] = _mm512_setzero_ps();
+    }
+  }
+
+  // Row i from src.row(i).
+  template <typename Rows>
+  LOWRANK_AVX512_INLINE void load(const Rows& src) {
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[i][v] = _mm512_maskz_loadu_ps(lanes(v), src.row(i) + v * kLanes);
+    }
+  }
+
+  // Row i += scale(i) · the row at `row`, for every i: one rank-1 update.
+  template <typename Scale>
+  LOWRANK_AVX512_INLINE void add_scaled_row(const float* row, const Scale& scale) {
+    __m512 row_vectors[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) row_vectors[v] = _mm512_maskz_loadu_ps(lanes(v), row + v * kLanes);
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const __m512 scale_i = _mm512_set1_ps(scale(i));
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[i][v] = _mm512_fmadd_ps(scale_i, row_vectors[v], acc[i][v]);
+    }
+  }
+
+  // dst.row(i) = row i, or += row i when accumulate.
+  template <typename Rows>
+  LOWRANK_AVX512_INLINE void store(const Rows& dst, bool accumulate) const {
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) {
+        float* out = dst.row(i) + v * kLanes;
+        const __m512 value = accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(lanes(v), out), acc[i][v]) : acc[i][v];
+        _mm512_mask_storeu_ps(out, lanes(v), value);
+      }
+    }
+  }
+};
+
 // ---- c[m, r] = x · p: rows of c on registers, r on the lanes.
 
 // RB rows of c, JV vectors wide (lanes of the last vector past `last` unused), over all of L.
 template <int RB, int JV, typename Rows>
 LOWRANK_AVX512 void rows_times_skinny_block(Rows x, int64_t L, const float* p, int64_t ldp, __mmask16 last, float* c,
                                             int64_t ldc) {
-  const float* x_row[RB];
-#pragma GCC unroll 16
-  for (int i = 0; i < RB; ++i) x_row[i] = x.row(i);
-  __m512 acc[RB][JV];
-#pragma GCC unroll 16
-  for (int i = 0; i < RB; ++i) {
-#pragma GCC unroll 4
-    for (int v = 0; v < JV; ++v) acc[i][v] = _mm512_setzero_ps();
-  }
+  const auto x_rows = block_rows<RB>(x);
+  RegisterTile<RB, JV> tile(last);
+  tile.zero();
   for (int64_t k = 0; k < L; ++k) {
-    __m512 pk[JV];
-#pragma GCC unroll 4
-    for (int v = 0; v < JV; ++v) pk[v] = _mm512_maskz_loadu_ps(v + 1 < JV ? kAllLanes : last, p + k * ldp + v * kLanes);
-#pragma GCC unroll 16
-    for (int i = 0; i < RB; ++i) {
-      const __m512 xi = _mm512_set1_ps(x_row[i][k]);
-#pragma GCC unroll 4
-      for (int v = 0; v < JV; ++v) acc[i][v] = _mm512_fmadd_ps(xi, pk[v], acc[i][v]);
-    }
+    tile.add_scaled_row(p + k * ldp, [&](int i) { return x_rows.row(i)[k]; });
   }
-#pragma GCC unroll 16
-  for (int i = 0; i < RB; ++i) {
-#pragma GCC unroll 4
-    for (int v = 0; v < JV; ++v) {
-      _mm512_mask_storeu_ps(c + i * ldc + v * kLanes, v + 1 < JV ? kAllLanes : last, acc[i][v]);
-    }
-  }
+  tile.store(Strided<float>{c, ldc}, /*accumulate=*/false);
 }
 
 // All m rows: blocks of RB, then the remainder with halved blocks.
@@ -125,34 +186,13 @@ LOWRANK_AVX512 void rows_times_skinny_all(Rows x, int64_t m, int64_t L, const fl
 
 template <int JR, int CV, typename SRows, typename XRows>
 LOWRANK_AVX512 void skinny_t_times_rows_tile(SRows s, XRows x, int64_t m, __mmask16 last, float* c, int64_t ldc) {
-  __m512 acc[JR][CV];
-#pragma GCC unroll 16
-  for (int j = 0; j < JR; ++j) {
-#pragma GCC unroll 4
-    for (int v = 0; v < CV; ++v) acc[j][v] = _mm512_setzero_ps();
-  }
+  RegisterTile<JR, CV> tile(last);
+  tile.zero();
   for (int64_t i = 0; i < m; ++i) {
-    const float* x_row = x.row(i);
     const float* s_row = s.row(i);
-    __m512 xi[CV];
-#pragma GCC unroll 4
-    for (int v = 0; v < CV; ++v) xi[v] = _mm512_maskz_loadu_ps(v + 1 < CV ? kAllLanes : last, x_row + v * kLanes);
-#pragma GCC unroll 16
-    for (int j = 0; j < JR; ++j) {
-      const __m512 sij = _mm512_set1_ps(s_row[j]);
-#pragma GCC unroll 4
-      for (int v = 0; v < CV; ++v) acc[j][v] = _mm512_fmadd_ps(sij, xi[v], acc[j][v]);
-    }
+    tile.add_scaled_row(x.row(i), [&](int j) { return s_row[j]; });
   }
-#pragma GCC unroll 16
-  for (int j = 0; j < JR; ++j) {
-#pragma GCC unroll 4
-    for (int v = 0; v < CV; ++v) {
-      const __mmask16 mask = v + 1 < CV ? kAllLanes : last;
-      float* out = c + j * ldc + v * kLanes;
-      _mm512_mask_storeu_ps(out, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), acc[j][v]));
-    }
-  }
+  tile.store(Strided<float>{c, ldc}, /*accumulate=*/true);
 }
 
 // JR rows of c across all L columns: full tiles, then single masked vectors.
@@ -185,30 +225,12 @@ LOWRANK_AVX512 void skinny_t_times_rows_all(SRows s, XRows x, int64_t m, int64_t
 template <int RB, int CV, typename CRows>
 LOWRANK_AVX512 void add_skinny_times_rows_tile(const float* w, int64_t ldw, const float* s, const float* a, int64_t L,
                                                int64_t r, float alpha, __mmask16 last, CRows c) {
-  __m512 acc[RB][CV];
-#pragma GCC unroll 8
-  for (int i = 0; i < RB; ++i) {
-#pragma GCC unroll 4
-    for (int v = 0; v < CV; ++v) acc[i][v] = _mm512_maskz_loadu_ps(v + 1 < CV ? kAllLanes : last, w + i * ldw + v * kLanes);
-  }
+  RegisterTile<RB, CV> tile(last);
+  tile.load(Strided<const float>{w, ldw});
   for (int64_t j = 0; j < r; ++j) {
-    __m512 aj[CV];
-#pragma GCC unroll 4
-    for (int v = 0; v < CV; ++v) aj[v] = _mm512_maskz_loadu_ps(v + 1 < CV ? kAllLanes : last, a + j * L + v * kLanes);
-#pragma GCC unroll 8
-    for (int i = 0; i < RB; ++i) {
-      const __m512 sij = _mm512_set1_ps(alpha * s[i * r + j]);
-#pragma GCC unroll 4
-      for (int v = 0; v < CV; ++v) acc[i][v] = _mm512_fmadd_ps(sij, aj[v], acc[i][v]);
-    }
+    tile.add_scaled_row(a + j * L, [&](int i) { return alpha * s[i * r + j]; });
   }
-#pragma GCC unroll 8
-  for (int i = 0; i < RB; ++i) {
-#pragma GCC unroll 4
-    for (int v = 0; v < CV; ++v) {
-      _mm512_mask_storeu_ps(c.row(i) + v * kLanes, v + 1 < CV ? kAllLanes : last, acc[i][v]);
-    }
-  }
+  tile.store(c, /*accumulate=*/false);
 }
 
 template <int RB, typename CRows>
