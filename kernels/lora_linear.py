@@ -28,6 +28,7 @@ from lowrank.kernels.matmul import (
     DROPOUT_A,
     DROPOUT_A_TRANSPOSED,
     GPU_TILES,
+    accumulate_tile,
     autotuned,
     check_dtype,
     empty_batch_gradients,
@@ -71,16 +72,8 @@ def _lora_matmul_kernel(
     if DROPOUT:  # D acts on the low-rank term only, which is all the accumulator holds yet
         acc = tl.where(keep_mask(seed_ptr, offs_m, offs_n, threshold, False), acc, 0.0)
 
-    rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + rk[None, :] * stride_ak
-    b_ptrs = b_ptr + rk[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
-    for k0 in range(0, K, BLOCK_K):
-        k_in = k0 + rk < K
-        a = tl.load(a_ptrs, mask=m_in[:, None] & k_in[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_in[:, None] & n_in[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    acc = accumulate_tile(acc, a_ptr, b_ptr, offs_m, offs_n, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                          ACC_DTYPE, DOT_PRECISION, BLOCK_K)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_in, other=0.0).to(ACC_DTYPE)[None, :]

@@ -1,6 +1,7 @@
-"""Shared Triton mechanics of lowrank's matmul-based kernels (lowrank.kernels.lora_linear and
-lowrank.kernels.adapter): the hash-dropout keep bits, tile order, the Hopper tile search space
-and its pruning, the launcher, and the plain (optionally split-K, optionally dropped-out) matmul:
+"""Shared Triton mechanics of lowrank's matmul-based kernels (lowrank.kernels.lora_linear,
+lowrank.kernels.multi_lora_linear and lowrank.kernels.adapter): the hash-dropout keep bits, tile
+order, a tile's main loop (accumulate_tile, matmul_tile), the Hopper tile search space and its
+pruning, the launcher, and the plain (optionally split-K, optionally dropped-out) matmul:
 
   matmul_kernel        c = alpha·a·b, optionally dropping elements of a (or of the tensor a is the
                        transpose of) with the hash mask, over one slice of the reduction per
@@ -70,17 +71,16 @@ def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 
 
 @triton.jit
-def matmul_tile(
-    a_ptr, b_ptr, offs_m, offs_n, M, N, K,
+def accumulate_tile(
+    acc, a_ptr, b_ptr, offs_m, offs_n, M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn,
-    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """a[offs_m, :]·b[:, offs_n] in the accumulator dtype (rows and columns outside M, N read as 0)."""
+    """acc + a[offs_m, :]·b[:, offs_n]: a kernel's main loop, into an accumulator it has seeded
+    (rows and columns outside M, N read as 0; offs_m may be gathered rows)."""
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + rk[None, :] * stride_ak
     b_ptrs = b_ptr + rk[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for k0 in range(0, K, BLOCK_K):
         k_in = k0 + rk < K
         a = tl.load(a_ptrs, mask=(offs_m < M)[:, None] & k_in[None, :], other=0.0)
@@ -89,6 +89,20 @@ def matmul_tile(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     return acc
+
+
+@triton.jit
+def matmul_tile(
+    a_ptr, b_ptr, offs_m, offs_n, M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """a[offs_m, :]·b[:, offs_n] in the accumulator dtype (rows and columns outside M, N read as 0)."""
+    return accumulate_tile(
+        tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE), a_ptr, b_ptr, offs_m, offs_n, M, N, K,
+        stride_am, stride_ak, stride_bk, stride_bn, ACC_DTYPE, DOT_PRECISION, BLOCK_K,
+    )
 
 
 # What matmul_kernel's hash-dropout mask applies to: nothing, a, or the tensor a is the transpose of.
@@ -166,13 +180,14 @@ def fit(block: int, dim: int) -> int:
     return min(block, max(16, triton.next_power_of_2(dim)))
 
 
-def tile_pruner(accumulator_budget, fma_accumulator_budget=None):
+def tile_pruner(accumulator_budget, fma_accumulator_budget=None, fma_max_stages=None):
     """The autotuner's early pruning for one kernel. accumulator_budget(launch constexprs) is
     the most accumulator values per thread (BLOCK_M·BLOCK_N / threads) the kernel may hold:
     128 fp32 values (a 128×256 tile over 8 warps) fit beside one accumulator's pointers and
     pipeline; kernels holding more live tiles, or heavy epilogues, get less.
     fma_accumulator_budget, if given, replaces it where tl.dot runs on FMA units (IEEE fp32,
-    fp64), whose operand slices live in registers too.
+    fp64), whose operand slices live in registers too; fma_max_stages, if given, caps their
+    pipeline stages (each stage keeps another set of operand slices in flight).
     tests/compile_triton_sm90.py checks that no config left in a search space spills on sm_90."""
 
     def prune(configs, named_args, **kwargs):
@@ -193,7 +208,8 @@ def tile_pruner(accumulator_budget, fma_accumulator_budget=None):
                 warps = min(warps, max(1, block_m * block_n // (16 * 32)))
             if block_m * block_n > budget * 32 * warps:
                 continue
-            fitted = (block_m, block_n, block_k, warps, config.num_stages)
+            stages = min(config.num_stages, fma_max_stages) if on_fma and fma_max_stages else config.num_stages
+            fitted = (block_m, block_n, block_k, warps, stages)
             kept.setdefault(fitted, config)
         return [
             triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=warps, num_stages=stages)
@@ -203,7 +219,8 @@ def tile_pruner(accumulator_budget, fma_accumulator_budget=None):
     return prune
 
 
-def autotuned(kernel, tiles=GPU_TILES, accumulator_budget=lambda options: 128, fma_accumulator_budget=None):
+def autotuned(kernel, tiles=GPU_TILES, accumulator_budget=lambda options: 128, fma_accumulator_budget=None,
+              fma_max_stages=None):
     """The kernel with Hopper autotuning over `tiles`, keyed by power-of-two size buckets
     (M_KEY, N_KEY, K_KEY) so that varying sequence lengths reuse one measurement; dtypes are part
     of Triton's key. Timings persist in Triton's cache (TRITON_CACHE_DIR, default ~/.triton/cache),
@@ -214,7 +231,8 @@ def autotuned(kernel, tiles=GPU_TILES, accumulator_budget=lambda options: 128, f
     ]
     return triton.autotune(
         configs, key=["M_KEY", "N_KEY", "K_KEY", "DOT_PRECISION"],
-        prune_configs_by={"early_config_prune": tile_pruner(accumulator_budget, fma_accumulator_budget)},
+        prune_configs_by={"early_config_prune": tile_pruner(accumulator_budget, fma_accumulator_budget,
+                                                            fma_max_stages)},
         cache_results=True,
     )(kernel)
 
