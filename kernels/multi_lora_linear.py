@@ -8,13 +8,19 @@ adapter, or a few where segments meet, and its adapter loop runs over just those
   _rows_times_adapter_kernel  out[i] = D_i⊙l[i]·R[a_i] for the rank-r products
                                 xa = D⊙x·A[a]ᵀ,  dyB = dy·B[a]
   _adapter_matmul_kernel      out[i] = a[i]·b + scale[a_i]·D_i⊙(l[i]·R[a_i]) + bias: the base
-                              GEMM with the low-rank term seeding its accumulator, so y and dx
-                              are each written once
+                              GEMM (matmul.accumulate_tile, lora_linear's main loop) with the
+                              low-rank term seeding its accumulator, so y and dx are each
+                              written once
                                 y  = x·Wᵀ + s·(xa·B[a]ᵀ) + b
                                 dx = dy·W + s·D⊙(dyB·A[a])
   _segment_reduce_kernel      out[a] = alpha[a]·Σ_{i of a} (D_i⊙l[i])ᵀ·r[i], one adapter's
                               segment per program row, split into slices to fill the GPU
                                 dAᵀ[a] = s·(D⊙x)ᵀ·dyB,  dB[a] = s·dyᵀ·xa
+
+A tile's rows of other adapters read as 0 in an adapter's product, and 0·NaN would carry a NaN
+of that adapter's factor into them: a factor's non-finite entries enter the dots as 0 and make
+the adapter's own rows NaN in their columns (_add_adapter_product), so a NaN reaches exactly
+the rows the contract says, at scaling 0 too; an inf there comes out as NaN rather than ±inf.
 
 Per-adapter constants (scaling, dropout threshold and keep scale) live in small device tables,
 cached per value, so steady-state calls copy nothing to the device. The dropout mask is the hash
@@ -31,17 +37,8 @@ import triton
 import triton.language as tl
 
 from lowrank import _backends
-from lowrank.kernels.matmul import (
-    GPU_TILES,
-    autotuned,
-    check_dtype,
-    fit,
-    keep_mask,
-    launch,
-    matmul,
-    split_length,
-    tile_ids,
-)
+from lowrank.kernels import matmul
+from lowrank.kernels.matmul import accumulate_tile, keep_mask, tile_offsets
 from lowrank.ops import hash_dropout
 from lowrank.ops.multi_lora_linear import group_rows
 
@@ -49,23 +46,46 @@ OP = "multi_lora_linear"
 
 
 @triton.jit
-def _tile_rows(order_ptr, pid_m, M, BLOCK_M: tl.constexpr):
-    """(rows, in-batch mask) of tile pid_m of the sorted order."""
-    positions = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+def _sorted_rows(order_ptr, sorted_adapter_ptr, positions, M):
+    """(rows, their adapters) at `positions` of the sorted order (row M and adapter -1 past the
+    batch), and the adapter range present, [first, last] (empty when no row has an adapter)."""
     in_batch = positions < M
-    return tl.load(order_ptr + positions, mask=in_batch, other=0), in_batch
-
-
-@triton.jit
-def _sorted_rows(order_ptr, sorted_adapter_ptr, pid_m, M, BLOCK_M: tl.constexpr):
-    """(rows, their adapters, in-batch mask) of tile pid_m of the sorted order; the adapter
-    range present, [first, last] (empty when no row of the tile has an adapter)."""
-    rows, in_batch = _tile_rows(order_ptr, pid_m, M, BLOCK_M)
-    positions = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.load(order_ptr + positions, mask=in_batch, other=M)
     adapters = tl.load(sorted_adapter_ptr + positions, mask=in_batch, other=-1)
     first = tl.min(tl.where(adapters >= 0, adapters, 2**30))
     last = tl.max(adapters)
-    return rows, adapters, in_batch, first, last
+    return rows, adapters, first, last
+
+
+@triton.jit
+def _add_adapter_product(
+    acc, l_ptr, r_ptr, rows, mine, offs_n, N, K,
+    stride_lm, stride_lk, stride_rk, stride_rn,
+    seed_ptr, threshold,
+    DROPOUT: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """acc + (D⊙l)[rows]·r on the rows where `mine`: one adapter's product, r [K, N] its factor,
+    the tile's other rows read as 0 (D: the hash mask at `threshold`, with DROPOUT). Their 0·NaN
+    would carry a NaN of r into them, so r's non-finite entries enter the dot as 0 and make the
+    adapter's own rows NaN in their columns (an inf too: NaN, never ±inf)."""
+    rk = tl.arange(0, BLOCK_K)
+    n_in = offs_n < N
+    non_finite = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + rk
+        k_in = offs_k < K
+        l_tile = tl.load(l_ptr + rows.to(tl.int64)[:, None] * stride_lm + offs_k[None, :].to(tl.int64) * stride_lk,
+                         mask=mine[:, None] & k_in[None, :], other=0.0)
+        if DROPOUT:
+            l_tile = tl.where(keep_mask(seed_ptr, rows, offs_k, threshold, False), l_tile, tl.zeros_like(l_tile))
+        r_tile = tl.load(r_ptr + offs_k[:, None].to(tl.int64) * stride_rk + offs_n.to(tl.int64)[None, :] * stride_rn,
+                         mask=k_in[:, None] & n_in[None, :], other=0.0)
+        finite = tl.abs(r_tile) < float("inf")
+        non_finite = tl.maximum(non_finite, tl.max(tl.where(finite, 0, 1), axis=0))
+        r_tile = tl.where(finite, r_tile, tl.zeros_like(r_tile))
+        acc = tl.dot(l_tile, r_tile, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    return tl.where(mine[:, None] & (non_finite > 0)[None, :], float("nan"), acc)
 
 
 @triton.jit
@@ -80,31 +100,21 @@ def _rows_times_adapter_kernel(
 ):
     """out[i, :] = D_i⊙l[i, :]·r[a_i] for the rows i of one tile of sorted rows, l [M, K],
     r [n, K, N] (N = the rank); rows without an adapter get 0."""
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rows, adapters, in_batch, first, last = _sorted_rows(order_ptr, sorted_adapter_ptr, pid_m, M, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_in = offs_n < N
-    rk = tl.arange(0, BLOCK_K)
+    positions, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows, adapters, first, last = _sorted_rows(order_ptr, sorted_adapter_ptr, positions, M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     # One pass over K per adapter present (one, or two where segments meet), each reading only
     # that adapter's rows: its threshold and keep scale are scalars.
     for adapter in range(first, last + 1):
-        mine = in_batch & (adapters == adapter)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + rk
-            k_in = offs_k < K
-            l_tile = tl.load(l_ptr + rows.to(tl.int64)[:, None] * stride_lm + offs_k[None, :].to(tl.int64) * stride_lk,
-                             mask=mine[:, None] & k_in[None, :], other=0.0)
-            if DROPOUT:
-                threshold = tl.load(threshold_ptr + adapter).to(tl.uint32)
-                l_tile = tl.where(keep_mask(seed_ptr, rows, offs_k, threshold, False), l_tile, tl.zeros_like(l_tile))
-            r_tile = tl.load(r_ptr + adapter * stride_ra + offs_k[:, None].to(tl.int64) * stride_rk
-                             + offs_n[None, :] * stride_rn, mask=k_in[:, None] & n_in[None, :], other=0.0)
-            acc = tl.dot(l_tile, r_tile, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = _add_adapter_product(
+            acc, l_ptr, r_ptr + adapter * stride_ra, rows, adapters == adapter, offs_n, N, K,
+            stride_lm, stride_lk, stride_rk, stride_rn, seed_ptr, tl.load(threshold_ptr + adapter).to(tl.uint32),
+            DROPOUT, ACC_DTYPE, DOT_PRECISION, BLOCK_N, BLOCK_K,
+        )
     if DROPOUT:
         acc *= tl.load(keep_scale_ptr + adapters, mask=adapters >= 0, other=1.0).to(ACC_DTYPE)[:, None]
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_batch[:, None] & n_in[None, :])
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (offs_n < N)[None, :])
 
 
 @triton.jit
@@ -122,44 +132,30 @@ def _adapter_matmul_kernel(
 ):
     """out[i] = a[i]·b + scale[a_i]·D_i⊙(l[i]·r[a_i]) + bias for the rows i of one tile of sorted
     rows: a [M, K], b [K, N], l [M, R], r [n, R, N]."""
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rows, adapters, in_batch, first, last = _sorted_rows(order_ptr, sorted_adapter_ptr, pid_m, M, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    positions, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows, adapters, first, last = _sorted_rows(order_ptr, sorted_adapter_ptr, positions, M)
     n_in = offs_n < N
     has_adapter = adapters >= 0
 
-    # The accumulator is seeded with the low-rank term of each adapter present in the tile.
-    rr = tl.arange(0, BLOCK_R)
+    # The accumulator is seeded with the low-rank term of each adapter present in the tile (as
+    # lora_linear's: no second [BLOCK_M, BLOCK_N] tile held through the main loop).
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for adapter in range(first, last + 1):
-        mine = adapters == adapter
-        for r0 in range(0, R, BLOCK_R):
-            r_in = r0 + rr < R
-            l_tile = tl.load(l_ptr + rows.to(tl.int64)[:, None] * stride_lm + (r0 + rr)[None, :] * stride_lr,
-                             mask=mine[:, None] & r_in[None, :], other=0.0)
-            r_tile = tl.load(r_ptr + adapter * stride_ra + (r0 + rr)[:, None] * stride_rr
-                             + offs_n.to(tl.int64)[None, :] * stride_rn, mask=r_in[:, None] & n_in[None, :], other=0.0)
-            acc = tl.dot(l_tile, r_tile, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = _add_adapter_product(
+            acc, l_ptr, r_ptr + adapter * stride_ra, rows, adapters == adapter, offs_n, N, R,
+            stride_lm, stride_lr, stride_rr, stride_rn, seed_ptr, 0, False, ACC_DTYPE, DOT_PRECISION, BLOCK_N, BLOCK_R,
+        )
     acc *= tl.load(scale_ptr + adapters, mask=has_adapter, other=0.0).to(ACC_DTYPE)[:, None]
     if DROPOUT:  # D acts on the low-rank term only, which is all the accumulator holds yet
         thresholds = tl.load(threshold_ptr + adapters, mask=has_adapter, other=0).to(tl.uint32)
         acc = tl.where(keep_mask(seed_ptr, rows, offs_n, thresholds[:, None], False), acc, 0.0)
 
-    rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + rk[None, :] * stride_ak
-    b_ptrs = b_ptr + rk[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
-    for k0 in range(0, K, BLOCK_K):
-        k_in = k0 + rk < K
-        a = tl.load(a_ptrs, mask=in_batch[:, None] & k_in[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_in[:, None] & n_in[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-
+    acc = accumulate_tile(acc, a_ptr, b_ptr, rows, offs_n, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                          ACC_DTYPE, DOT_PRECISION, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_in, other=0.0).to(ACC_DTYPE)[None, :]
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_batch[:, None] & n_in[None, :])
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & n_in[None, :])
 
 
 @triton.jit
@@ -215,20 +211,16 @@ def _segment_reduce_kernel(
 
 
 _BLOCK_R = 64  # rank chunk of the low-rank seed (32 in the interpreter)
-# Its FMA tiles (BLOCK_K = 32) do not pipeline: with stages, the gathered rows
-# pointers beside the operand slices spill under triton 3.8.
-_rows_times_adapter_tuned = autotuned(
-    _rows_times_adapter_kernel, [(m, n, k, warps, min(stages, 1) if k == 32 else stages)
-                                 for m, n, k, warps, stages in GPU_TILES]
-)
-# With dropout, the keep mask of the whole tile is live beside the accumulator (as in lora_linear).
-# FMA tiles (IEEE fp32, fp64) hold each gathered row's pointer beside the operand slices: the
-# 64×64 tile spills there, so they get half lora_linear's budget.
-_adapter_matmul_tuned = autotuned(
+# The FMA tiles (IEEE fp32, fp64) of the two kernels that gather rows hold each row's pointer
+# beside the operand slices: they do not pipeline (with stages they spill under triton 3.8).
+_rows_times_adapter_tuned = matmul.autotuned(_rows_times_adapter_kernel, fma_max_stages=1)
+# With dropout, the keep mask of the whole tile is live beside the accumulator (as in lora_linear);
+# on FMA units the 64×64 tile spills beside the gathered rows' pointers.
+_adapter_matmul_tuned = matmul.autotuned(
     _adapter_matmul_kernel, accumulator_budget=lambda options: 64 if options["DROPOUT"] else 128,
-    fma_accumulator_budget=lambda options: 16,
+    fma_accumulator_budget=lambda options: 16, fma_max_stages=1,
 )
-_segment_reduce_tuned = autotuned(_segment_reduce_kernel)
+_segment_reduce_tuned = matmul.autotuned(_segment_reduce_kernel)
 
 
 class Groups(NamedTuple):
@@ -274,7 +266,7 @@ def _rows_times_adapter(left, right, groups, tables, seed, dropout):
     out = torch.empty((M, N), dtype=left.dtype, device=left.device)
     if out.numel() == 0:
         return out
-    launch(
+    matmul.launch(
         _rows_times_adapter_kernel, _rows_times_adapter_tuned, left.dtype, M, N, K,
         left, right, groups.order, groups.sorted_adapter, tables.threshold, tables.keep_scale, seed, out,
         M, N, K,
@@ -291,8 +283,8 @@ def _adapter_matmul(a, b, left, right, bias, groups, scale, tables, seed, dropou
     out = torch.empty((M, N), dtype=a.dtype, device=a.device)
     if out.numel() == 0:
         return out
-    block_r = fit(32 if _backends.triton_interpret() else _BLOCK_R, R)
-    launch(
+    block_r = matmul.fit(32 if _backends.triton_interpret() else _BLOCK_R, R)
+    matmul.launch(
         _adapter_matmul_kernel, _adapter_matmul_tuned, a.dtype, M, N, K,
         a, b, left, right, bias, groups.order, groups.sorted_adapter, scale, tables.threshold, seed, out,
         M, N, K, R,
@@ -310,14 +302,14 @@ def _segment_reduce(left, right, groups, alpha, tables, seed, dropout, out):
     count, M, N = out.shape
     rows = left.shape[0]
     average = max(triton.cdiv(rows, count), 1)
-    splits = triton.cdiv(average, split_length(left.device, M, N, average, batches=count))
+    splits = triton.cdiv(average, matmul.split_length(left.device, M, N, average, batches=count))
     if splits == 1:
         target, stride_split = out, 0
     else:  # [splits, n, M, N] partial sums, added in a fixed order: deterministic
         accumulate = torch.float64 if left.dtype == torch.float64 else torch.float32
         target = torch.empty((splits, count, M, N), dtype=accumulate, device=left.device)
         stride_split = target.stride(0)
-    launch(
+    matmul.launch(
         _segment_reduce_kernel, _segment_reduce_tuned, left.dtype, M, N, average,
         left, right, groups.order, groups.offsets, alpha, tables.threshold, seed, target,
         M, N, average,
@@ -332,7 +324,7 @@ def _segment_reduce(left, right, groups, alpha, tables, seed, dropout, out):
 
 def forward(x, weight, bias, adapter_index, lora_A, lora_B, scaling, dropout_p, seed):
     """(y, xa): xa = D⊙x·A[a]ᵀ [M, r], then y = x·Wᵀ + s·xa·B[a]ᵀ + b written by one kernel."""
-    check_dtype(OP, x)
+    matmul.check_dtype(OP, x)
     groups = _groups(adapter_index, lora_A.shape[0])
     tables = _adapter_tables(x.device, tuple(scaling), tuple(dropout_p))
     dropout = any(p > 0.0 for p in dropout_p)
@@ -344,15 +336,11 @@ def forward(x, weight, bias, adapter_index, lora_A, lora_B, scaling, dropout_p, 
 def backward(grad_y, x, xa, weight, adapter_index, lora_A, lora_B, scaling, dropout_p, seed, needs_dx, needs_dweight,
              needs_dbias):
     """(dx, dW, db, dA, dB); dx, dW, db are None when not needed."""
-    check_dtype(OP, x)
+    matmul.check_dtype(OP, x)
     (M, K), N = x.shape, weight.shape[0]
     if M == 0:
-        return (
-            x.new_empty((0, K)) if needs_dx else None,
-            x.new_zeros((N, K)) if needs_dweight else None,
-            grad_y.new_zeros(N) if needs_dbias else None,
-            torch.zeros_like(lora_A), torch.zeros_like(lora_B),
-        )
+        shapes = ((0, K), (N, K), (N,), lora_A.shape, lora_B.shape)
+        return matmul.empty_batch_gradients(x, shapes, (needs_dx, needs_dweight, needs_dbias, True, True))
     groups = _groups(adapter_index, lora_A.shape[0])
     tables = _adapter_tables(x.device, tuple(scaling), tuple(dropout_p))
     dropout = any(p > 0.0 for p in dropout_p)
@@ -365,6 +353,6 @@ def backward(grad_y, x, xa, weight, adapter_index, lora_A, lora_B, scaling, drop
     # dA [n, r, K] as dAᵀ [n, K, r]: K along the tile rows gives wgmma-sized tiles (as lora_linear).
     _segment_reduce(x, dyB, groups, tables.dropped_scaling, tables, seed, dropout, dA.transpose(1, 2))
     _segment_reduce(grad_y, xa, groups, tables.scaling, tables, seed, False, dB)
-    dW = matmul(grad_y.t(), x) if needs_dweight else None
+    dW = matmul.matmul(grad_y.t(), x) if needs_dweight else None
     db = grad_y.sum(0) if needs_dbias else None
     return dx, dW, db, dA, dB

@@ -8,6 +8,8 @@
 // other dtypes. The low-rank term, with the bias, is written into y (and s·D⊙(dyB·A) into dx)
 // first; the base GEMM (MKL through at::addmm_, beta = 1) then accumulates x·Wᵀ (dy·W) into it,
 // so the low-rank term costs one write of the output rather than an extra read-modify-write.
+// Each scaling multiplies a small factor (Bᵀ, or dy·B), never a GEMM's alpha, so a NaN in an
+// adapter's A or B reaches its rows at scaling 0 too.
 // dA and dB are summed per piece (privately, no locks) and the pieces of each adapter added
 // at the end.
 #include <ATen/ATen.h>
@@ -18,6 +20,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -30,9 +33,6 @@ namespace lowrank {
 namespace {
 
 using at::Tensor;
-
-constexpr const char* kForwardOp = "multi_lora_linear_forward_native";
-constexpr const char* kBackwardOp = "multi_lora_linear_backward_native";
 
 // Rows per block on the skinny path: a multiple of rows_times_skinny's 12-row blocks, few enough
 // that the block's rows of x, dy and dx stay in L2 (lora_linear's backward measured 24 best).
@@ -114,24 +114,6 @@ Work split_work(const RowGroups& groups, int64_t n) {
   return work;
 }
 
-// Calls body(part, piece index, rows, row count) for every block of every piece, the parts in
-// parallel (a part's blocks on one thread, in order).
-template <typename Body>
-void for_each_block(const Work& work, const RowGroups& groups, int64_t block_rows, const Body& body) {
-  const int64_t parts = static_cast<int64_t>(work.part_starts.size()) - 1;
-  at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: see the kernels' own guard
-    for (int64_t part = part_begin; part < part_end; ++part) {
-      for (int64_t index = work.part_starts[part]; index < work.part_starts[part + 1]; ++index) {
-        const Piece& piece = work.pieces[index];
-        for (int64_t position = piece.begin; position < piece.end; position += block_rows) {
-          body(part, index, groups.rows.data() + position, std::min(block_rows, piece.end - position));
-        }
-      }
-    }
-  });
-}
-
 // The hash dropout of one adapter's rows (see lowrank/ops/hash_dropout.py).
 struct RowDropout {
   int64_t seed;
@@ -198,21 +180,73 @@ void fill_unadapted_rows(const RowGroups& groups, const Tensor& fill, Tensor& ds
   const int64_t L = dst.size(1);
   const scalar_t* fill_data = fill.const_data_ptr<scalar_t>();
   scalar_t* data = dst.data_ptr<scalar_t>();
-  at::parallel_for(0, groups.begin(0), std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(L, 1)),
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t position = begin; position < end; ++position) {
-                       std::memcpy(data + groups.rows[position] * L, fill_data, L * sizeof(scalar_t));
-                     }
-                   });
+  at::parallel_for(0, groups.begin(0), rows_in(kParallelGrainElements, L), [&](int64_t begin, int64_t end) {
+    for (int64_t position = begin; position < end; ++position) {
+      std::memcpy(data + groups.rows[position] * L, fill_data, L * sizeof(scalar_t));
+    }
+  });
 }
 
-std::optional<RowDropout> dropout_of(const std::vector<AdapterDropout>& dropouts, int64_t adapter, int64_t seed) {
-  return dropouts[adapter].active ? std::optional<RowDropout>(RowDropout{seed, dropouts[adapter]}) : std::nullopt;
+// values as an [n, 1, 1] float64 tensor: one factor per adapter for a stack of n matrices.
+Tensor per_adapter_factors(at::ArrayRef<double> values) {
+  return at::tensor(std::vector<double>(values.begin(), values.end()), at::kDouble)
+      .view({static_cast<int64_t>(values.size()), 1, 1});
 }
 
-int64_t seed_value(at::ArrayRef<double> dropout_p, const std::optional<Tensor>& seed) {
-  return any_dropout(dropout_p) ? seed->item<int64_t>() : 0;
-}
+// One call's rows grouped by adapter and split into pieces, its sizes and each adapter's dropout:
+// what all its blocks share.
+struct Blocks {
+  RowGroups groups;
+  Work work;
+  MultiLoraSizes n;
+  std::vector<AdapterDropout> dropouts;
+  int64_t seed;
+
+  Blocks(const char* op, const Tensor& adapter_index, const MultiLoraSizes& sizes, at::ArrayRef<double> dropout_p,
+         const std::optional<Tensor>& seed_tensor)
+      : groups(group_rows(adapter_index, sizes.n, op)),
+        work(split_work(groups, sizes.n)),
+        n(sizes),
+        dropouts(adapter_dropouts(dropout_p)),
+        seed(any_dropout(dropout_p) ? seed_tensor->item<int64_t>() : 0) {}
+
+  // The hash dropout of an adapter's rows; none at p = 0.
+  std::optional<RowDropout> dropout_of(int64_t adapter) const {
+    return dropouts[adapter].active ? std::optional<RowDropout>(RowDropout{seed, dropouts[adapter]}) : std::nullopt;
+  }
+
+  // Per part, a [rows, c] buffer for each c of cols: buffers[part][i] has cols[i] columns. A
+  // part's blocks run in order on one thread and reuse its buffers.
+  std::vector<std::vector<Tensor>> part_buffers(int64_t rows, std::initializer_list<int64_t> cols,
+                                                const at::TensorOptions& options) const {
+    std::vector<std::vector<Tensor>> buffers(work.part_starts.size() - 1);
+    for (std::vector<Tensor>& part : buffers) {
+      for (const int64_t width : cols) {
+        part.push_back(at::empty({rows, width}, options));
+      }
+    }
+    return buffers;
+  }
+
+  // Calls body(part, piece index, adapter, rows, row count) for every block of block_rows rows
+  // of every piece, the parts in parallel (a part's blocks on one thread, in order).
+  template <typename Body>
+  void for_each(int64_t block_rows, const Body& body) const {
+    const int64_t parts = static_cast<int64_t>(work.part_starts.size()) - 1;
+    at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: see the kernels' own guard
+      for (int64_t part = part_begin; part < part_end; ++part) {
+        for (int64_t index = work.part_starts[part]; index < work.part_starts[part + 1]; ++index) {
+          const Piece& piece = work.pieces[index];
+          for (int64_t position = piece.begin; position < piece.end; position += block_rows) {
+            body(part, index, piece.adapter, groups.rows.data() + position,
+                 std::min(block_rows, piece.end - position));
+          }
+        }
+      }
+    });
+  }
+};
 
 bool skinny_path(const Tensor& x) { return x.scalar_type() == at::kFloat && cpu::skinny_kernels_available(); }
 
@@ -221,7 +255,7 @@ bool unit_columns(const Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1; 
 
 // The block's rows of src for the skinny kernels: read in place, or gathered into buffer (a
 // [rows, cols] part buffer) where dropout applies or src's columns are strided.
-cpu::RowSet<const float> skinny_operand(const Tensor& src, const int64_t* rows, int64_t m, Tensor& buffer,
+cpu::RowSet<const float> skinny_operand(const Tensor& src, const int64_t* rows, int64_t m, const Tensor& buffer,
                                         const std::optional<RowDropout>& dropout) {
   if (!dropout.has_value() && unit_columns(src)) {
     return {src.const_data_ptr<float>(), src.stride(0), rows};
@@ -230,92 +264,90 @@ cpu::RowSet<const float> skinny_operand(const Tensor& src, const int64_t* rows, 
   return {buffer.const_data_ptr<float>(), src.size(1)};
 }
 
-// One [rows, cols] buffer per part: a part's blocks run in order on one thread and reuse it.
-std::vector<Tensor> part_buffers(const Work& work, int64_t rows, int64_t cols, const at::TensorOptions& options) {
-  std::vector<Tensor> buffers;
-  for (size_t part = 0; part + 1 < work.part_starts.size(); ++part) {
-    buffers.push_back(at::empty({rows, cols}, options));
-  }
-  return buffers;
-}
+// The forward's operands, per adapter Aᵀ [K, r] and s·Bᵀ [r, N] (the scaling on the small
+// factor) in the skinny kernels' layouts (fine for ATen too), and its outputs.
+struct ForwardOperands {
+  const Tensor& x;
+  const Tensor& bias_row;
+  const Tensor& lora_A_t;
+  const Tensor& scaled_lora_B_t;
+  Tensor& y;
+  Tensor& xa;
+};
 
 // fp32: x's rows are read in place (gathered only for dropout or strided columns), y's rows
 // written in place; only xa goes through a block buffer.
-void forward_blocks_skinny(const Tensor& x, const Tensor& bias_row, const Tensor& lora_A_t, const Tensor& lora_B_t,
-                           at::ArrayRef<double> scaling, const std::vector<AdapterDropout>& dropouts, int64_t seed,
-                           const RowGroups& groups, const Work& work, const MultiLoraSizes& n, Tensor& y,
-                           Tensor& xa) {
-  std::vector<Tensor> x_blocks = part_buffers(work, kSkinnyBlockRows, n.K, x.options());
-  std::vector<Tensor> xa_blocks = part_buffers(work, kSkinnyBlockRows, n.r, x.options());
-  const float* a_t = lora_A_t.const_data_ptr<float>();  // [n, K, r]
-  const float* b_t = lora_B_t.const_data_ptr<float>();  // [n, r, N]
-  float* y_data = y.data_ptr<float>();
-  for_each_block(work, groups, kSkinnyBlockRows, [&](int64_t part, int64_t piece, const int64_t* rows, int64_t m) {
-    const int64_t adapter = work.pieces[piece].adapter;
+void forward_blocks_skinny(const ForwardOperands& op, const Blocks& blocks) {
+  const MultiLoraSizes& n = blocks.n;
+  const float* a_t = op.lora_A_t.const_data_ptr<float>();         // [n, K, r]
+  const float* b_t = op.scaled_lora_B_t.const_data_ptr<float>();  // [n, r, N]
+  float* y_data = op.y.data_ptr<float>();
+  const auto buffers = blocks.part_buffers(kSkinnyBlockRows, {n.K, n.r}, op.x.options());  // x, xa
+  blocks.for_each(kSkinnyBlockRows, [&](int64_t part, int64_t, int64_t adapter, const int64_t* rows, int64_t m) {
     const cpu::RowSet<const float> x_rows =
-        skinny_operand(x, rows, m, x_blocks[part], dropout_of(dropouts, adapter, seed));
-    float* xa_block = xa_blocks[part].data_ptr<float>();
+        skinny_operand(op.x, rows, m, buffers[part][0], blocks.dropout_of(adapter));
+    float* xa_block = buffers[part][1].data_ptr<float>();
     cpu::rows_times_skinny(x_rows, m, n.K, a_t + adapter * n.K * n.r, n.r, xa_block, n.r);
-    cpu::add_skinny_times_rows(bias_row.const_data_ptr<float>(), 0, xa_block, b_t + adapter * n.r * n.N, m, n.N, n.r,
-                               static_cast<float>(scaling[adapter]), {y_data, n.N, rows});
-    scatter_rows<float>(xa_block, m, rows, xa);
+    cpu::add_skinny_times_rows(op.bias_row.const_data_ptr<float>(), 0, xa_block, b_t + adapter * n.r * n.N, m, n.N,
+                               n.r, 1.0f, {y_data, n.N, rows});
+    scatter_rows<float>(xa_block, m, rows, op.xa);
   });
 }
 
 // Other dtypes (or no AVX-512): blocks gathered into buffers and multiplied by ATen.
 template <typename scalar_t>
-void forward_blocks_aten(const Tensor& x, const Tensor& bias_row, const Tensor& lora_A_t, const Tensor& lora_B_t,
-                         at::ArrayRef<double> scaling, const std::vector<AdapterDropout>& dropouts, int64_t seed,
-                         const RowGroups& groups, const Work& work, const MultiLoraSizes& n, Tensor& y, Tensor& xa) {
-  std::vector<Tensor> x_blocks = part_buffers(work, kAtenBlockRows, n.K, x.options());
-  std::vector<Tensor> xa_blocks = part_buffers(work, kAtenBlockRows, n.r, x.options());
-  std::vector<Tensor> y_blocks = part_buffers(work, kAtenBlockRows, n.N, x.options());
-  for_each_block(work, groups, kAtenBlockRows, [&](int64_t part, int64_t piece, const int64_t* rows, int64_t m) {
-    const int64_t adapter = work.pieces[piece].adapter;
-    Tensor x_block = x_blocks[part].narrow(0, 0, m), xa_block = xa_blocks[part].narrow(0, 0, m);
-    Tensor y_block = y_blocks[part].narrow(0, 0, m);
-    gather_rows<scalar_t>(x, rows, m, x_block.data_ptr<scalar_t>(), dropout_of(dropouts, adapter, seed));
-    at::mm_out(xa_block, x_block, lora_A_t[adapter]);
-    at::addmm_out(y_block, bias_row, xa_block, lora_B_t[adapter], 1.0, scaling[adapter]);
-    scatter_rows<scalar_t>(xa_block.const_data_ptr<scalar_t>(), m, rows, xa);
-    scatter_rows<scalar_t>(y_block.const_data_ptr<scalar_t>(), m, rows, y);
+void forward_blocks_aten(const ForwardOperands& op, const Blocks& blocks) {
+  const MultiLoraSizes& n = blocks.n;
+  const auto buffers = blocks.part_buffers(kAtenBlockRows, {n.K, n.r, n.N}, op.x.options());  // x, xa, y
+  blocks.for_each(kAtenBlockRows, [&](int64_t part, int64_t, int64_t adapter, const int64_t* rows, int64_t m) {
+    Tensor x_block = buffers[part][0].narrow(0, 0, m), xa_block = buffers[part][1].narrow(0, 0, m);
+    Tensor y_block = buffers[part][2].narrow(0, 0, m);
+    gather_rows<scalar_t>(op.x, rows, m, x_block.data_ptr<scalar_t>(), blocks.dropout_of(adapter));
+    at::mm_out(xa_block, x_block, op.lora_A_t[adapter]);
+    at::addmm_out(y_block, op.bias_row, xa_block, op.scaled_lora_B_t[adapter]);
+    scatter_rows<scalar_t>(xa_block.const_data_ptr<scalar_t>(), m, rows, op.xa);
+    scatter_rows<scalar_t>(y_block.const_data_ptr<scalar_t>(), m, rows, op.y);
   });
 }
 
-std::tuple<Tensor, Tensor> multi_lora_linear_forward_cpu(const Tensor& x, const Tensor& weight,
-                                                         const std::optional<Tensor>& bias,
-                                                         const Tensor& adapter_index, const Tensor& lora_A,
-                                                         const Tensor& lora_B, at::ArrayRef<double> scaling,
-                                                         at::ArrayRef<double> dropout_p,
-                                                         const std::optional<Tensor>& seed) {
-  const MultiLoraSizes n = check_multi_forward_inputs(kForwardOp, c10::DeviceType::CPU, x, weight, bias,
-                                                      adapter_index, lora_A, lora_B, scaling, dropout_p, seed);
+std::tuple<Tensor, Tensor> multi_lora_linear_forward_cpu(
+    const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& adapter_index,
+    const Tensor& lora_A, const Tensor& lora_B, at::ArrayRef<double> scaling, at::ArrayRef<double> dropout_p,
+    const std::optional<Tensor>& seed) {
   // The custom op owns autograd: no graph for the ATen calls here (out= calls refuse inputs that require grad).
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const RowGroups groups = group_rows(adapter_index, n.n, kForwardOp);
-  const Work work = split_work(groups, n.n);
-  const Tensor bias_row = bias.has_value() && bias->defined() ? bias->contiguous() : at::zeros({n.N}, x.options());
-  // Per adapter Aᵀ [K, r] and Bᵀ [r, N]: the skinny kernels' operand layouts (and fine for ATen).
-  const Tensor lora_A_t = lora_A.transpose(1, 2).contiguous(), lora_B_t = lora_B.transpose(1, 2).contiguous();
-  const std::vector<AdapterDropout> dropouts = adapter_dropouts(dropout_p);
-  const int64_t seed_int = seed_value(dropout_p, seed);
+  const MultiLoraSizes n = check_multi_forward_inputs(c10::DeviceType::CPU, x, weight, bias, adapter_index, lora_A,
+                                                      lora_B, scaling, dropout_p, seed);
+  const Blocks blocks(kMultiLoraLinearOps.forward, adapter_index, n, dropout_p, seed);
+  const Tensor bias_row = is_given(bias) ? bias->contiguous() : at::zeros({n.N}, x.options());
+  const Tensor lora_A_t = lora_A.transpose(1, 2).contiguous();
+  Tensor scaled_lora_B_t = at::empty({n.n, n.r, n.N}, x.options());
+  at::mul_out(scaled_lora_B_t, lora_B.transpose(1, 2), per_adapter_factors(scaling));
   Tensor y = at::empty({n.M, n.N}, x.options());
   Tensor xa = at::zeros({n.M, n.r}, x.options());
+  const ForwardOperands operands{x, bias_row, lora_A_t, scaled_lora_B_t, y, xa};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lowrank_multi_lora_forward", [&] {
     if (skinny_path(x)) {
-      forward_blocks_skinny(x, bias_row, lora_A_t, lora_B_t, scaling, dropouts, seed_int, groups, work, n, y, xa);
+      forward_blocks_skinny(operands, blocks);
     } else {
-      forward_blocks_aten<scalar_t>(x, bias_row, lora_A_t, lora_B_t, scaling, dropouts, seed_int, groups, work, n, y,
-                                    xa);
+      forward_blocks_aten<scalar_t>(operands, blocks);
     }
-    fill_unadapted_rows<scalar_t>(groups, bias_row, y);
+    fill_unadapted_rows<scalar_t>(blocks.groups, bias_row, y);
   });
   y.addmm_(x, weight.t());
   return {std::move(y), std::move(xa)};
 }
 
-// Where each backward block puts its products: dA and dBᵀ of its piece, and dx (if needed).
-struct BackwardTargets {
+// The backward's operands, per adapter A [r, K] and B [N, r] in the skinny kernels' layouts
+// (fine for ATen too), and where its blocks put their products: dA and dBᵀ of each piece, and dx
+// if it is needed.
+struct BackwardOperands {
+  const Tensor& grad_y;
+  const Tensor& x;
+  const Tensor& xa;
+  const Tensor& lora_A_rows;
+  const Tensor& lora_B_rows;
+  at::ArrayRef<double> scaling;
   Tensor& dA_pieces;   // [pieces, r, K]
   Tensor& dBt_pieces;  // [pieces, r, N]
   std::optional<Tensor>& dx;
@@ -323,76 +355,65 @@ struct BackwardTargets {
 
 // fp32: dy, x and xa rows read in place (x gathered for dropout), dx rows written in place
 // without dropout; dyB goes through a block buffer.
-void backward_blocks_skinny(const Tensor& grad_y, const Tensor& x, const Tensor& xa, const Tensor& lora_A_rows,
-                            const Tensor& lora_B_rows, at::ArrayRef<double> scaling,
-                            const std::vector<AdapterDropout>& dropouts, int64_t seed, const RowGroups& groups,
-                            const Work& work, const MultiLoraSizes& n, BackwardTargets targets) {
-  std::vector<Tensor> dy_blocks = part_buffers(work, kSkinnyBlockRows, n.N, x.options());
-  std::vector<Tensor> x_blocks = part_buffers(work, kSkinnyBlockRows, n.K, x.options());
-  std::vector<Tensor> dyB_blocks = part_buffers(work, kSkinnyBlockRows, n.r, x.options());
-  std::vector<Tensor> dx_blocks = part_buffers(work, kSkinnyBlockRows, n.K, x.options());
-  const Tensor zero_row = at::zeros({n.K}, x.options());
-  const float* a_rows = lora_A_rows.const_data_ptr<float>();  // [n, r, K]
-  const float* b_rows = lora_B_rows.const_data_ptr<float>();  // [n, N, r]
-  float* dA_data = targets.dA_pieces.data_ptr<float>();
-  float* dBt_data = targets.dBt_pieces.data_ptr<float>();
-  for_each_block(work, groups, kSkinnyBlockRows, [&](int64_t part, int64_t piece, const int64_t* rows, int64_t m) {
-    const int64_t adapter = work.pieces[piece].adapter;
-    const std::optional<RowDropout> dropout = dropout_of(dropouts, adapter, seed);
-    const cpu::RowSet<const float> dy_rows = skinny_operand(grad_y, rows, m, dy_blocks[part], std::nullopt);
-    const cpu::RowSet<const float> x_rows = skinny_operand(x, rows, m, x_blocks[part], dropout);
-    float* dyB = dyB_blocks[part].data_ptr<float>();
+void backward_blocks_skinny(const BackwardOperands& op, const Blocks& blocks) {
+  const MultiLoraSizes& n = blocks.n;
+  const Tensor zero_row = at::zeros({n.K}, op.x.options());
+  const float* a_rows = op.lora_A_rows.const_data_ptr<float>();  // [n, r, K]
+  const float* b_rows = op.lora_B_rows.const_data_ptr<float>();  // [n, N, r]
+  float* dA_data = op.dA_pieces.data_ptr<float>();
+  float* dBt_data = op.dBt_pieces.data_ptr<float>();
+  // dy, x, dyB, dx
+  const auto buffers = blocks.part_buffers(kSkinnyBlockRows, {n.N, n.K, n.r, n.K}, op.x.options());
+  blocks.for_each(kSkinnyBlockRows, [&](int64_t part, int64_t piece, int64_t adapter, const int64_t* rows, int64_t m) {
+    const std::optional<RowDropout> dropout = blocks.dropout_of(adapter);
+    const cpu::RowSet<const float> dy_rows = skinny_operand(op.grad_y, rows, m, buffers[part][0], std::nullopt);
+    const cpu::RowSet<const float> x_rows = skinny_operand(op.x, rows, m, buffers[part][1], dropout);
+    float* dyB = buffers[part][2].data_ptr<float>();
     cpu::rows_times_skinny(dy_rows, m, n.N, b_rows + adapter * n.N * n.r, n.r, dyB, n.r);
-    cpu::accumulate_skinny_t_times_rows({xa.const_data_ptr<float>(), n.r, rows}, dy_rows, m, n.N, n.r,
+    cpu::accumulate_skinny_t_times_rows({op.xa.const_data_ptr<float>(), n.r, rows}, dy_rows, m, n.N, n.r,
                                         dBt_data + piece * n.r * n.N);
     cpu::accumulate_skinny_t_times_rows({dyB, n.r}, x_rows, m, n.K, n.r, dA_data + piece * n.r * n.K);
-    if (!targets.dx.has_value()) {
+    if (!op.dx.has_value()) {
       return;
     }
     const float* a = a_rows + adapter * n.r * n.K;
-    const float s = static_cast<float>(scaling[adapter]);
+    const float s = static_cast<float>(op.scaling[adapter]);
     if (dropout.has_value()) {
-      float* buffer = dx_blocks[part].data_ptr<float>();
+      float* buffer = buffers[part][3].data_ptr<float>();
       cpu::add_skinny_times_rows(zero_row.const_data_ptr<float>(), 0, dyB, a, m, n.K, n.r, s, {buffer, n.K});
       drop_in_place<float>(buffer, m, n.K, rows, *dropout);
-      scatter_rows<float>(buffer, m, rows, *targets.dx);
+      scatter_rows<float>(buffer, m, rows, *op.dx);
     } else {
       cpu::add_skinny_times_rows(zero_row.const_data_ptr<float>(), 0, dyB, a, m, n.K, n.r, s,
-                                 {targets.dx->data_ptr<float>(), n.K, rows});
+                                 {op.dx->data_ptr<float>(), n.K, rows});
     }
   });
 }
 
 // Other dtypes (or no AVX-512): blocks gathered into buffers and multiplied by ATen.
 template <typename scalar_t>
-void backward_blocks_aten(const Tensor& grad_y, const Tensor& x, const Tensor& xa, const Tensor& lora_A_rows,
-                          const Tensor& lora_B_rows, at::ArrayRef<double> scaling,
-                          const std::vector<AdapterDropout>& dropouts, int64_t seed, const RowGroups& groups,
-                          const Work& work, const MultiLoraSizes& n, BackwardTargets targets) {
-  std::vector<Tensor> dy_blocks = part_buffers(work, kAtenBlockRows, n.N, x.options());
-  std::vector<Tensor> x_blocks = part_buffers(work, kAtenBlockRows, n.K, x.options());
-  std::vector<Tensor> xa_blocks = part_buffers(work, kAtenBlockRows, n.r, x.options());
-  std::vector<Tensor> dyB_blocks = part_buffers(work, kAtenBlockRows, n.r, x.options());
-  std::vector<Tensor> dx_blocks = part_buffers(work, kAtenBlockRows, n.K, x.options());
-  for_each_block(work, groups, kAtenBlockRows, [&](int64_t part, int64_t piece, const int64_t* rows, int64_t m) {
-    const int64_t adapter = work.pieces[piece].adapter;
-    const std::optional<RowDropout> dropout = dropout_of(dropouts, adapter, seed);
-    Tensor dy_block = dy_blocks[part].narrow(0, 0, m), x_block = x_blocks[part].narrow(0, 0, m);
-    Tensor xa_block = xa_blocks[part].narrow(0, 0, m), dyB_block = dyB_blocks[part].narrow(0, 0, m);
-    gather_rows<scalar_t>(grad_y, rows, m, dy_block.data_ptr<scalar_t>(), std::nullopt);
-    gather_rows<scalar_t>(x, rows, m, x_block.data_ptr<scalar_t>(), dropout);
-    gather_rows<scalar_t>(xa, rows, m, xa_block.data_ptr<scalar_t>(), std::nullopt);
-    at::mm_out(dyB_block, dy_block, lora_B_rows[adapter]);
-    Tensor dBt_piece = targets.dBt_pieces[piece], dA_piece = targets.dA_pieces[piece];
+void backward_blocks_aten(const BackwardOperands& op, const Blocks& blocks) {
+  const MultiLoraSizes& n = blocks.n;
+  // dy, x, xa, dyB, dx
+  const auto buffers = blocks.part_buffers(kAtenBlockRows, {n.N, n.K, n.r, n.r, n.K}, op.x.options());
+  blocks.for_each(kAtenBlockRows, [&](int64_t part, int64_t piece, int64_t adapter, const int64_t* rows, int64_t m) {
+    const std::optional<RowDropout> dropout = blocks.dropout_of(adapter);
+    Tensor dy_block = buffers[part][0].narrow(0, 0, m), x_block = buffers[part][1].narrow(0, 0, m);
+    Tensor xa_block = buffers[part][2].narrow(0, 0, m), dyB_block = buffers[part][3].narrow(0, 0, m);
+    gather_rows<scalar_t>(op.grad_y, rows, m, dy_block.data_ptr<scalar_t>(), std::nullopt);
+    gather_rows<scalar_t>(op.x, rows, m, x_block.data_ptr<scalar_t>(), dropout);
+    gather_rows<scalar_t>(op.xa, rows, m, xa_block.data_ptr<scalar_t>(), std::nullopt);
+    at::mm_out(dyB_block, dy_block, op.lora_B_rows[adapter]);
+    Tensor dBt_piece = op.dBt_pieces[piece], dA_piece = op.dA_pieces[piece];
     accumulate_product(dBt_piece, xa_block.t(), dy_block, 1.0);
     accumulate_product(dA_piece, dyB_block.t(), x_block, 1.0);
-    if (targets.dx.has_value()) {
-      Tensor dx_block = dx_blocks[part].narrow(0, 0, m);
-      at::mm_out(dx_block, dyB_block, lora_A_rows[adapter]).mul_(scaling[adapter]);
+    if (op.dx.has_value()) {
+      Tensor dx_block = buffers[part][4].narrow(0, 0, m);
+      at::mm_out(dx_block, dyB_block, op.lora_A_rows[adapter]).mul_(op.scaling[adapter]);
       if (dropout.has_value()) {
         drop_in_place<scalar_t>(dx_block.data_ptr<scalar_t>(), m, n.K, rows, *dropout);
       }
-      scatter_rows<scalar_t>(dx_block.const_data_ptr<scalar_t>(), m, rows, *targets.dx);
+      scatter_rows<scalar_t>(dx_block.const_data_ptr<scalar_t>(), m, rows, *op.dx);
     }
   });
 }
@@ -403,26 +424,22 @@ Tensor sum_pieces_per_adapter(const Tensor& pieces, const Work& work, at::ArrayR
   for (const Piece& piece : work.pieces) {
     adapters.push_back(piece.adapter);
   }
-  const int64_t n = static_cast<int64_t>(scaling.size());
   std::vector<int64_t> shape(pieces.sizes().begin(), pieces.sizes().end());
-  shape[0] = n;
+  shape[0] = static_cast<int64_t>(scaling.size());
   Tensor sums = at::zeros(shape, pieces.options());
   sums.index_add_(0, at::tensor(adapters, at::kLong), pieces);
-  const Tensor scale = at::tensor(std::vector<double>(scaling.begin(), scaling.end()), at::kDouble);
-  return sums.mul_(scale.to(pieces.scalar_type()).view({n, 1, 1}));
+  return sums.mul_(per_adapter_factors(scaling));
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> multi_lora_linear_backward_cpu(
     const Tensor& grad_y, const Tensor& x, const Tensor& xa, const Tensor& weight, const Tensor& adapter_index,
     const Tensor& lora_A, const Tensor& lora_B, at::ArrayRef<double> scaling, at::ArrayRef<double> dropout_p,
     const std::optional<Tensor>& seed, bool needs_dx, bool needs_dweight, bool needs_dbias) {
-  const MultiLoraSizes n = check_multi_backward_inputs(kBackwardOp, c10::DeviceType::CPU, grad_y, x, xa, weight,
-                                                       adapter_index, lora_A, lora_B, scaling, dropout_p, seed);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const auto not_needed = [&] { return at::empty({0}, x.options()); };
-  const RowGroups groups = group_rows(adapter_index, n.n, kBackwardOp);
-  const Work work = split_work(groups, n.n);
-  const int64_t pieces = static_cast<int64_t>(work.pieces.size());
+  const MultiLoraSizes n = check_multi_backward_inputs(c10::DeviceType::CPU, grad_y, x, xa, weight, adapter_index,
+                                                       lora_A, lora_B, scaling, dropout_p, seed);
+  const Blocks blocks(kMultiLoraLinearOps.backward, adapter_index, n, dropout_p, seed);
+  const int64_t pieces = static_cast<int64_t>(blocks.work.pieces.size());
   const auto accumulate = x.options().dtype(chunk_accumulate_dtype(x.scalar_type()));
   Tensor dA_pieces = at::zeros({pieces, n.r, n.K}, accumulate);
   Tensor dBt_pieces = at::zeros({pieces, n.r, n.N}, accumulate);
@@ -430,39 +447,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> multi_lora_linear_backward_cp
   if (needs_dx) {
     dx = at::empty({n.M, n.K}, x.options());
   }
-  // Per adapter A [r, K] and B [N, r]: the skinny kernels' operand layouts (and fine for ATen).
   const Tensor lora_A_rows = lora_A.contiguous(), lora_B_rows = lora_B.contiguous(), xa_rows = xa.contiguous();
-  const std::vector<AdapterDropout> dropouts = adapter_dropouts(dropout_p);
-  const int64_t seed_int = seed_value(dropout_p, seed);
-  const BackwardTargets targets{dA_pieces, dBt_pieces, dx};
+  const BackwardOperands operands{grad_y, x, xa_rows, lora_A_rows, lora_B_rows, scaling, dA_pieces, dBt_pieces, dx};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lowrank_multi_lora_backward", [&] {
     if (skinny_path(x)) {
-      backward_blocks_skinny(grad_y, x, xa_rows, lora_A_rows, lora_B_rows, scaling, dropouts, seed_int, groups, work,
-                             n, targets);
+      backward_blocks_skinny(operands, blocks);
     } else {
-      backward_blocks_aten<scalar_t>(grad_y, x, xa_rows, lora_A_rows, lora_B_rows, scaling, dropouts, seed_int,
-                                     groups, work, n, targets);
+      backward_blocks_aten<scalar_t>(operands, blocks);
     }
     if (dx.has_value()) {
-      fill_unadapted_rows<scalar_t>(groups, at::zeros({n.K}, x.options()), *dx);
+      fill_unadapted_rows<scalar_t>(blocks.groups, at::zeros({n.K}, x.options()), *dx);
     }
   });
   if (dx.has_value()) {
     dx->addmm_(grad_y, weight);
   }
-  Tensor dA = sum_pieces_per_adapter(dA_pieces, work, scaling).to(x.scalar_type());
-  Tensor dB = sum_pieces_per_adapter(dBt_pieces, work, scaling).transpose(1, 2).contiguous().to(x.scalar_type());
-  Tensor dweight = needs_dweight ? at::mm(grad_y.t(), x) : not_needed();
-  Tensor dbias = needs_dbias ? grad_y.sum(0) : not_needed();
-  return {dx.has_value() ? std::move(*dx) : not_needed(), std::move(dweight), std::move(dbias), std::move(dA),
+  Tensor dA = sum_pieces_per_adapter(dA_pieces, blocks.work, scaling).to(x.scalar_type());
+  Tensor dB = sum_pieces_per_adapter(dBt_pieces, blocks.work, scaling).transpose(1, 2).contiguous().to(x.scalar_type());
+  auto [dweight, dbias] = linear_weight_bias_grads(grad_y, x, needs_dweight, needs_dbias);
+  return {dx.has_value() ? std::move(*dx) : skipped_grad(x), std::move(dweight), std::move(dbias), std::move(dA),
           std::move(dB)};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
-  m.impl("multi_lora_linear_forward_native", &multi_lora_linear_forward_cpu);
-  m.impl("multi_lora_linear_backward_native", &multi_lora_linear_backward_cpu);
+  impl_forward_backward(m, kMultiLoraLinearOps, &multi_lora_linear_forward_cpu, &multi_lora_linear_backward_cpu);
 }
 
 }  // namespace lowrank

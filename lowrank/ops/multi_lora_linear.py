@@ -27,9 +27,11 @@ so opcheck and torch.compile(fullgraph=True) work). Its backends implement:
     dA[a]  = s[a]·Σ_{i of a} dyB[i]ᵀ·(D_i⊙x[i])     dB[a] = s[a]·Σ_{i of a} dy[i]ᵀ·xa[i]
     dW = dyᵀ·x     db = Σ_rows dy
 
-Only x, xa and the index are saved; the dropout mask is rebuilt from `seed`. Each backend groups
-the rows by adapter (a stable sort) in forward and again in backward: O(M) beside the O(M·K)
-products. An adapter without rows gets zero gradients.
+Only x, xa and the index are saved; the dropout mask is rebuilt from `seed`. Each scaling
+multiplies a small factor, never a GEMM's alpha, so a NaN in an adapter's A or B reaches that
+adapter's rows at scaling 0 too, and no other rows (docs/multi-lora.md: NaN and inf). Each
+backend groups the rows by adapter (a stable sort) in forward and again in backward: O(M)
+beside the O(M·K) products. An adapter without rows gets zero gradients.
   torch   a loop over the adapters' row segments (index_select / index_add_); one host sync for
           the segment bounds
   cpu     counting sort; each segment in blocks gathered into cache and multiplied by AVX-512
@@ -37,9 +39,10 @@ products. An adapter without rows gets zero gradients.
           into y and dx first, and MKL's GEMM accumulates the base product into them (beta = 1)
   triton  sorted rows: tiles of the base GEMM hold one or a few adapters, whose low-rank term
           seeds the accumulator; dA and dB are segmented reductions; no host sync
-  cuda    ATen/cuBLAS in the binding, no custom GEMM kernel: dense products over all n·r ranks
-          with the rows' ranks placed in their adapter's block (cost grows with n·r), small
-          elementwise kernels for the per-row dropout mask; no host sync
+  cuda    ATen/cuBLAS in the binding, no custom GEMM kernel: the rank-r reductions as dense
+          products over all n·r ranks, each row keeping its adapter's block (cost grows with
+          n·r); the products back to y's and dx's width and the per-row dropout mask in small
+          kernels that read each row's own adapter; no host sync
 Index values are checked inside the op: on CPU exactly (ValueError naming the first bad row); on
 CUDA by an asynchronous device assert (no host sync), with out-of-range rows treated as -1 until
 it fires, so nothing is ever read out of bounds.
@@ -55,9 +58,8 @@ import torch
 from torch import Tensor
 
 from lowrank import _backends, autotune
-from lowrank.ops import hash_dropout
+from lowrank.ops import _dispatch, hash_dropout
 from lowrank.ops._common import autocast_inputs
-from lowrank.ops._dispatch import OpBackends, empty_if_skipped, native_op, none_if_skipped, register_native_fakes
 
 PerAdapter = Union[float, Sequence[float]]
 
@@ -84,17 +86,19 @@ def multi_lora_linear_reference(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], adapter_index: Tensor, lora_A: Tensor, lora_B: Tensor,
     scaling: PerAdapter, dropout_p: PerAdapter = 0.0, seed: Optional[Tensor] = None,
 ) -> Tensor:
-    """Plain autograd formula, the oracle for tests: every adapter's term over all rows, kept
-    where the row is that adapter's (any leading dims)."""
+    """Plain autograd formula, the oracle for tests: each adapter's term taken on its own rows
+    and added at them, so nothing of an adapter (a NaN included) reaches another's rows, not
+    even through the gradients (any leading dims)."""
     count = lora_A.shape[0]
     scalings, rates = _per_adapter("scaling", scaling, count), _per_adapter("dropout_p", dropout_p, count)
     x2d = x.reshape(-1, x.shape[-1])
-    rows_of = adapter_index.reshape(-1, 1)
+    index = adapter_index.reshape(-1)
     y = torch.nn.functional.linear(x2d, weight, bias)
     for adapter in range(count):
+        rows = (index == adapter).nonzero().squeeze(1)
         x_lora = hash_dropout.apply(x2d, seed, rates[adapter]) if rates[adapter] > 0.0 else x2d
-        term = scalings[adapter] * ((x_lora @ lora_A[adapter].t()) @ lora_B[adapter].t())
-        y = y + torch.where(rows_of == adapter, term, torch.zeros_like(term))
+        term = scalings[adapter] * ((x_lora[rows] @ lora_A[adapter].t()) @ lora_B[adapter].t())
+        y = y.index_add(0, rows, term)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -138,8 +142,7 @@ def _dropped(values: Tensor, rows: Tensor, seed: Optional[Tensor], p: float) -> 
     """D⊙values for the given rows of the batch (values: [len(rows), cols])."""
     if p == 0.0:
         return values
-    keep = hash_dropout.keep_mask_of_rows(seed, rows, values.shape[1], p)
-    return torch.where(keep, values * (1.0 / (1.0 - p)), torch.zeros((), dtype=values.dtype, device=values.device))
+    return hash_dropout.apply_mask(values, hash_dropout.keep_mask_of_rows(seed, rows, values.shape[1], p), p)
 
 
 def _torch_forward(x, weight, bias, adapter_index, lora_A, lora_B, scaling, dropout_p, seed):
@@ -148,7 +151,8 @@ def _torch_forward(x, weight, bias, adapter_index, lora_A, lora_B, scaling, drop
     for adapter, rows in _segments(adapter_index, lora_A.shape[0]):
         xa_rows = _dropped(x.index_select(0, rows), rows, seed, dropout_p[adapter]) @ lora_A[adapter].t()
         xa.index_copy_(0, rows, xa_rows)
-        y.index_add_(0, rows, xa_rows @ lora_B[adapter].t(), alpha=scaling[adapter])
+        # s scales the small factor, never an alpha: one may skip the product at 0, hiding a NaN in B.
+        y.index_add_(0, rows, (xa_rows * scaling[adapter]) @ lora_B[adapter].t())
     return y, xa
 
 
@@ -161,20 +165,20 @@ def _torch_backward(
     for adapter, rows in _segments(adapter_index, lora_A.shape[0]):
         s, p = scaling[adapter], dropout_p[adapter]
         dy_rows = grad_y.index_select(0, rows)
-        dyB = dy_rows @ lora_B[adapter]
-        dA[adapter] = (dyB.t() @ _dropped(x.index_select(0, rows), rows, seed, p)).mul_(s)
+        dyB_s = (dy_rows @ lora_B[adapter]).mul_(s)  # s on the small factor (see _torch_forward)
+        dA[adapter] = dyB_s.t() @ _dropped(x.index_select(0, rows), rows, seed, p)
         dB[adapter] = (dy_rows.t() @ xa.index_select(0, rows)).mul_(s)
         if needs_dx:
-            dx.index_add_(0, rows, _dropped(dyB @ lora_A[adapter], rows, seed, p), alpha=s)
+            dx.index_add_(0, rows, _dropped(dyB_s @ lora_A[adapter], rows, seed, p))
     dW = grad_y.t() @ x if needs_dweight else None
     db = grad_y.sum(0) if needs_dbias else None
     return dx, dW, db, dA, dB
 
 
-_BACKENDS = OpBackends(
+_BACKENDS = _dispatch.OpBackends(
     torch=dict(forward=_torch_forward, backward=_torch_backward),
-    native=dict(forward=native_op("multi_lora_linear_forward_native"),
-                backward=native_op("multi_lora_linear_backward_native")),
+    native=dict(forward=_dispatch.native_op("multi_lora_linear_forward_native"),
+                backward=_dispatch.native_op("multi_lora_linear_backward_native")),
     triton_module="lowrank.kernels.multi_lora_linear",
 )
 
@@ -189,7 +193,7 @@ def _implementation_for(backend: str, x: Tensor, weight: Tensor, lora_A: Tensor,
     def make(*shape):
         return torch.randn(*shape, device=x.device, dtype=x.dtype)
 
-    def measure(name: str) -> float:
+    def step_for(name: str):
         implementation = _BACKENDS.implementation(name)
         x_, weight_, bias_, A_, B_, grad_y = (
             make(rows, K), make(N, K), make(N), make(count, r, K), make(count, N, r), make(rows, N))
@@ -202,93 +206,54 @@ def _implementation_for(backend: str, x: Tensor, weight: Tensor, lora_A: Tensor,
             implementation.backward(grad_y, x_, xa, weight_, index, A_, B_, scaling, dropout_p, seed, True, False,
                                     False)
 
-        return autotune.time_call(step, x.device)
+        return step
 
-    key = ("multi_lora_linear", str(x.device), x.dtype, rows, K, N, r, count, dropout)
-    return _BACKENDS.choose(backend, key, x.device, measure)
+    key = ("multi_lora_linear", str(x.device), str(x.dtype), rows, K, N, r, count, dropout)
+    return _BACKENDS.choose(backend, key, x.device, step_for)
 
 
 # ---------------------------------------------------------------- custom op
 
 
+# Every custom op takes `backend` last, so one fake serves it and its C++ op (register_fakes).
+
+
 @torch.library.custom_op("lowrank::multi_lora_linear", mutates_args=())
 def _multi_lora_linear_op(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    adapter_index: Tensor,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scaling: list[float],
-    dropout_p: list[float],
-    seed: Optional[Tensor],
-    backend: str,
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], adapter_index: Tensor, lora_A: Tensor, lora_B: Tensor,
+    scaling: list[float], dropout_p: list[float], seed: Optional[Tensor], backend: str,
 ) -> tuple[Tensor, Tensor]:
-    implementation = _implementation_for(backend, x, weight, lora_A, dropout_p)
-    y, xa = implementation.forward(x, weight, bias, adapter_index, lora_A, lora_B, scaling, dropout_p, seed)
-    return y, xa
+    return _implementation_for(backend, x, weight, lora_A, dropout_p).forward(
+        x, weight, bias, adapter_index, lora_A, lora_B, scaling, dropout_p, seed
+    )
 
 
 def _forward_fake(x, weight, bias, adapter_index, lora_A, lora_B, scaling, dropout_p, seed):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[1])
 
 
-@_multi_lora_linear_op.register_fake
-def _(x, weight, bias, adapter_index, lora_A, lora_B, scaling, dropout_p, seed, backend):
-    return _forward_fake(x, weight, bias, adapter_index, lora_A, lora_B, scaling, dropout_p, seed)
+_dispatch.register_fakes(_multi_lora_linear_op, _forward_fake, "multi_lora_linear_forward_native")
 
 
 @torch.library.custom_op("lowrank::multi_lora_linear_backward", mutates_args=())
 def _multi_lora_linear_backward_op(
-    grad_y: Tensor,
-    x: Tensor,
-    xa: Tensor,
-    weight: Tensor,
-    adapter_index: Tensor,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scaling: list[float],
-    dropout_p: list[float],
-    seed: Optional[Tensor],
-    backend: str,
-    needs_dx: bool,
-    needs_dweight: bool,
-    needs_dbias: bool,
+    grad_y: Tensor, x: Tensor, xa: Tensor, weight: Tensor, adapter_index: Tensor, lora_A: Tensor, lora_B: Tensor,
+    scaling: list[float], dropout_p: list[float], seed: Optional[Tensor], needs_dx: bool, needs_dweight: bool,
+    needs_dbias: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = _implementation_for(backend, x, weight, lora_A, dropout_p).backward(
         grad_y, x, xa, weight, adapter_index, lora_A, lora_B, scaling, dropout_p, seed, needs_dx, needs_dweight,
         needs_dbias,
     )
-    return empty_if_skipped(grads, (needs_dx, needs_dweight, needs_dbias, True, True), grad_y)
+    return _dispatch.empty_if_skipped(grads, (needs_dx, needs_dweight, needs_dbias, True, True), grad_y)
 
 
-def _backward_fake(
-    grad_y, x, xa, weight, adapter_index, lora_A, lora_B, scaling, dropout_p, seed, needs_dx, needs_dweight,
-    needs_dbias,
-):
-    def grad_like(t, need):
-        return t.new_empty(t.shape) if need else grad_y.new_empty(0)
-
-    return (
-        grad_like(x, needs_dx),
-        grad_like(weight, needs_dweight),
-        grad_y.new_empty(weight.shape[0]) if needs_dbias else grad_y.new_empty(0),
-        lora_A.new_empty(lora_A.shape),
-        lora_B.new_empty(lora_B.shape),
-    )
+def _backward_fake(grad_y, x, xa, weight, adapter_index, lora_A, lora_B, scaling, dropout_p, seed, *needed):
+    shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape)
+    return _dispatch.fake_gradients(grad_y, shapes, (*needed, True, True))  # dA and dB are always computed
 
 
-@_multi_lora_linear_backward_op.register_fake
-def _(grad_y, x, xa, weight, adapter_index, lora_A, lora_B, scaling, dropout_p, seed, backend, needs_dx,
-      needs_dweight, needs_dbias):
-    return _backward_fake(grad_y, x, xa, weight, adapter_index, lora_A, lora_B, scaling, dropout_p, seed, needs_dx,
-                          needs_dweight, needs_dbias)
-
-
-register_native_fakes({
-    "multi_lora_linear_forward_native": _forward_fake,
-    "multi_lora_linear_backward_native": _backward_fake,
-})
+_dispatch.register_fakes(_multi_lora_linear_backward_op, _backward_fake, "multi_lora_linear_backward_native")
 
 
 def _setup_context(ctx, inputs, output):
@@ -305,11 +270,11 @@ def _backward(ctx, grad_y, _grad_xa):
     scaling, dropout_p, backend = ctx.hyper
     needs = ctx.needs_input_grad
     needs_dbias = ctx.has_bias and needs[2]
-    dx, dW, db, dA, dB = none_if_skipped(
-        _multi_lora_linear_backward_op(grad_y, x, xa, weight, adapter_index, lora_A, lora_B, scaling, dropout_p,
-                                       seed, backend, needs[0], needs[1], needs_dbias),
-        (needs[0], needs[1], needs_dbias, needs[4], needs[5]),
+    grads = _multi_lora_linear_backward_op(
+        grad_y, x, xa, weight, adapter_index, lora_A, lora_B, scaling, dropout_p, seed, needs[0], needs[1],
+        needs_dbias, backend,
     )
+    dx, dW, db, dA, dB = _dispatch.none_if_skipped(grads, (needs[0], needs[1], needs_dbias, needs[4], needs[5]))
     return dx, dW, db, None, dA, dB, None, None, None, None
 
 
@@ -341,6 +306,10 @@ def _check_inputs(x, weight, bias, adapter_index, lora_A, lora_B, scaling, dropo
             )
     in_features, out_features = x.shape[-1], weight.shape[0]
     count, r = lora_A.shape[:2]
+    if in_features == 0:
+        raise ValueError(
+            f"multi_lora_linear: x has 0 input features (shape {tuple(x.shape)}); in_features must be >= 1"
+        )
     if weight.shape[1] != in_features:
         raise ValueError(
             f"multi_lora_linear: x has {in_features} input features (shape {tuple(x.shape)}) but weight expects "
@@ -389,7 +358,7 @@ def multi_lora_linear(
     """
     x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
     scalings, rates = _check_inputs(x, weight, bias, adapter_index, lora_A, lora_B, scaling, dropout_p)
-    backend = _backends.resolve(backend, x.device)
+    backend = _backends.resolve(backend, x.device, "multi_lora_linear")
     lead_shape, x2d = x.shape[:-1], x.reshape(-1, x.shape[-1])
     seed = torch.randint(0, 2**31 - 1, (), device=x.device) if any(p > 0.0 for p in rates) else None
     y, _ = _multi_lora_linear_op(x2d, weight, bias, adapter_index.reshape(-1), lora_A, lora_B, scalings, rates, seed,

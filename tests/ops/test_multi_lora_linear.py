@@ -24,6 +24,13 @@ SHAPES = [
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
+def assert_close(ours, ref, dtype):
+    tol = TOLERANCE[dtype]
+    scale = max(ref.abs().max().item(), 1.0) if ref.numel() else 1.0
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol * scale)
+
+
 def make_inputs(lead, K, N, r, count, dtype, bias=True, weight_grad=True, seed=0):
     """(x, weight, bias, lora_A, lora_B) requiring grad, and an index that leaves the last adapter
     without rows and gives some rows no adapter (-1)."""
@@ -67,21 +74,13 @@ def run_and_reference(backend, inputs, index, scaling, dropout_p=0.0, grad_y=Non
     return (y, grads_of(y, inputs, grad_y.to(y.dtype))), (y_ref, grads_of(y_ref, ref_inputs, grad_y))
 
 
-def assert_close(ours, ref, dtype):
-    tol = TOLERANCE[dtype]
-    scale = max(ref.abs().max().item(), 1.0) if ref.numel() else 1.0
-    assert ours.shape == ref.shape
-    torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol * scale)
-
-
 def check_against_reference(backend, inputs, index, dtype, **kwargs):
+    """The output and every gradient: dtype, shape and values."""
     count = inputs[3].shape[0]
     (y, grads), (y_ref, grads_ref) = run_and_reference(backend, inputs, index, scalings(count), **kwargs)
-    assert y.dtype == dtype
-    assert_close(y, y_ref, dtype)
-    for g, g_ref in zip(grads, grads_ref):
-        assert g.dtype == dtype
-        assert_close(g, g_ref, dtype)
+    for ours, ref in zip((y, *grads), (y_ref, *grads_ref)):
+        assert ours.dtype == dtype
+        assert_close(ours, ref, dtype)
 
 
 @pytest.mark.parametrize("lead,K,N,r,count", SHAPES)
@@ -273,8 +272,8 @@ def test_opcheck(backend, dropout_p):
     grad_y = torch.randn(5, 7, dtype=torch.float64, device=DEVICE)
     _, xa = torch.ops.lowrank.multi_lora_linear(x.detach(), weight.detach(), b.detach(), index, A.detach(),
                                                 B.detach(), scaling, rates_, seed, backend)
-    args = (grad_y, x.detach(), xa, weight.detach(), index, A.detach(), B.detach(), scaling, rates_, seed, backend)
-    torch.library.opcheck(torch.ops.lowrank.multi_lora_linear_backward.default, args + (True, False, True))
+    args = (grad_y, x.detach(), xa, weight.detach(), index, A.detach(), B.detach(), scaling, rates_, seed)
+    torch.library.opcheck(torch.ops.lowrank.multi_lora_linear_backward.default, args + (True, False, True, backend))
 
 
 @pytest.mark.skipif(lowrank._backends.EXTENSION is None, reason="C++ extension not built")
@@ -290,24 +289,14 @@ def test_opcheck_native_ops():
                           (grad_y, x, xa, weight, index, A, B, scaling, rates_, seed, True, True, False))
 
 
-def test_torch_compile_fullgraph(backend):
-    torch._dynamo.reset()
+def test_torch_compile_fullgraph(backend, compiles_like_eager):
     (x, weight, b, A, B), index = make_inputs((2, 5), 8, 6, 4, 3, torch.float64)
 
     def step(x):
         y = multi_lora_linear(x, weight, b, index, A, B, [0.5, 1.0, 1.5], [0.1, 0.0, 0.2], backend=backend)
         return torch.nn.functional.gelu(y).sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    torch.manual_seed(0)
-    loss = compiled(x)
-    grads = torch.autograd.grad(loss, (x, A, B))
-    torch.manual_seed(0)
-    loss_eager = step(x)
-    grads_eager = torch.autograd.grad(loss_eager, (x, A, B))
-    torch.testing.assert_close(loss, loss_eager)
-    for g, g_eager in zip(grads, grads_eager):
-        torch.testing.assert_close(g, g_eager)
+    compiles_like_eager(step, x, (x, A, B))
 
 
 @pytest.mark.skipif(not AVAILABLE["cpu"].available or DEVICE != "cpu", reason="needs the cpu backend and CPU tensors")
@@ -362,16 +351,40 @@ def test_out_of_range_index_is_named(backend, bad_value, row):
         (lambda t: {**t, "s": [1.0, 2.0, 3.0]}, ValueError, r"scaling must hold one number per adapter \(2"),
         (lambda t: {**t, "s": "big"}, ValueError, r"scaling must hold one number per adapter"),
         (lambda t: {**t, "p": [0.1, 1.0]}, ValueError, r"each dropout_p must be in \[0, 1\)"),
+        (lambda t: {**t, "x": t["x"][:, :0], "weight": t["weight"][:, :0], "A": t["A"][:, :, :0]}, ValueError,
+         r"x has 0 input features \(shape \(4, 0\)\); in_features must be >= 1"),
+        (lambda t: {**t, "backend": "nope"}, ValueError, r"multi_lora_linear: backend must be None, 'auto' or one of"),
     ],
 )
 def test_bad_input_is_named(mutate, error, message):
     gen = torch.Generator().manual_seed(0)
     t = {"x": torch.randn(4, 5, generator=gen), "weight": torch.randn(6, 5, generator=gen),
          "b": torch.randn(6, generator=gen), "index": torch.tensor([0, 1, -1, 1]),
-         "A": torch.randn(2, 3, 5, generator=gen), "B": torch.randn(2, 6, 3, generator=gen), "s": 0.5, "p": 0.0}
+         "A": torch.randn(2, 3, 5, generator=gen), "B": torch.randn(2, 6, 3, generator=gen), "s": 0.5, "p": 0.0,
+         "backend": "torch"}
     t = mutate(t)
     with pytest.raises(error, match=message):
-        multi_lora_linear(t["x"], t["weight"], t["b"], t["index"], t["A"], t["B"], t["s"], t["p"], backend="torch")
+        multi_lora_linear(t["x"], t["weight"], t["b"], t["index"], t["A"], t["B"], t["s"], t["p"],
+                          backend=t["backend"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("poisoned", ["lora_A", "lora_B"])
+def test_nan_propagates_at_zero_scaling(backend, dtype, dropout_p, poisoned):
+    """s[a]·(x·A[a]ᵀ)·B[a]ᵀ is NaN where A[a] or B[a] holds a NaN, also at s[a]=0, and on adapter
+    a's rows only: every backend must say so (a GEMM with alpha=s would skip the product and hide
+    it; a product of the zeros of other rows with a's factor would carry it into them). Adapter
+    1 (scaling 0) and adapter 2 (no rows) are poisoned; rows with -1 and adapter 0 are not."""
+    inputs, index = make_inputs((40,), 9, 7, 3, 3, dtype)
+    assert (index == 0).any() and (index == 1).any() and (index == -1).any() and not (index == 2).any()
+    with torch.no_grad():
+        factor = inputs[3 if poisoned == "lora_A" else 4]
+        factor[1, 1, 2] = factor[2, 0, 1] = float("nan")
+    (y, grads), (y_ref, grads_ref) = run_and_reference(backend, inputs, index, [0.5, 0.0, 1.5], dropout_p=dropout_p)
+    assert y_ref[index == 1].isnan().any() and not y_ref[index != 1].isnan().any()
+    for ours, ref in zip((y, *grads), (y_ref, *grads_ref)):
+        assert torch.equal(ours.isnan(), ref.isnan())
 
 
 @pytest.mark.skipif(lowrank._backends.EXTENSION is None, reason="C++ extension not built")
