@@ -95,9 +95,12 @@ class Problem(LayerProblem):
 
 
 def make_problem(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int = 0,
-                 dropout_p: float = 0.0) -> Problem:
+                 dropout_p: float = 0.0, adapters: Optional[int] = None) -> Problem:
+    """adapters: n stacks n adapters' factors, lora_A [n, r, K] and lora_B [n, N, r] (the mixed
+    batches of bench_multi_lora_linear); None: one adapter's."""
     randn = harness.seeded_randn(device, dtype, seed)
     K, N, r = shape.K, shape.N, shape.r
+    stack = () if adapters is None else (adapters,)
     # Scaled so the base and adapter terms are both O(1): the check sees errors in either.
     return Problem(
         shape,
@@ -105,8 +108,8 @@ def make_problem(shape: Shape, device: torch.device, dtype: torch.dtype, seed: i
         dtype,
         weight=randn(N, K, std=K**-0.5),
         bias=randn(N, std=0.1),
-        lora_A=randn(r, K, std=K**-0.5),
-        lora_B=randn(N, r, std=r**-0.5),
+        lora_A=randn(*stack, r, K, std=K**-0.5),
+        lora_B=randn(*stack, N, r, std=r**-0.5),
         lora_alpha=2 * r,
         dropout_p=dropout_p,
     )

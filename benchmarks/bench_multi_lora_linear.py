@@ -1,14 +1,14 @@
 """Mixed-batch multi-adapter LoRA benchmark: lowrank's multi_lora_linear against PEFT's
 mixed-batch inference, an eager loop over the adapters, and a single adapter (the floor).
 
-    python -m benchmarks.bench_multi_lora_linear                    # M=4096, K=N=1024, r=16; 1, 4, 16 adapters
+    python -m benchmarks.bench_multi_lora_linear                    # 1, 4 and 16 adapters at the device's shape
     python -m benchmarks.bench_multi_lora_linear --quick            # one small shape, few repeats: a smoke test
     python -m benchmarks.bench_multi_lora_linear --threads 1 --cpu-clock --repeats 15 --tag threads1
                                        # one thread, timed by CPU time: steady on a shared machine
 
 The problem: x [M, K] through a frozen K -> N linear layer (W, b) with n LoRA adapters of rank r
-(A [n, r, K], B [n, N, r], scaling alpha/r = 2), each row's adapter drawn uniformly at random.
-Providers:
+(A [n, r, K], B [n, N, r], scaling alpha/r = 2), each row's adapter drawn uniformly at random;
+--shapes takes M,K,N,r,adapters. Providers:
   linear_frozen       nn.Linear alone: the base GEMM every provider pays
   single_lora         lowrank.ops.lora_linear (auto) with one adapter for every row: the floor a
                       mixed batch is measured against (on CPU it may merge W + s·B·A, which a
@@ -20,120 +20,75 @@ Providers:
   lowrank_<backend>   lowrank.ops.multi_lora_linear with that backend (auto: the fastest, measured)
 Modes: inference (forward under no_grad) and forward+backward (training; x, A and B get
 gradients). Each provider is checked against multi_lora_linear_reference in float64 first (the
-output; and the gradients for the training providers); one that disagrees is reported, not timed
+output and the gradients of x and of what it trains); one that disagrees is reported, not timed
 (exit status 1). The goals, as ratios of medians measured in the same run: lowrank_auto training
 at 16 adapters / single_lora training <= 1.15, and hf_peft_mixed inference / lowrank_auto
 inference >= 2; beside the latter, its bound (hf_peft_mixed / linear_frozen: every provider pays
-the frozen GEMM) and the ratio of what each adds to linear_frozen. The report lists what auto chose.
+the frozen GEMM) and the ratio of what each adds to linear_frozen. The report lists auto's picks.
 Results: <out-dir>/multi_lora_linear_<device-slug>_<dtype>[_<tag>].json (all raw numbers) and .md.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import lowrank
-from benchmarks.bench_lora_linear import Shape, _frozen_linear, _OneLinear, input_set_count, make_inputs
-from benchmarks.harness import (
-    DEFAULT_OUT_DIR,
-    DTYPES,
-    LOWRANK_BACKENDS,
-    MODE_COLUMNS,
-    Layer,
-    backend_skip_reasons,
-    default_dtype_name,
-    describe_device,
-    describe_methods,
-    describe_versions,
-    format_mib,
-    format_ms,
-    positive_int,
-    resolve_device,
-    time_checked_providers,
-    write_reports,
-)
+from benchmarks import bench_lora_linear as lora, harness
+from benchmarks.harness import Layer
 from lowrank import autotune
 from lowrank.ops import lora_linear, multi_lora_linear, multi_lora_linear_reference
 
 MODES = ("inference", "forward+backward")
 INFERENCE_ONLY = ("hf_peft_mixed",)
 FLOOR = "single_lora"
-CHECK_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+SOFTWARE = ("torch", "cuda", "triton", "peft")  # the versions the markdown names
 TRAINING_GOAL, INFERENCE_GOAL = 1.15, 2.0
 
-DEFAULT_SHAPE = Shape(4096, 1024, 1024, 16)
-DEFAULT_ADAPTERS = (1, 4, 16)
-DEFAULT_REPEATS = {"cpu": 10, "cuda": 100}
-DEFAULT_WARMUP = {"cpu": 2, "cuda": 10}
-QUICK_SHAPE = Shape(256, 128, 128, 8)
-QUICK_ADAPTERS = (1, 4)
-QUICK_REPEATS = 3
-QUICK_WARMUP = 1
+
+@dataclass(frozen=True)
+class Shape(lora.Shape):
+    """x [M, K] through a K -> N linear layer with `adapters` rank-r adapters mixed over its rows."""
+
+    adapters: int
+
+
+DEFAULT_SHAPES = {
+    "cpu": [Shape(4096, 1024, 1024, 16, adapters) for adapters in (1, 4, 16)],
+    "cuda": [Shape(8192, 4096, 4096, 16, adapters) for adapters in (1, 4, 16)],
+}
+QUICK_SHAPE = Shape(256, 128, 128, 8, 4)
 
 
 # ---------------------------------------------------------------- the problem and its providers
 
 
 @dataclass
-class Problem:
-    """The mixed batch every provider computes; each provider copies these values."""
+class Problem(lora.Problem):
+    """LoRA's problem with the adapters stacked, lora_A [n, r, K] and lora_B [n, N, r], and each
+    row's adapter, adapter_index [M] (uniform over the n adapters)."""
 
-    shape: Shape
-    weight: Tensor  # [N, K], frozen
-    bias: Tensor  # [N], frozen
-    lora_A: Tensor  # [n, r, K]
-    lora_B: Tensor  # [n, N, r]; nonzero, unlike PEFT's init, so no provider can skip an adapter
-    adapter_index: Tensor  # [M], uniform over the n adapters
-
-    @property
-    def adapters(self) -> int:
-        return self.lora_A.shape[0]
-
-    @property
-    def scaling(self) -> float:
-        return 2.0  # lora_alpha = 2r, PEFT's alpha / r
-
-    @property
-    def device(self) -> torch.device:
-        return self.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.weight.dtype
+    adapter_index: Optional[Tensor] = None
 
 
-def make_problem(shape: Shape, adapters: int, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Problem:
+def make_problem(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Problem:
+    problem = lora.make_problem(shape, device, dtype, seed, adapters=shape.adapters)
     generator = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(*size: int, std: float) -> Tensor:
-        return (torch.randn(*size, generator=generator, device=device) * std).to(dtype)
-
-    K, N, r = shape.K, shape.N, shape.r
-    # Scaled so the base and adapter terms are both O(1): the check sees errors in either.
-    return Problem(
-        shape=shape,
-        weight=randn(N, K, std=K**-0.5),
-        bias=randn(N, std=0.1),
-        lora_A=randn(adapters, r, K, std=K**-0.5),
-        lora_B=randn(adapters, N, r, std=r**-0.5),
-        adapter_index=torch.randint(0, adapters, (shape.M,), generator=generator, device=device),
-    )
+    index = torch.randint(0, shape.adapters, (shape.M,), generator=generator, device=device)
+    return Problem(**vars(problem), adapter_index=index)
 
 
 @dataclass
 class MixedLayer(Layer):
-    """A provider's layer, with the adapter of each row it applies (None: no adapter at all);
-    lora_A, lora_B are [n, r, K], [n, N, r], or [r, K], [N, r] for single_lora's one adapter."""
+    """A provider's layer with the adapter it applies to each row of a full batch (every builder
+    sets it; -1: none); layers take the first rows of a shorter x. Its trained tensors are lora_A
+    and lora_B, [n, r, K] and [n, N, r], or single_lora's one adapter, [r, K] and [N, r]."""
 
     index: Optional[Tensor] = None
 
@@ -143,8 +98,8 @@ def _trained_copies(problem: Problem) -> tuple[Tensor, Tensor]:
 
 
 def build_linear_frozen(problem: Problem) -> MixedLayer:
-    linear = _frozen_linear(problem)
-    return MixedLayer(linear, tuple(linear.parameters()))
+    layer = lora.build_linear_frozen(problem)
+    return MixedLayer(layer.forward, layer.held, index=torch.full_like(problem.adapter_index, -1))
 
 
 def build_single_lora(problem: Problem) -> MixedLayer:
@@ -154,7 +109,7 @@ def build_single_lora(problem: Problem) -> MixedLayer:
     def forward(x: Tensor) -> Tensor:
         return lora_linear(x, weight, bias, lora_A, lora_B, problem.scaling, backend="auto")
 
-    return MixedLayer(forward, (weight, bias, lora_A, lora_B), lora_A, lora_B,
+    return MixedLayer(forward, (weight, bias, lora_A, lora_B), (lora_A, lora_B),
                       index=torch.zeros_like(problem.adapter_index))
 
 
@@ -163,15 +118,16 @@ class MaskedLoop(nn.Module):
 
     def __init__(self, problem: Problem):
         super().__init__()
-        self.base = _frozen_linear(problem)
+        self.base = lora._frozen_linear(problem)
         self.lora_A, self.lora_B = (nn.Parameter(t) for t in _trained_copies(problem))
         self.adapter_index = problem.adapter_index
         self.scaling = problem.scaling
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
+        index = self.adapter_index[: x.shape[0]]
         for adapter in range(self.lora_A.shape[0]):
-            rows = (self.adapter_index == adapter).nonzero().squeeze(1)
+            rows = (index == adapter).nonzero().squeeze(1)
             low_rank = F.linear(F.linear(x[rows], self.lora_A[adapter]), self.lora_B[adapter]) * self.scaling
             y = y.index_add(0, rows, low_rank)
         return y
@@ -179,16 +135,16 @@ class MaskedLoop(nn.Module):
 
 def build_masked_loop(problem: Problem) -> MixedLayer:
     module = MaskedLoop(problem)
-    return MixedLayer(module, tuple(module.parameters()), module.lora_A, module.lora_B, index=problem.adapter_index)
+    return MixedLayer(module, tuple(module.parameters()), (module.lora_A, module.lora_B),
+                      index=problem.adapter_index)
 
 
 def build_hf_peft_mixed(problem: Problem) -> MixedLayer:
     import peft  # only when asked for: it pulls in transformers
 
-    r = problem.shape.r
-    config = peft.LoraConfig(r=r, lora_alpha=int(problem.scaling * r), target_modules=["proj"])
-    names = [f"adapter{a}" for a in range(problem.adapters)]
-    model = peft.get_peft_model(_OneLinear(_frozen_linear(problem)), config, adapter_name=names[0])
+    config = peft.LoraConfig(r=problem.shape.r, lora_alpha=problem.lora_alpha, target_modules=["proj"])
+    names = [f"adapter{a}" for a in range(problem.shape.adapters)]
+    model = peft.get_peft_model(lora._OneLinear(lora._frozen_linear(problem)), config, adapter_name=names[0])
     for name in names[1:]:
         model.add_adapter(name, config)
     layer = model.base_model.model.proj
@@ -201,7 +157,7 @@ def build_hf_peft_mixed(problem: Problem) -> MixedLayer:
     adapter_names = [names[a] for a in problem.adapter_index.tolist()]
 
     def forward(x: Tensor) -> Tensor:
-        return model(x, adapter_names=adapter_names)
+        return model(x, adapter_names=adapter_names[: x.shape[0]])
 
     return MixedLayer(forward, tuple(model.parameters()), index=problem.adapter_index)
 
@@ -213,9 +169,10 @@ def _lowrank_builder(backend: str) -> Callable[[Problem], MixedLayer]:
         index = problem.adapter_index.clone()
 
         def forward(x: Tensor) -> Tensor:
-            return multi_lora_linear(x, weight, bias, index, lora_A, lora_B, problem.scaling, backend=backend)
+            return multi_lora_linear(x, weight, bias, index[: x.shape[0]], lora_A, lora_B, problem.scaling,
+                                     backend=backend)
 
-        return MixedLayer(forward, (weight, bias, lora_A, lora_B), lora_A, lora_B, index=index)
+        return MixedLayer(forward, (weight, bias, lora_A, lora_B), (lora_A, lora_B), index=index)
 
     return build
 
@@ -225,7 +182,7 @@ BUILDERS: dict[str, Callable[[Problem], MixedLayer]] = {
     FLOOR: build_single_lora,
     "masked_loop": build_masked_loop,
     "hf_peft_mixed": build_hf_peft_mixed,
-    **{f"lowrank_{backend}": _lowrank_builder(backend) for backend in LOWRANK_BACKENDS},
+    **{f"lowrank_{backend}": _lowrank_builder(backend) for backend in harness.LOWRANK_BACKENDS},
 }
 PROVIDERS = tuple(BUILDERS)
 
@@ -238,83 +195,59 @@ def provider_modes(provider: str) -> tuple[str, ...]:
     return ("inference",) if provider in INFERENCE_ONLY else MODES
 
 
-def skip_reasons(device: torch.device) -> dict[str, str]:
-    """The providers that cannot be timed on `device`, each with why."""
+def skip_reasons(device: torch.device, named: tuple[str, ...] = ()) -> dict[str, str]:
+    """The providers that cannot be timed on `device`, each with why (`named`: those asked for)."""
     reasons = {}
     if importlib.util.find_spec("peft") is None:
         reasons["hf_peft_mixed"] = "peft is not installed (pip install peft)"
-    reasons.update(backend_skip_reasons(device))
+    reasons.update(harness.backend_skip_reasons(device))
     return reasons
 
 
 def check_against_reference(layer: MixedLayer, problem: Problem) -> None:
-    """Raise AssertionError unless the layer's output (and, if it trains, its gradients) match
-    multi_lora_linear_reference in float64, on a full batch (a provider is bound to its rows)."""
-    x, grad_y = make_inputs(problem, 1, seed=2)[0]
-    trains = layer.lora_A is not None
-    layer.clear_grads(x)
-    with torch.enable_grad() if trains else torch.no_grad():
-        y = layer.forward(x)
-        if trains:
-            y.backward(grad_y)
+    """Raise AssertionError unless the layer's output and the gradients of x and of what it trains
+    match multi_lora_linear_reference in float64 with the adapters the layer applies (single_lora:
+    adapter 0 alone; linear_frozen: none)."""
+    weight64, bias64 = problem.weight.double(), problem.bias.double()
+    factors = {"lora_A": problem.lora_A, "lora_B": problem.lora_B}
+    if layer.trained and layer.trained[0].dim() == 2:  # single_lora's one adapter
+        factors = {name: factor[0] for name, factor in factors.items()}
 
-    index = layer.index if layer.index is not None else torch.full_like(problem.adapter_index, -1)
-    x64 = x.detach().double().requires_grad_()
-    lora_A64 = problem.lora_A.double().requires_grad_()
-    lora_B64 = problem.lora_B.double().requires_grad_()
-    y64 = multi_lora_linear_reference(x64, problem.weight.double(), problem.bias.double(), index, lora_A64, lora_B64,
-                                      problem.scaling)
-    comparisons = [("output", y, y64)]
-    if trains:
-        y64.backward(grad_y.double())
-        single = layer.lora_A.dim() == 2  # single_lora's one adapter is adapter 0
-        comparisons += [
-            ("grad of x", x.grad, x64.grad),
-            ("grad of lora_A", layer.lora_A.grad, lora_A64.grad[0] if single else lora_A64.grad),
-            ("grad of lora_B", layer.lora_B.grad, lora_B64.grad[0] if single else lora_B64.grad),
-        ]
-    tolerance = CHECK_TOLERANCE[problem.dtype]
-    for what, actual, expected in comparisons:
-        if actual is None:
-            raise AssertionError(f"{what} was not computed")
-        torch.testing.assert_close(
-            actual.detach().double(), expected.detach(), rtol=tolerance, atol=tolerance * expected.abs().max().item(),
-            msg=lambda message: f"{what} differs from the reference: {message}",
-        )
+    def reference(x: Tensor, lora_A: Tensor = factors["lora_A"].double(),
+                  lora_B: Tensor = factors["lora_B"].double()) -> Tensor:
+        if lora_A.dim() == 2:
+            lora_A, lora_B = lora_A[None], lora_B[None]
+        return multi_lora_linear_reference(x, weight64, bias64, layer.index[: x.shape[0]], lora_A, lora_B,
+                                           problem.scaling)
+
+    harness.check_against_reference(layer, problem, reference, factors if layer.trained else {})
 
 
 # ---------------------------------------------------------------- timing and reports
 
 
-def benchmark_problem(shape: Shape, adapters: int, providers: list[str], device: torch.device, dtype: torch.dtype,
-                      repeats: int, warmup: int, cpu_clock: bool = False) -> tuple[list[dict], list[dict]]:
-    """(one result row per provider, the providers that failed their check) for one shape and
-    adapter count; each row with its ratio to single_lora in each mode both timed."""
-    problem = make_problem(shape, adapters, device, dtype)
-    inputs = make_inputs(problem, input_set_count(shape, dtype))
-    rows, failures = time_checked_providers(shape, problem, providers, build_layer, check_against_reference, inputs,
-                                            repeats, warmup, MODES, provider_modes, cpu_clock)
+def benchmark_shape(report: dict, shape: Shape, providers: list[str], device: torch.device) -> None:
+    """Check and time `providers` at one shape, into the report; each row with its ratio to
+    single_lora in each mode both timed."""
+    problem = make_problem(shape, device, harness.DTYPES[report["dtype"]])
+    rows = harness.time_checked_providers(report, problem, providers, build_layer, check_against_reference, MODES,
+                                          provider_modes)
     floor = next((row for row in rows if row["provider"] == FLOOR), None)
-    for row in rows + failures:
-        row["adapters"] = adapters
     for row in rows:
         row["ratio_to_single_lora"] = {mode: ms / floor["median_ms"][mode] for mode, ms in row["median_ms"].items()
                                        if floor is not None and mode in floor["median_ms"]}
-    return rows, failures
 
 
 def goal_ratios(report: dict) -> list[dict]:
     """The goals' ratios (and, beside them, ratios that explain them: goal None) for each shape
-    and adapter count where their providers were timed."""
+    where their providers were timed."""
     goals = []
-    problems = dict.fromkeys((Shape(**row["shape"]), row["adapters"]) for row in report["results"])
-    for shape, adapters in problems:
-        timed = {row["provider"]: row["median_ms"] for row in report["results"]
-                 if (Shape(**row["shape"]), row["adapters"]) == (shape, adapters)}
+    for shape in dict.fromkeys(Shape(**row["shape"]) for row in report["results"]):
+        timed = {row["provider"]: row["median_ms"] for row in report["results"] if Shape(**row["shape"]) == shape}
         auto = timed.get("lowrank_auto")
         if auto is None:
             continue
-        where = dict(shape=dataclasses.asdict(shape), adapters=adapters)
+        where = dict(shape=dataclasses.asdict(shape))
         if FLOOR in timed:
             ratio = auto["forward+backward"] / timed[FLOOR]["forward+backward"]
             goals.append(dict(where, what="lowrank_auto / single_lora, forward+backward", ratio=ratio,
@@ -336,112 +269,50 @@ def goal_ratios(report: dict) -> list[dict]:
     return goals
 
 
+def _ratio_cell(mode: str) -> Callable[[dict], str]:
+    return lambda row: f"{row['ratio_to_single_lora'][mode]:.2f}" if mode in row["ratio_to_single_lora"] else "—"
+
+
 def markdown_table(report: dict) -> str:
-    header = ["M", "K", "N", "r", "adapters", "provider", *(MODE_COLUMNS[mode] for mode in MODES),
-              *(f"× {FLOOR} {MODE_COLUMNS[mode].split()[0]}" for mode in MODES), "saved MiB"]
-    alignments = ["---" if name == "provider" else "---:" for name in header]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(alignments) + "|"]
-    for row in report["results"]:
-        shape = row["shape"]
-        cells = [str(shape[dim]) for dim in ("M", "K", "N", "r")] + [str(row["adapters"]), row["provider"]]
-        cells += [format_ms(row["median_ms"][mode]) if mode in row["median_ms"] else "—" for mode in MODES]
-        cells += [f"{row['ratio_to_single_lora'][mode]:.2f}" if mode in row["ratio_to_single_lora"] else "—"
-                  for mode in MODES]
-        cells.append(format_mib(row["saved_bytes"]))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    ratios = tuple((f"× {FLOOR} {harness.MODE_COLUMNS[mode].split()[0]}", _ratio_cell(mode)) for mode in MODES)
+    return harness.layer_table(report, Shape, after_modes=ratios, modes=MODES)
 
 
-def report_notes(report: dict) -> list[str]:
-    notes = [f"- {goal['adapters']} adapters at {Shape(**goal['shape'])}: {goal['what']} = {goal['ratio']:.3f}"
+def goal_lines(report: dict) -> list[str]:
+    """The goals' ratios and auto's picks, as a markdown list."""
+    lines = [f"- {Shape(**goal['shape'])}: {goal['what']} = {goal['ratio']:.3f}"
              + ("" if goal["goal"] is None else f" (goal {goal['goal']}: {'met' if goal['met'] else 'NOT met'})")
              for goal in report["goals"]]
-    notes += [f"- auto chose {backend} for {key}" for key, backend in report["auto_choices"].items()]
-    notes += [f"- skipped {provider}: {reason}" for provider, reason in report["skipped"].items()]
-    for failure in report["failed_checks"]:
-        first_line = failure["error"].splitlines()[0]
-        notes.append(f"- FAILED CHECK, not timed: {failure['provider']} at {Shape(**failure['shape'])} with "
-                     f"{failure['adapters']} adapters: {first_line}")
-    return notes
+    return lines + [f"- auto picked {pick[-1]} for {pick[:-1]}" for pick in report["auto_picks"]]
 
 
 def markdown_report(report: dict) -> str:
-    versions = report["versions"]
-    software = ", ".join(f"{name} {versions[name]}" for name in ("torch", "cuda", "triton", "peft") if versions[name])
-    context = (
-        f"{report['dtype']}; {software}. Rows of each batch spread uniformly at random over the adapters. "
-        f"{report['timing']}. Median of {report['repeats']} repeats after {report['warmup']} warm-up. "
-        f"{report['memory']}. Ratios are of medians measured in this run."
-    )
-    if report["quick"]:
-        context += " QUICK MODE: a smoke test, not a measurement."
-    title = f"# Mixed-batch multi-adapter LoRA benchmark: {report['device']['name']}"
-    return "\n".join([title, "", context, "", markdown_table(report), "", *report_notes(report), ""])
+    context = (f"{report['dtype']}; rows of each batch spread uniformly at random over the adapters. "
+               f"{harness.measurement_sentence(report, SOFTWARE)} {report['memory']}. Ratios are of medians measured "
+               "in this run.")
+    table = "\n".join([markdown_table(report), "", *goal_lines(report)])
+    return harness.markdown_document(report, "Mixed-batch multi-adapter LoRA benchmark", context, table)
 
 
 # ---------------------------------------------------------------- command line
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_multi_lora_linear",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
-    parser.add_argument("--shapes", nargs="+", type=Shape.parse, metavar="M,K,N,r", help=f"default: {DEFAULT_SHAPE}")
-    parser.add_argument("--adapters", nargs="+", type=positive_int, help="adapters mixed per batch (default 1 4 16)")
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, help="default: every provider that can run here")
-    parser.add_argument("--repeats", type=positive_int, help="timed repeats per mode (default 10 on CPU, 100 on CUDA)")
-    parser.add_argument("--warmup", type=int, help="untimed repeats before them (default 2 on CPU, 10 on CUDA)")
-    parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
-    parser.add_argument("--cpu-clock", action="store_true",
-                        help="time CPU runs by process CPU time, not wall time: with --threads 1, each step's cost "
-                             "without what other jobs on a shared machine take")
+def parse_args(argv: Optional[list[str]]):
+    parser = harness.layer_parser("python -m benchmarks.bench_multi_lora_linear", __doc__, Shape, PROVIDERS,
+                                  QUICK_SHAPE)
     parser.add_argument("--tag", help="appended to the result files' names (multi_lora_linear_<device>_<dtype>_<tag>)")
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="default: benchmarks/results/kernels")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"{QUICK_SHAPE} with {QUICK_ADAPTERS} adapters, {QUICK_REPEATS} repeats: a smoke test")
     return parser.parse_args(argv)
 
 
-def run_benchmark(args: argparse.Namespace) -> dict:
-    """Check and time every requested provider on every problem; the report with all raw numbers."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    dtype_name = args.dtype or default_dtype_name(device)
-    shapes = args.shapes or [QUICK_SHAPE if args.quick else DEFAULT_SHAPE]
-    adapter_counts = args.adapters or (QUICK_ADAPTERS if args.quick else DEFAULT_ADAPTERS)
-    repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS[device.type])
-    warmup = args.warmup if args.warmup is not None else (QUICK_WARMUP if args.quick else DEFAULT_WARMUP[device.type])
-    requested = args.providers or PROVIDERS
-    skipped = {provider: reason for provider, reason in skip_reasons(device).items() if provider in requested}
-    providers = [provider for provider in requested if provider not in skipped]
-    report = {
-        "benchmark": "multi_lora_linear",
-        "device": describe_device(device),
-        "versions": describe_versions(),
-        "dtype": dtype_name,
-        "quick": args.quick,
-        "repeats": repeats,
-        "warmup": warmup,
-        **describe_methods(device, args.cpu_clock),
-        "lowrank_backends": {name: status._asdict() for name, status in lowrank.backends().items()},
-        "skipped": skipped,
-        "failed_checks": [],
-        "results": [],
-    }
+def run_benchmark(args) -> dict:
+    """Check and time every requested provider on every shape; the report with all raw numbers."""
+    device, shapes, providers, report = harness.start_layer_report(
+        "multi_lora_linear", args, DEFAULT_SHAPES, QUICK_SHAPE, skip_reasons, PROVIDERS)
     for shape in shapes:
-        for adapters in adapter_counts:
-            print(f"{shape}, {adapters} adapters: timing {', '.join(providers)}", file=sys.stderr, flush=True)
-            rows, failures = benchmark_problem(shape, adapters, providers, device, DTYPES[dtype_name], repeats, warmup,
-                                               args.cpu_clock)
-            report["results"] += rows
-            report["failed_checks"] += failures
+        print(f"{shape}: timing {', '.join(providers)}", file=sys.stderr, flush=True)
+        benchmark_shape(report, shape, providers, device)
     report["goals"] = goal_ratios(report)
-    report["auto_choices"] = {repr(key): backend for key, backend in autotune.choices().items()}
+    report["auto_picks"] = autotune.records()
     return report
 
 
@@ -449,9 +320,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     report = run_benchmark(args)
     name = "_".join(["multi_lora_linear", report["device"]["slug"], report["dtype"]] + ([args.tag] if args.tag else []))
-    write_reports(args.out_dir, name, report, markdown_report(report))
-    print("\n".join(["", *report_notes(report), "", markdown_table(report)]))
-    return 1 if report["failed_checks"] else 0
+    summary = "\n".join(["", *goal_lines(report), harness.console_summary(report, markdown_table(report))])
+    return harness.publish(report, args.out_dir, name, markdown_report(report), summary)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ if wants lora; then
   # The torch.compile baselines run at the first (headline) shape only: inductor compiles per shape.
   bench benchmarks.bench_lora_linear --dtype bf16 --max-minutes 2.5 --plot
   bench benchmarks.bench_lora_linear --dtype fp16 --shapes 8192,4096,4096,16
-  bench benchmarks.bench_multi_lora_linear --dtype bf16 --shapes 8192,4096,4096,16 --adapters 1 4 16
+  bench benchmarks.bench_multi_lora_linear --dtype bf16  # M=8192 K=N=4096 r=16, 1/4/16 adapters
   bench benchmarks.bench_lora_llama_step
   bench benchmarks.bench_lora_dram
 fi

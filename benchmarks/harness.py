@@ -566,14 +566,14 @@ def _mode_cell(mode: str) -> Callable[[dict], str]:
 
 
 def layer_table(report: dict, shape_type: type[LayerShape], before_provider: tuple[Column, ...] = (),
-                after_modes: tuple[Column, ...] = ()) -> str:
+                after_modes: tuple[Column, ...] = (), modes: tuple[str, ...] = MODES) -> str:
     """A layer benchmark's table, one line per result: the shape's sizes, `before_provider`, the
-    provider, the median ms of each mode (— where it was not timed), `after_modes`, saved MiB and
-    on CUDA peak MiB."""
+    provider, the median ms of each of the benchmark's `modes` (— where it was not timed),
+    `after_modes`, saved MiB and on CUDA peak MiB."""
     columns = [(field.name, lambda row, name=field.name: str(row["shape"][name]))
                for field in dataclasses.fields(shape_type)]
     columns += [*before_provider, ("provider", lambda row: row["provider"])]
-    columns += [(header, _mode_cell(mode)) for mode, header in MODE_COLUMNS.items()]
+    columns += [(MODE_COLUMNS[mode], _mode_cell(mode)) for mode in modes]
     columns += [*after_modes, ("saved MiB", lambda row: format_mib(row["saved_bytes"]))]
     if report["device"]["type"] == "cuda":
         columns.append(("peak MiB", lambda row: format_mib(row["peak_bytes"])))

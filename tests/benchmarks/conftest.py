@@ -1,6 +1,7 @@
 """Fixtures of the benchmark tests, for the benchmark a test module names in BENCHMARK (e.g.
-"bench_adapter"): `bench`, that module of benchmarks/, and `quick_run`, one run of its command
-line with --quick and the module's QUICK_OPTIONS, if any."""
+"bench_adapter"): `bench`, that module of benchmarks/; `quick_run`, one run of its command line
+with --quick and the module's QUICK_OPTIONS, if any; and `quick_report`, that run's report once
+it has done what every quick run must."""
 
 import json
 import subprocess
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,3 +41,16 @@ def quick_run(request, tmp_path_factory):
     reports = list(out_dir.glob("*.json"))
     report = json.loads(reports[0].read_text()) if len(reports) == 1 else None
     return completed, report, out_dir
+
+
+@pytest.fixture(scope="module")
+def quick_report(quick_run, bench):
+    """quick_run's report, after checking what every benchmark's quick run must do: exit with 0,
+    write one report, fail no check, and skip exactly the providers bench.skip_reasons names (the
+    subprocess inherits this environment, TRITON_INTERPRET included, so it skips the same ones)."""
+    completed, report, _ = quick_run
+    assert completed.returncode == 0, f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
+    assert report is not None, "expected exactly one <benchmark>_<device>_<dtype>[_<variant>].json in the out dir"
+    assert report["failed_checks"] == []
+    assert report["skipped"] == bench.skip_reasons(torch.device(report["device"]["type"]))
+    return report
