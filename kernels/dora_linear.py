@@ -1,0 +1,237 @@
+"""Triton backend of lowrank.ops.dora_linear (see that module for the contract).
+
+  forward     xa = x·Aᵀ (matmul_kernel), then y = g⊙(x·Wᵀ + s·xa·Bᵀ) + b in one pass over [M, N]:
+              lora_linear's _lora_matmul_kernel with its per-column output scale
+  norm        W·Aᵀ [N, r] (matmul_kernel); the [N]- and [r, r]-sized rest in torch (column_norm)
+  backward    dyB = dy·(g⊙B), dA, dB, dW: matmul_kernel; dx = (g⊙dy)·W + s·dyB·A: _lora_matmul_kernel,
+              g folded into the smaller of dy [M, N] and W [N, K]; dm and db: _column_dots_kernel,
+              one pass over dy and y that recovers z = (y − b)/g and, in a column block holding a
+              column with g = 0 (rare), recomputes z = x·W[j]ᵀ + s·xa·B[j]ᵀ in the kernel: no host sync
+  dropout     PEFT's two-GEMM form: the dropped x only ever as matmul_kernel's masked operand;
+              dx's masked term added by _add_dropped_kernel
+
+Inference is the forward (no single-launch kernel for few rows, unlike lora_linear).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lowrank import _backends
+from lowrank.kernels.adapter import _matmul_tile
+from lowrank.kernels.lora_linear import _BLOCK_R, _lora_matmul, _low_rank_tile
+from lowrank.kernels.matmul import (
+    DROPOUT_A,
+    DROPOUT_A_TRANSPOSED,
+    PROGRAMS_PER_SM,
+    check_dtype,
+    dot_options,
+    fit,
+    keep_mask,
+    matmul,
+    to_acc,
+)
+from lowrank.ops import hash_dropout
+from lowrank.ops.dora_linear import column_norm, column_scale, magnitude_grad, unscale_recovered
+
+
+@triton.jit
+def _column_dots_kernel(
+    dy_ptr, y_ptr, bias_ptr, scale_ptr, norm_ptr, x_ptr, w_ptr, xa_ptr, b_ptr, out_ptr,
+    M, N, K, R, ROWS_PER_SPLIT,
+    stride_dym, stride_dyn, stride_ym, stride_yn, stride_bias,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_xam, stride_xar, stride_br, stride_bn,
+    stride_os, stride_oc,
+    lora_scale: tl.float64,
+    HAS_BIAS: tl.constexpr, RECOVER: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Over the rows of slice program_id(1), for the columns j of block program_id(0):
+    out[s, 0, j] = Σ_i dy[i, j]·(y[i, j] − bias[j]), and out[s, 1, j] = Σ_i dy[i, j].
+    RECOVER (y is the DoRA output): where scale[j] = 0 < norm[j], y − bias carries nothing, so
+    z = x·w + lora_scale·xa·b (w = Wᵀ [K, N], b = Bᵀ [R, N]) is recomputed for the tile instead."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_in = offs_n < N
+    cols = offs_n.to(tl.int64)[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=n_in, other=0.0).to(ACC_DTYPE)
+    else:
+        bias = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+    if RECOVER:
+        scale = tl.load(scale_ptr + offs_n, mask=n_in, other=1.0)
+        norm = tl.load(norm_ptr + offs_n, mask=n_in, other=0.0)
+        recompute = (scale == 0) & (norm > 0)
+        any_recompute = tl.max(recompute.to(tl.int32), axis=0) > 0
+    dots = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+    sums = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+    row_begin = split * ROWS_PER_SPLIT
+    row_end = min(M, row_begin + ROWS_PER_SPLIT)
+    for m0 in range(row_begin, row_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        in_tile = (offs_m < row_end)[:, None] & n_in[None, :]
+        rows = offs_m.to(tl.int64)[:, None]
+        dy = tl.load(dy_ptr + rows * stride_dym + cols * stride_dyn, mask=in_tile, other=0.0).to(ACC_DTYPE)
+        centred = tl.load(y_ptr + rows * stride_ym + cols * stride_yn, mask=in_tile, other=0.0).to(ACC_DTYPE)
+        centred -= bias[None, :]
+        if RECOVER:
+            if any_recompute:
+                z = _matmul_tile(x_ptr, w_ptr, offs_m, offs_n, row_end, N, K, stride_xm, stride_xk, stride_wk,
+                                 stride_wn, ACC_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                z += to_acc(lora_scale, ACC_DTYPE) * _low_rank_tile(
+                    xa_ptr, b_ptr, offs_m, offs_n, row_end, N, R, stride_xam, stride_xar, stride_br, stride_bn,
+                    ACC_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R,
+                )
+                centred = tl.where(recompute[None, :], z, centred)
+        dots += tl.sum(dy * centred, axis=0)
+        sums += tl.sum(dy, axis=0)
+    out = out_ptr + split.to(tl.int64) * stride_os + offs_n
+    tl.store(out, dots, mask=n_in)
+    tl.store(out + stride_oc, sums, mask=n_in)
+
+
+@triton.jit
+def _add_dropped_kernel(
+    t_ptr, out_ptr, seed_ptr, M, K,
+    stride_tm, stride_tk, stride_om, stride_ok,
+    keep_scale: tl.float64, threshold,
+    ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[M, K] += keep_scale·D⊙t, D the hash mask of the [M, K] input."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    in_tile = (offs_m < M)[:, None] & (offs_k < K)[None, :]
+    rows, cols = offs_m.to(tl.int64)[:, None], offs_k.to(tl.int64)[None, :]
+    t = tl.load(t_ptr + rows * stride_tm + cols * stride_tk, mask=in_tile, other=0.0).to(ACC_DTYPE)
+    out_ptrs = out_ptr + rows * stride_om + cols * stride_ok
+    out = tl.load(out_ptrs, mask=in_tile, other=0.0).to(ACC_DTYPE)
+    kept = keep_mask(seed_ptr, offs_m, offs_k, threshold, False)
+    out += tl.where(kept, to_acc(keep_scale, ACC_DTYPE) * t, 0.0)
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=in_tile)
+
+
+# ---------------------------------------------------------------- host side
+
+
+# Column reductions: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps). 32 rows keep the recompute tile
+# off wgmma's 64-row shapes and within the FMA tiles' register budget; in the interpreter, small
+# blocks so that test shapes cross their edges.
+_DOTS_CONFIG = (32, 64, 32, 4)
+_INTERPRETER_DOTS_CONFIG = (16, 16, 16, 1)
+_ELEMENTWISE_BLOCK = (32, 128, 4)  # BLOCK_M, BLOCK_K, num_warps of _add_dropped_kernel
+_INTERPRETER_ELEMENTWISE_BLOCK = (16, 16, 1)
+
+
+def _column_dots(grad_y, y, bias, x, weight, xa, lora_B, scaling, scale=None, norm=None):
+    """[2, N] in the accumulator dtype: Σ_rows dy⊙(y − b) (z recomputed where scale = 0 < norm, when
+    scale and norm are given) and Σ_rows dy."""
+    (M, N), K, R = grad_y.shape, x.shape[1], xa.shape[1]
+    options = dot_options(x.dtype)
+    accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
+    interpret = _backends.triton_interpret()
+    block_m, block_n, block_k, warps = _INTERPRETER_DOTS_CONFIG if interpret else _DOTS_CONFIG
+    block_n, block_k = fit(block_n, N), fit(block_k, K)
+    column_blocks = triton.cdiv(N, block_n)
+    programs = 4 if interpret else PROGRAMS_PER_SM * _backends.multiprocessor_count(x.device)
+    splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(programs, column_blocks)))
+    rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
+    splits = triton.cdiv(M, rows_per_split)
+    partial = torch.empty((splits, 2, N), dtype=accumulate, device=x.device)
+    w_t, b_t = weight.t(), lora_B.t()
+    _column_dots_kernel[(column_blocks, splits)](
+        grad_y, y, bias, scale, norm, x, w_t, xa, b_t, partial,
+        M, N, K, R, rows_per_split,
+        grad_y.stride(0), grad_y.stride(1), y.stride(0), y.stride(1), 0 if bias is None else bias.stride(0),
+        x.stride(0), x.stride(1), w_t.stride(0), w_t.stride(1), xa.stride(0), xa.stride(1),
+        b_t.stride(0), b_t.stride(1),
+        partial.stride(0), partial.stride(1),
+        scaling,
+        HAS_BIAS=bias is not None, RECOVER=scale is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=fit(32 if interpret else _BLOCK_R, R),
+        num_warps=warps, **options,
+    )
+    return partial.sum(0)
+
+
+def _add_dropped(out, t, seed, dropout_p):
+    """out += D⊙t (D: keep mask / (1 - p)) in place, for [M, K] out and t."""
+    M, K = out.shape
+    block_m, block_k, warps = _INTERPRETER_ELEMENTWISE_BLOCK if _backends.triton_interpret() else _ELEMENTWISE_BLOCK
+    _add_dropped_kernel[(triton.cdiv(M, block_m), triton.cdiv(K, block_k))](
+        t, out, seed, M, K, t.stride(0), t.stride(1), out.stride(0), out.stride(1),
+        1.0 / (1.0 - dropout_p), hash_dropout.threshold(dropout_p),
+        ACC_DTYPE=dot_options(out.dtype)["ACC_DTYPE"], BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
+    )
+
+
+def forward(x, weight, bias, lora_A, lora_B, magnitude, weight_norm_sq, scaling, dropout_p, seed):
+    """(y, xa, norm, z): see the module docstring."""
+    check_dtype("dora_linear", x)
+    norm = column_norm(weight_norm_sq, matmul(weight, lora_A.t()), lora_A, lora_B, scaling)
+    scale = column_scale(magnitude, norm)
+    if dropout_p == 0.0:
+        xa = matmul(x, lora_A.t())
+        y = _lora_matmul(x, weight.t(), xa, lora_B.t(), bias, scaling, col_scale=scale)
+        return y, xa, norm, x.new_empty(0)
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    dropped = dict(alpha=keep_scale, dropout_p=dropout_p, seed=seed, dropout_on=DROPOUT_A)
+    xa = matmul(x, lora_A.t(), **dropped)
+    z = matmul(x, weight.t(), **dropped).addmm_(xa, lora_B.t(), alpha=scaling)
+    y = _lora_matmul(x, weight.t(), xa, lora_B.t(), bias, scaling)
+    y.addcmul_(z, (scale - 1).to(x.dtype))  # g − 1 before rounding: in bf16, g near 1 would give 0
+    return y, xa, norm, z
+
+
+def inference(x, weight, bias, lora_A, lora_B, magnitude, weight_norm_sq, scaling):
+    return forward(x, weight, bias, lora_A, lora_B, magnitude, weight_norm_sq, scaling, 0.0, None)[0]
+
+
+def backward(grad_y, x, xa, y_or_z, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed,
+             needs_dx, needs_dweight, needs_dbias):
+    """(dx, dW, db, dA, dB, dm); dx, dW, db are None when not needed."""
+    check_dtype("dora_linear", x)
+    (M, K), N = x.shape, weight.shape[0]
+    if M == 0:
+        return (
+            x.new_empty((0, K)) if needs_dx else None,
+            x.new_zeros((N, K)) if needs_dweight else None,
+            grad_y.new_zeros(N) if needs_dbias else None,
+            torch.zeros_like(lora_A),
+            torch.zeros_like(lora_B),
+            torch.zeros_like(magnitude),
+        )
+    scale = column_scale(magnitude, norm)
+    scale_rows = scale.to(x.dtype)[:, None]
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    dyB = matmul(grad_y, lora_B * scale_rows)
+    dA = lora_A.new_empty(lora_A.shape)  # as dAᵀ = (D⊙x)ᵀ·dyB, K along the tile rows (see lora_linear)
+    matmul(x.t(), dyB, alpha=scaling * keep_scale, dropout_p=dropout_p, seed=seed, dropout_on=DROPOUT_A_TRANSPOSED,
+           out=dA.t())
+    dB = matmul(grad_y.t(), xa, alpha=scaling).mul_(scale_rows)
+    dx = dW = None
+    if dropout_p == 0.0:
+        if needs_dx:  # g on whichever of dy and W is smaller
+            if M <= K:
+                dx = _lora_matmul(grad_y * scale_rows.t(), weight, dyB, lora_A, None, scaling)
+            else:
+                dx = _lora_matmul(grad_y, weight * scale_rows, dyB, lora_A, None, scaling)
+        if needs_dweight:
+            dW = matmul(grad_y.t(), x).mul_(scale_rows)
+        dots, sums = _column_dots(grad_y, y_or_z, bias, x, weight, xa, lora_B, scaling, scale, norm)
+        dy_z = unscale_recovered(dots, scale)
+    else:
+        shifted_grad = grad_y * (scale - 1).to(x.dtype)
+        if needs_dx:
+            dx = matmul(grad_y, weight)
+            _add_dropped(dx, _lora_matmul(shifted_grad, weight, dyB, lora_A, None, scaling), seed, dropout_p)
+        if needs_dweight:  # dyᵀ·x + Hᵀ·(D⊙x), the second as ((D⊙x)ᵀ·H)ᵀ
+            dW = matmul(grad_y.t(), x)
+            dW += matmul(x.t(), shifted_grad, alpha=keep_scale, dropout_p=dropout_p, seed=seed,
+                         dropout_on=DROPOUT_A_TRANSPOSED).t()
+        dy_z, sums = _column_dots(grad_y, y_or_z, None, x, weight, xa, lora_B, scaling)
+    db = sums.to(grad_y.dtype) if needs_dbias else None
+    return dx, dW, db, dA, dB, magnitude_grad(dy_z, norm, magnitude.dtype)
