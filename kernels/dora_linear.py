@@ -233,5 +233,5 @@ def backward(grad_y, x, xa, y_or_z, weight, bias, lora_A, lora_B, magnitude, nor
             dW += matmul(x.t(), shifted_grad, alpha=keep_scale, dropout_p=dropout_p, seed=seed,
                          dropout_on=DROPOUT_A_TRANSPOSED).t()
         dy_z, sums = _column_dots(grad_y, y_or_z, None, x, weight, xa, lora_B, scaling)
-    db = sums.to(grad_y.dtype) if needs_dbias else None
+    db = sums.to(grad_y.dtype, copy=True) if needs_dbias else None  # not a view of the [2, N] sums
     return dx, dW, db, dA, dB, magnitude_grad(dy_z, norm, magnitude.dtype)

@@ -335,7 +335,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dora_linear_backward_
     dweight = at::mm(grad_y.t(), x).mul_(scale_x.unsqueeze(1));
   }
   if (needs_dbias) {
-    dbias = sums[1].to(dtype);
+    dbias = sums[1].to(dtype, /*non_blocking=*/false, /*copy=*/true);  // not a view of sums
   }
   return {std::move(dx), std::move(dweight), std::move(dbias), std::move(dA), std::move(dB),
           magnitude_grad(unscale_recovered(dots, scale), norm, dtype)};
