@@ -116,14 +116,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_dropout_forward(const at::Te
   return {std::move(y), std::move(xa), std::move(z)};
 }
 
-// Its backward, (dx, dweight, dA, dB, Σ_rows dy⊙z), H = (g − 1)⊙dy:
+// Its backward, (dx, dweight, dA, dB), H = (g − 1)⊙dy:
 //   dx = dy·W + D⊙(H·W + s·dyB·A)   dA = s·dyBᵀ·(D⊙x)   dB = s·(g⊙dy)ᵀ·xa   dW = dyᵀ·x + Hᵀ·(D⊙x)
-// with dyB = (g⊙dy)·B; gradients not needed are undefined.
+// with dyB = (g⊙dy)·B; gradients not needed are undefined. dm = Σ_rows dy⊙z / n and db are the
+// device's column sums.
 template <typename Drop>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_dropout_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& xa, const at::Tensor& z,
-    const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scale,
-    double scaling, bool needs_dx, bool needs_dweight, const Drop& drop) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_dropout_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& xa, const at::Tensor& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scale, double scaling, bool needs_dx,
+    bool needs_dweight, const Drop& drop) {
   const auto dtype = x.scalar_type();
   const at::Tensor scaled_grad = grad_y * scale.to(dtype);
   const at::Tensor shifted_grad = grad_y * (scale - 1).to(dtype);
@@ -140,9 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_drop
   if (needs_dweight) {
     dweight = at::mm(grad_y.t(), x).add_(at::mm(shifted_grad.t(), x_drop));
   }
-  const auto acc = scale.scalar_type();
-  at::Tensor dy_z = (grad_y.to(acc) * z.to(acc)).sum(0);
-  return {std::move(dx), std::move(dweight), std::move(dA), std::move(dB), std::move(dy_z)};
+  return {std::move(dx), std::move(dweight), std::move(dA), std::move(dB)};
 }
 
 }  // namespace lowrank

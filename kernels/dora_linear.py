@@ -25,7 +25,6 @@ from lowrank.kernels.lora_linear import _BLOCK_R, _lora_matmul, _low_rank_tile
 from lowrank.kernels.matmul import (
     DROPOUT_A,
     DROPOUT_A_TRANSPOSED,
-    PROGRAMS_PER_SM,
     check_dtype,
     dot_options,
     fit,
@@ -67,8 +66,9 @@ def _column_dots_kernel(
         norm = tl.load(norm_ptr + offs_n, mask=n_in, other=0.0)
         recompute = (scale == 0) & (norm > 0)
         any_recompute = tl.max(recompute.to(tl.int32), axis=0) > 0
-    dots = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
-    sums = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+    # Summed elementwise over the row tiles and across rows once at the end: no reduction per tile.
+    dots = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    sums = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     row_begin = split * ROWS_PER_SPLIT
     row_end = min(M, row_begin + ROWS_PER_SPLIT)
     for m0 in range(row_begin, row_end, BLOCK_M):
@@ -87,29 +87,29 @@ def _column_dots_kernel(
                     ACC_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R,
                 )
                 centred = tl.where(recompute[None, :], z, centred)
-        dots += tl.sum(dy * centred, axis=0)
-        sums += tl.sum(dy, axis=0)
+        dots += dy * centred
+        sums += dy
     out = out_ptr + split.to(tl.int64) * stride_os + offs_n
-    tl.store(out, dots, mask=n_in)
-    tl.store(out + stride_oc, sums, mask=n_in)
+    tl.store(out, tl.sum(dots, axis=0), mask=n_in)
+    tl.store(out + stride_oc, tl.sum(sums, axis=0), mask=n_in)
 
 
 @triton.jit
 def _add_dropped_kernel(
-    t_ptr, out_ptr, seed_ptr, M, K,
-    stride_tm, stride_tk, stride_om, stride_ok,
+    t_ptr, out_ptr, seed_ptr, M, N,
+    stride_tm, stride_tn, stride_om, stride_on,
     keep_scale: tl.float64, threshold,
-    ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """out[M, K] += keep_scale·D⊙t, D the hash mask of the [M, K] input."""
+    """out[M, N] += keep_scale·D⊙t, D the hash mask of an [M, N] input."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    in_tile = (offs_m < M)[:, None] & (offs_k < K)[None, :]
-    rows, cols = offs_m.to(tl.int64)[:, None], offs_k.to(tl.int64)[None, :]
-    t = tl.load(t_ptr + rows * stride_tm + cols * stride_tk, mask=in_tile, other=0.0).to(ACC_DTYPE)
-    out_ptrs = out_ptr + rows * stride_om + cols * stride_ok
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_tile = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    rows, cols = offs_m.to(tl.int64)[:, None], offs_n.to(tl.int64)[None, :]
+    t = tl.load(t_ptr + rows * stride_tm + cols * stride_tn, mask=in_tile, other=0.0).to(ACC_DTYPE)
+    out_ptrs = out_ptr + rows * stride_om + cols * stride_on
     out = tl.load(out_ptrs, mask=in_tile, other=0.0).to(ACC_DTYPE)
-    kept = keep_mask(seed_ptr, offs_m, offs_k, threshold, False)
+    kept = keep_mask(seed_ptr, offs_m, offs_n, threshold, False)
     out += tl.where(kept, to_acc(keep_scale, ACC_DTYPE) * t, 0.0)
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=in_tile)
 
@@ -121,8 +121,10 @@ def _add_dropped_kernel(
 # off wgmma's 64-row shapes and within the FMA tiles' register budget; in the interpreter, small
 # blocks so that test shapes cross their edges.
 _DOTS_CONFIG = (32, 64, 32, 4)
+# A bandwidth-bound pass: more programs per SM than the GEMMs' split reductions, to keep loads in flight.
+_DOTS_PROGRAMS_PER_SM = 8
 _INTERPRETER_DOTS_CONFIG = (16, 16, 16, 1)
-_ELEMENTWISE_BLOCK = (32, 128, 4)  # BLOCK_M, BLOCK_K, num_warps of _add_dropped_kernel
+_ELEMENTWISE_BLOCK = (32, 128, 4)  # BLOCK_M, BLOCK_N, num_warps of _add_dropped_kernel
 _INTERPRETER_ELEMENTWISE_BLOCK = (16, 16, 1)
 
 
@@ -136,7 +138,7 @@ def _column_dots(grad_y, y, bias, x, weight, xa, lora_B, scaling, scale=None, no
     block_m, block_n, block_k, warps = _INTERPRETER_DOTS_CONFIG if interpret else _DOTS_CONFIG
     block_n, block_k = fit(block_n, N), fit(block_k, K)
     column_blocks = triton.cdiv(N, block_n)
-    programs = 4 if interpret else PROGRAMS_PER_SM * _backends.multiprocessor_count(x.device)
+    programs = 4 if interpret else _DOTS_PROGRAMS_PER_SM * _backends.multiprocessor_count(x.device)
     splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(programs, column_blocks)))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
     splits = triton.cdiv(M, rows_per_split)
@@ -160,11 +162,11 @@ def _column_dots(grad_y, y, bias, x, weight, xa, lora_B, scaling, scale=None, no
 def _add_dropped(out, t, seed, dropout_p):
     """out += D⊙t (D: keep mask / (1 - p)) in place, for [M, K] out and t."""
     M, K = out.shape
-    block_m, block_k, warps = _INTERPRETER_ELEMENTWISE_BLOCK if _backends.triton_interpret() else _ELEMENTWISE_BLOCK
-    _add_dropped_kernel[(triton.cdiv(M, block_m), triton.cdiv(K, block_k))](
+    block_m, block_n, warps = _INTERPRETER_ELEMENTWISE_BLOCK if _backends.triton_interpret() else _ELEMENTWISE_BLOCK
+    _add_dropped_kernel[(triton.cdiv(M, block_m), triton.cdiv(K, block_n))](
         t, out, seed, M, K, t.stride(0), t.stride(1), out.stride(0), out.stride(1),
         1.0 / (1.0 - dropout_p), hash_dropout.threshold(dropout_p),
-        ACC_DTYPE=dot_options(out.dtype)["ACC_DTYPE"], BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
+        ACC_DTYPE=dot_options(out.dtype)["ACC_DTYPE"], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
 
 

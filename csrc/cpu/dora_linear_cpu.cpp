@@ -301,14 +301,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dora_linear_backward_
   const Tensor scale = column_scale(magnitude, norm);
   Tensor dx = not_needed(), dweight = not_needed(), dbias = not_needed();
   if (dropout_p > 0.0) {
-    auto [dx_, dweight_, dA, dB, dy_z] = dora_dropout_backward(grad_y, x, xa, y_or_z, weight, lora_A, lora_B, scale,
-                                                               scaling, needs_dx, needs_dweight,
-                                                               make_drop(seed, dropout_p));
+    auto [dx_, dweight_, dA, dB] = dora_dropout_backward(grad_y, x, xa, weight, lora_A, lora_B, scale, scaling,
+                                                         needs_dx, needs_dweight, make_drop(seed, dropout_p));
+    const Tensor sums = column_sums(grad_y, y_or_z, std::nullopt, scale.scalar_type());  // Σ dy⊙z, Σ dy
     if (needs_dx) dx = std::move(dx_);
     if (needs_dweight) dweight = std::move(dweight_);
-    if (needs_dbias) dbias = grad_y.sum(0);
+    if (needs_dbias) dbias = sums[1].to(dtype, /*non_blocking=*/false, /*copy=*/true);
     return {std::move(dx), std::move(dweight), std::move(dbias), std::move(dA), std::move(dB),
-            magnitude_grad(dy_z, norm, dtype)};
+            magnitude_grad(sums[0], norm, dtype)};
   }
 
   const Tensor& y = y_or_z;
