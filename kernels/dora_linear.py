@@ -7,8 +7,9 @@
               g folded into the smaller of dy [M, N] and W [N, K]; dm and db: _column_dots_kernel,
               one pass over dy and y that recovers z = (y − b)/g and, in a column block holding a
               column with g = 0 (rare), recomputes z = x·W[j]ᵀ + s·xa·B[j]ᵀ in the kernel: no host sync
-  dropout     PEFT's two-GEMM form: the dropped x only ever as matmul_kernel's masked operand;
-              dx's masked term added by _add_dropped_kernel
+  dropout     PEFT's two-GEMM form, not fused further: the dropped x only ever as matmul_kernel's
+              masked operand; z_D's low-rank term, y's (g − 1)⊙z_D and dx's dy·W in torch; dx's masked
+              term added by _add_dropped_kernel
 
 Inference is the forward (no single-launch kernel for few rows, unlike lora_linear).
 """
@@ -117,10 +118,13 @@ def _add_dropped_kernel(
 # ---------------------------------------------------------------- host side
 
 
-# Column reductions: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps). 32 rows keep the recompute tile
-# off wgmma's 64-row shapes and within the FMA tiles' register budget; in the interpreter, small
-# blocks so that test shapes cross their edges.
+# Column reductions: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps). 32 rows keep the recompute tile off
+# wgmma's 64-row shapes; on FMA units (fp32 without TF32, fp64) the recompute's operand slices sit in
+# registers: 32x64 spilled on sm_90 (fp64: 496 B per thread), and so did 32x32 over 8 warps at
+# 128 registers (triton 3.6, fp32); 16x32 over 4 warps fits both triton 3.6 and 3.8.
+# In the interpreter, small blocks so that test shapes cross their edges.
 _DOTS_CONFIG = (32, 64, 32, 4)
+_FMA_DOTS_CONFIG = (16, 32, 32, 4)
 # A bandwidth-bound pass: more programs per SM than the GEMMs' split reductions, to keep loads in flight.
 _DOTS_PROGRAMS_PER_SM = 8
 _INTERPRETER_DOTS_CONFIG = (16, 16, 16, 1)
@@ -135,7 +139,10 @@ def _column_dots(grad_y, y, bias, x, weight, xa, lora_B, scaling, scale=None, no
     options = dot_options(x.dtype)
     accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
     interpret = _backends.triton_interpret()
-    block_m, block_n, block_k, warps = _INTERPRETER_DOTS_CONFIG if interpret else _DOTS_CONFIG
+    on_fma = options["DOT_PRECISION"] == "ieee" and x.dtype in (torch.float32, torch.float64)
+    block_m, block_n, block_k, warps = (
+        _INTERPRETER_DOTS_CONFIG if interpret else _FMA_DOTS_CONFIG if on_fma else _DOTS_CONFIG
+    )
     block_n, block_k = fit(block_n, N), fit(block_k, K)
     column_blocks = triton.cdiv(N, block_n)
     programs = 4 if interpret else _DOTS_PROGRAMS_PER_SM * _backends.multiprocessor_count(x.device)
@@ -227,8 +234,8 @@ def backward(grad_y, x, xa, y_or_z, weight, bias, lora_A, lora_B, magnitude, nor
         dy_z = unscale_recovered(dots, scale)
     else:
         shifted_grad = grad_y * (scale - 1).to(x.dtype)
-        if needs_dx:
-            dx = matmul(grad_y, weight)
+        if needs_dx:  # dy·W through torch: matmul_kernel spilled on sm_90 (triton 3.8, fp32) at this layout
+            dx = grad_y @ weight
             _add_dropped(dx, _lora_matmul(shifted_grad, weight, dyB, lora_A, None, scaling), seed, dropout_p)
         if needs_dweight:  # dyᵀ·x + Hᵀ·(D⊙x), the second as ((D⊙x)ᵀ·H)ᵀ
             dW = matmul(grad_y.t(), x)

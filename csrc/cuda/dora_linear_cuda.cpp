@@ -74,12 +74,12 @@ Tensor column_sums(const Tensor& grad_y, const Tensor& y, const std::optional<Te
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lowrank_dora_column_dots", [&] {
     using cuda_t = typename CudaScalar<scalar_t>::type;
     using acc_t = at::opmath_type<scalar_t>;
-    C10_CUDA_CHECK(cuda::launch_column_dots<cuda_t, acc_t>(
+    C10_CUDA_CHECK((cuda::launch_column_dots<cuda_t, acc_t>(
         M, N, x.size(1), xa.size(1), read_only_matrix<scalar_t>(grad_y), read_only_matrix<scalar_t>(y),
         bias_row<scalar_t>(bias), recover ? scale.const_data_ptr<acc_t>() : nullptr,
         recover ? norm.const_data_ptr<acc_t>() : nullptr, read_only_matrix<scalar_t>(x),
         read_only_matrix<scalar_t>(weight), read_only_matrix<scalar_t>(xa), read_only_matrix<scalar_t>(lora_B),
-        scaling, partial.mutable_data_ptr<acc_t>(), stream));
+        scaling, partial.mutable_data_ptr<acc_t>(), stream)));
   });
   return partial.sum(0);
 }
@@ -103,9 +103,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_linear_forward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lowrank_dora_epilogue", [&] {
     using cuda_t = typename CudaScalar<scalar_t>::type;
     using acc_t = at::opmath_type<scalar_t>;
-    C10_CUDA_CHECK(cuda::launch_dora_epilogue<cuda_t, acc_t>(
+    C10_CUDA_CHECK((cuda::launch_dora_epilogue<cuda_t, acc_t>(
         n.M, n.N, n.r, read_only_matrix<scalar_t>(xa), read_only_matrix<scalar_t>(lora_B),
-        scale.const_data_ptr<acc_t>(), bias_row<scalar_t>(bias), writable_matrix<scalar_t>(y), scaling, stream));
+        scale.const_data_ptr<acc_t>(), bias_row<scalar_t>(bias), writable_matrix<scalar_t>(y), scaling, stream)));
   });
   return {std::move(y), std::move(xa), std::move(norm), at::empty({0}, x.options())};
 }

@@ -96,7 +96,7 @@ def dora_linear_reference(
 
 
 def weight_row_norm_sq(weight: Tensor) -> Tensor:
-    """‖W‖² of each row [N] (no gradient), accumulated in accumulate_dtype, with no copy of W."""
+    """‖W‖² of each row [N] (no gradient), accumulated in accumulate_dtype: one pass over W."""
     with torch.no_grad():
         return torch.linalg.vector_norm(weight.detach(), dim=1, dtype=accumulate_dtype(weight.dtype)).square_()
 
