@@ -151,6 +151,8 @@ def _column_dots(grad_y, y, bias, x, weight, xa, lora_B, scaling, scale=None, no
     splits = triton.cdiv(M, rows_per_split)
     partial = torch.empty((splits, 2, N), dtype=accumulate, device=x.device)
     w_t, b_t = weight.t(), lora_B.t()
+    if norm is not None:  # the kernel reads scale and norm with unit stride
+        scale, norm = scale.contiguous(), norm.contiguous()
     _column_dots_kernel[(column_blocks, splits)](
         grad_y, y, bias, scale, norm, x, w_t, xa, b_t, partial,
         M, N, K, R, rows_per_split,

@@ -69,6 +69,7 @@ Tensor column_sums(const Tensor& grad_y, const Tensor& y, const std::optional<Te
                    const Tensor& norm, const Tensor& x, const Tensor& weight, const Tensor& xa, const Tensor& lora_B,
                    double scaling, bool recover) {
   const int64_t M = grad_y.size(0), N = grad_y.size(1);
+  const Tensor scale_values = scale.contiguous(), norm_values = norm.contiguous();  // read with unit stride
   Tensor partial = at::empty({cuda::column_dots_splits(M, N), 2, N}, scale.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lowrank_dora_column_dots", [&] {
@@ -76,8 +77,8 @@ Tensor column_sums(const Tensor& grad_y, const Tensor& y, const std::optional<Te
     using acc_t = at::opmath_type<scalar_t>;
     C10_CUDA_CHECK((cuda::launch_column_dots<cuda_t, acc_t>(
         M, N, x.size(1), xa.size(1), read_only_matrix<scalar_t>(grad_y), read_only_matrix<scalar_t>(y),
-        bias_row<scalar_t>(bias), recover ? scale.const_data_ptr<acc_t>() : nullptr,
-        recover ? norm.const_data_ptr<acc_t>() : nullptr, read_only_matrix<scalar_t>(x),
+        bias_row<scalar_t>(bias), recover ? scale_values.const_data_ptr<acc_t>() : nullptr,
+        recover ? norm_values.const_data_ptr<acc_t>() : nullptr, read_only_matrix<scalar_t>(x),
         read_only_matrix<scalar_t>(weight), read_only_matrix<scalar_t>(xa), read_only_matrix<scalar_t>(lora_B),
         scaling, partial.mutable_data_ptr<acc_t>(), stream)));
   });
