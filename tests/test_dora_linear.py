@@ -160,15 +160,21 @@ def test_zero_scale_columns(backend, dropout_p):
 
 
 def test_gradcheck(backend):
-    """gradcheck of x, b and m only: n is a constant by definition (detached), so the op's dW, dA
-    and dB are not the derivatives of its output in W, A, B; the reference checks those."""
+    """n is a constant by definition, so the op's dW, dA, dB are not the derivatives of its output;
+    they are those of G = dora_linear(..., m·n(W, A, B)/n0), with n taken without gradient and n0
+    its value at the checked point: as a function G = (m/n0)⊙z + b, its n cancels."""
     x, weight, b, A, B, magnitude = make_inputs((4,), 6, 5, 2, torch.float64)
-    weight, A, B = weight.detach(), A.detach(), B.detach()
 
-    def fn(x, b, magnitude):
-        return dora_linear(x, weight, b, A, B, magnitude, 0.8, backend=backend)
+    def norm_of(weight, A, B):
+        with torch.no_grad():
+            return torch.linalg.vector_norm(weight + 0.8 * B @ A, dim=1)
 
-    assert torch.autograd.gradcheck(fn, (x, b, magnitude))
+    n0 = norm_of(weight, A, B)
+
+    def fn(x, weight, b, A, B, magnitude):
+        return dora_linear(x, weight, b, A, B, magnitude * norm_of(weight, A, B) / n0, 0.8, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (x, weight, b, A, B, magnitude))
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
