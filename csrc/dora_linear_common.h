@@ -71,13 +71,13 @@ inline LoraSizes check_dora_backward_inputs(const char* op, c10::DeviceType devi
 }
 
 // n = sqrt(max(‖W‖²_row + Σ_r B⊙(2s·W·Aᵀ + s²·B·(A·Aᵀ)), 0)) [N], in weight_norm_sq's dtype:
-// the norm of W + s·B·A without forming it, from W·Aᵀ [N, r].
+// the norm of W + s·B·A without forming it, from W·Aᵀ and B·(A·Aᵀ), both [N, r] (the device
+// files form these small products: ATen's fp32 GEMMs of this size take milliseconds on CPU).
 inline at::Tensor column_norm(const at::Tensor& weight_norm_sq, const at::Tensor& weight_times_a,
-                              const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling) {
+                              const at::Tensor& lora_B, const at::Tensor& b_times_aat, double scaling) {
   const auto acc = weight_norm_sq.scalar_type();
-  const at::Tensor A = lora_A.to(acc), B = lora_B.to(acc);
-  const at::Tensor cross = at::addmm(weight_times_a.to(acc), B, at::mm(A, A.t()), 2.0 * scaling, scaling * scaling);
-  return (weight_norm_sq + (B * cross).sum(1)).clamp_min_(0.0).sqrt_();
+  const at::Tensor cross = at::add(weight_times_a.to(acc) * (2.0 * scaling), b_times_aat.to(acc), scaling * scaling);
+  return (weight_norm_sq + (lora_B.to(acc) * cross).sum(1)).clamp_min_(0.0).sqrt_();
 }
 
 // g = m / n, 0 where n = 0, in the norm's dtype.

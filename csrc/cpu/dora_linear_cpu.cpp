@@ -57,20 +57,35 @@ bool merging_pays_off(at::ScalarType dtype, int64_t rows, int64_t weight_cols) {
   return (dtype == at::kFloat || dtype == at::kDouble) && rows > weight_cols;
 }
 
-// rows[M, L]·A_t[L, r] for contiguous A_t = Aᵀ: x·Aᵀ, and W·Aᵀ for the norm.
-Tensor rows_times_lora_a_t(const Tensor& rows, const Tensor& lora_A_t) {
+// rows[M, L]·small[L, c] for a contiguous small: x·Aᵀ, and the norm's W·Aᵀ, A·Aᵀ and B·(A·Aᵀ).
+Tensor rows_times_small(const Tensor& rows, const Tensor& small) {
   if (!skinny_kernels_fit(rows)) {
-    return at::mm(rows, lora_A_t);
+    return at::mm(rows, small);
   }
-  const int64_t M = rows.size(0), L = rows.size(1), r = lora_A_t.size(1), ld = rows.stride(0);
+  const int64_t M = rows.size(0), L = rows.size(1), r = small.size(1), ld = rows.stride(0);
   Tensor out = at::empty({M, r}, rows.options());
   const float* rows_data = rows.const_data_ptr<float>();
-  const float* a_data = lora_A_t.const_data_ptr<float>();
+  const float* a_data = small.const_data_ptr<float>();
   float* out_data = out.data_ptr<float>();
   at::parallel_for(0, M, kSkinnyGrainRows, [&](int64_t begin, int64_t end) {
     cpu::rows_times_skinny(rows_data + begin * ld, ld, end - begin, L, a_data, r, out_data + begin * r, r);
   });
   return out;
+}
+
+// The norm n [N] (column_norm), its small products on the skinny kernels for fp32: through ATen,
+// oneDNN took milliseconds for A·Aᵀ [r, r] and B·(A·Aᵀ) [N, r] here.
+Tensor norm_of(const Tensor& weight_norm_sq, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_A_t,
+               const Tensor& lora_B, double scaling) {
+  const auto acc = weight_norm_sq.scalar_type();
+  Tensor b_times_aat;
+  if (skinny_kernels_fit(lora_A) && skinny_kernels_fit(lora_B)) {
+    b_times_aat = rows_times_small(lora_B, rows_times_small(lora_A, lora_A_t));
+  } else {
+    const Tensor A = lora_A.to(acc);
+    b_times_aat = at::mm(lora_B.to(acc), at::mm(A, A.t()));
+  }
+  return column_norm(weight_norm_sq, rows_times_small(weight, lora_A_t), lora_B, b_times_aat, scaling);
 }
 
 // W' = g⊙(W + s·B·A) [N, K], for fp32 or fp64 (g in the same dtype).
@@ -269,13 +284,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_linear_forward_cpu(
   const LoraSizes n = check_dora_forward_inputs(kForwardOp, c10::DeviceType::CPU, x, weight, bias, lora_A, lora_B,
                                                 magnitude, weight_norm_sq, dropout_p, seed);
   const Tensor lora_A_t = lora_A.t().contiguous();
-  Tensor norm = column_norm(weight_norm_sq, rows_times_lora_a_t(weight, lora_A_t), lora_A, lora_B, scaling);
+  Tensor norm = norm_of(weight_norm_sq, weight, lora_A, lora_A_t, lora_B, scaling);
   const Tensor scale = column_scale(magnitude, norm);
   if (dropout_p > 0.0) {
     auto [y, xa, z] = dora_dropout_forward(x, weight, bias, lora_A, lora_B, scale, scaling, make_drop(seed, dropout_p));
     return {std::move(y), std::move(xa), std::move(norm), std::move(z)};
   }
-  Tensor xa = rows_times_lora_a_t(x, lora_A_t);
+  Tensor xa = rows_times_small(x, lora_A_t);
   Tensor y;
   if (merging_pays_off(x.scalar_type(), n.M, n.K)) {
     const Tensor merged_t = scaled_merged_weight(weight, lora_A, lora_B, scaling, scale.to(x.scalar_type())).t();

@@ -92,7 +92,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_linear_forward_cuda(
   const LoraSizes n = check_dora_forward_inputs(kForwardOp, c10::DeviceType::CUDA, x, weight, bias, lora_A, lora_B,
                                                 magnitude, weight_norm_sq, dropout_p, seed);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  Tensor norm = column_norm(weight_norm_sq, at::mm(weight, lora_A.t()), lora_A, lora_B, scaling);
+  const Tensor A = lora_A.to(weight_norm_sq.scalar_type());
+  Tensor norm = column_norm(weight_norm_sq, at::mm(weight, lora_A.t()), lora_B,
+                            at::mm(lora_B.to(A.scalar_type()), at::mm(A, A.t())), scaling);
   const Tensor scale = column_scale(magnitude, norm);
   if (dropout_p > 0.0) {
     auto [y, xa, z] = dora_dropout_forward(x, weight, bias, lora_A, lora_B, scale, scaling, make_drop(seed, dropout_p));
