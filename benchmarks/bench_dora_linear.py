@@ -39,6 +39,7 @@ import lowrank
 from benchmarks.bench_lora_linear import (
     Problem,
     Shape,
+    _dropout_rate,
     _frozen_linear,
     _OneLinear,
     input_set_count,
@@ -327,13 +328,6 @@ def markdown_report(report: dict) -> str:
 
 
 # ---------------------------------------------------------------- command line
-
-
-def _dropout_rate(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"a dropout rate is in [0, 1), got {text}")
-    return value
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
