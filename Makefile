@@ -59,8 +59,8 @@ cuda-check: $(CUDA_VENV)/.installed install
 	     ../bin/python -m pip install -q --no-build-isolation --no-deps . \
 	  && echo "CUDA build (LOWRANK_CUDA=1, TORCH_CUDA_ARCH_LIST=$(CUDA_ARCHS), MAX_JOBS=$(MAX_JOBS)): $$(( $$(date +%s) - start )) s"
 	$(CUDA_PY) .ci/check_cuda_build.py
-	$(CUDA_PY) tests/compile_triton_sm90.py
-	$(PY) tests/compile_triton_sm90.py
+	$(CUDA_PY) tests/compile/compile_triton_sm90.py
+	$(PY) tests/compile/compile_triton_sm90.py
 
 clean:
 	rm -rf $(VENV) $(CUDA_VENV) build *.egg-info lowrank/_C*.so

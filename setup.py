@@ -123,7 +123,8 @@ def extension():
 if __name__ == "__main__":
     setup(
         packages=["lowrank", "lowrank.ops", "lowrank.nn", "lowrank.kernels", "lowrank.data", "lowrank.da",
-                  "lowrank.finetune"],
+                  "lowrank.finetune", "lowrank.tuners", "lowrank.tuners.lora", "lowrank.tuners.bottleneck",
+                  "lowrank.tuners.prompt"],
         package_dir={"lowrank": "lowrank", "lowrank.kernels": "kernels"},
         ext_modules=[extension()],
         cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

@@ -7,7 +7,7 @@ against eager adapters injected at the same places, in tokens/s and peak memory,
 
 The model is transformers' BertModel built from a BertConfig of BERT-base's size (hidden 768,
 12 layers, 12 heads, intermediate 3072), random weights, bf16 on CUDA (fp32 on CPU), frozen.
-lowrank.inject_adapters puts bottleneck-64 relu adapters at the --placement (Houlsby: after the
+lowrank.inject_bottleneck puts bottleneck-64 relu adapters at the --placement (Houlsby: after the
 attention and the feed-forward sublayers; Pfeiffer: after the feed-forward one), Houlsby's
 near-identity init (so every adapter weight gets a gradient on the first step). Providers:
   eager              the same adapters, each computed as nn.Sequential would: F.linear, the
@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import lowrank
-from benchmarks.harness import backend_skip_reasons, write_reports
+from benchmarks.harness import backend_skip_reasons, markdown_document, publish
 from benchmarks.training_step import TrainingRun, compare_providers, markdown_rows, start_report, step_parser
-from lowrank.adapters import adapter_modules
 from lowrank.nn.adapter import Adapter
 from lowrank.ops.adapter import activation_fn
+from lowrank.tuners.bottleneck.model import bottleneck_adapters
 
 BOTTLENECK, ACTIVATION = 64, "relu"
 BASELINE = "eager"
@@ -71,12 +71,12 @@ def hidden_state_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor
 def builder(backend: str, eager: bool = False):
     def build(model: nn.Module, placement: str) -> TrainingRun:
         torch.manual_seed(1)  # the same adapter init for every provider
-        config = lowrank.AdapterConfig(placement=placement, bottleneck=BOTTLENECK, activation=ACTIVATION,
+        config = lowrank.BottleneckConfig(placement=placement, bottleneck=BOTTLENECK, activation=ACTIVATION,
                                        init="houlsby", backend=backend)
-        lowrank.inject_adapters(model, config)
-        lowrank.mark_only_adapters_trainable(model)
+        lowrank.inject_bottleneck(model, config)
+        lowrank.mark_only_bottleneck_trainable(model)
         if eager:
-            for adapter in adapter_modules(model).values():
+            for adapter in bottleneck_adapters(model).values():
                 adapter.__class__ = EagerAdapter
         trained = {name: param for name, param in model.named_parameters() if param.requires_grad}
         return TrainingRun(model, trained, hidden_state_loss)
@@ -125,19 +125,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
 def markdown_report(report: dict) -> str:
     model, adapters = report["model"], report["adapters"]
-    lines = [
-        f"# Adapter fine-tuning step, BERT-base-sized model: {report['device']['name']}", "",
+    context = (
         f"{model['num_hidden_layers']} layers of hidden {model['hidden_size']}; batch {report['batch']} × seq "
         f"{report['seq']}; {report['dtype']}; {adapters['placement']} adapters, bottleneck {adapters['bottleneck']}, "
         f"{adapters['activation']}. Median of {report['repeats']} steps after {report['warmup']} warm-up, providers "
-        "alternating." + (" QUICK MODE: a smoke test, not a measurement." if report["quick"] else ""), "",
-        *markdown_rows(report["results"], BASELINE), "",
-    ]
-    lines += [f"- skipped {provider}: {reason}" for provider, reason in report["skipped"].items()]
-    lines += [
-        f"- FAILED CHECK, not timed: {f['provider']}: {f['error'].splitlines()[0]}" for f in report["failed_checks"]
-    ]
-    return "\n".join(lines) + "\n"
+        "alternating."
+    )
+    table = "\n".join(markdown_rows(report["results"], BASELINE))
+    return markdown_document(report, "Adapter fine-tuning step, BERT-base-sized model", context, table)
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -149,10 +144,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     report = run_benchmark(args)
-    name = f"adapter_bert_step_{report['device']['slug']}_{args.placement}"
-    write_reports(args.out_dir, name, report, markdown_report(report))
-    print(markdown_report(report))
-    return 1 if report["failed_checks"] else 0
+    markdown = markdown_report(report)
+    return publish(report, args.out_dir, f"adapter_bert_step_{report['device']['slug']}_{args.placement}", markdown,
+                   markdown)
 
 
 if __name__ == "__main__":

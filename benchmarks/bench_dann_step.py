@@ -35,12 +35,13 @@ from torch import nn
 from benchmarks.bench_grad_reverse import LAMBDA, providers, time_interleaved
 from benchmarks.harness import (
     DEFAULT_OUT_DIR,
-    describe_device,
-    describe_versions,
     format_ms,
+    markdown_document,
     positive_int,
+    publish,
+    report_header,
+    report_notes,
     resolve_device,
-    write_reports,
 )
 from lowrank.da.models import Classifier, Discriminator, LeNetEncoder
 
@@ -173,23 +174,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS[device.type])
     warmup = args.warmup if args.warmup is not None else (QUICK_WARMUP if args.quick else DEFAULT_WARMUP[device.type])
     forwards, skipped = providers(device)
-    report = {"benchmark": "dann_step", "device": describe_device(device), "versions": describe_versions(),
-              "dtype": "fp32", "quick": args.quick, "repeats": repeats, "warmup": warmup, "lambda": LAMBDA,
-              "skipped": skipped, "results": []}
+    report = {**report_header("dann_step", device, "fp32", quick=args.quick, repeats=repeats, warmup=warmup),
+              "lambda": LAMBDA, "skipped": skipped, "results": []}
     vit = None if args.encoder == "lenet" else (VIT_QUICK if args.quick else VIT_B)
     report["encoder"] = args.encoder if vit is None else {"name": args.encoder, **vit}
     for batch, feature_dim in configs:
         print(f"batch {batch} x 2 domains, {args.encoder}: timing {', '.join(forwards)}", file=sys.stderr, flush=True)
         report["results"] += benchmark_config(batch, feature_dim, forwards, device, repeats, warmup, vit)
-    notes = [f"- skipped {name}: {why}" for name, why in skipped.items()]
-    context = (f"# DANN training step: {report['device']['name']}\n\n{args.encoder} encoder, fp32, "
-               f"torch {report['versions']['torch']}; "
-               f"median of {repeats} steps after {warmup} warm-up, providers interleaved."
-               + (" QUICK MODE: a smoke test, not a measurement." if args.quick else ""))
+    context = (f"{args.encoder} encoder, fp32, torch {report['versions']['torch']}; "
+               f"median of {repeats} steps after {warmup} warm-up, providers interleaved.")
+    markdown = markdown_document(report, "DANN training step", context, markdown_table(report))
     name = "_".join(["dann_step", report["device"]["slug"]] + ([args.encoder] if vit else []))
-    write_reports(args.out_dir, name, report, "\n".join([context, "", markdown_table(report), "", *notes, ""]))
-    print("\n".join([markdown_table(report), *notes]))
-    return 0
+    return publish(report, args.out_dir, name, markdown, "\n".join([markdown_table(report), *report_notes(report)]))
 
 
 if __name__ == "__main__":

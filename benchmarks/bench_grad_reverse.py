@@ -34,21 +34,23 @@ import lowrank
 from benchmarks.harness import (
     DEFAULT_OUT_DIR,
     DTYPES,
+    LOWRANK_BACKENDS,
     CudaEventTimer,
     WallTimer,
     backend_skip_reasons,
+    console_summary,
     default_dtype_name,
-    describe_device,
-    describe_versions,
     format_ms,
+    markdown_document,
+    measurement_sentence,
     positive_int,
+    publish,
+    report_header,
     resolve_device,
-    write_reports,
 )
 from lowrank.ops import grad_reverse
 
 LAMBDA = 0.7
-LOWRANK_BACKENDS = ("torch", "cpu", "triton", "cuda", "auto")
 # Elements; on CUDA 16 MiB to 1 GiB of bf16 gradient.
 DEFAULT_SIZES = {"cpu": [4096 * 1024, 16 << 20], "cuda": [8 << 20, 32 << 20, 128 << 20, 512 << 20]}
 DEFAULT_REPEATS = {"cpu": 20, "cuda": 100}
@@ -201,23 +203,11 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def report_notes(report: dict) -> list[str]:
-    notes = [f"- skipped {name}: {why}" for name, why in report["skipped"].items()]
-    notes += [
-        f"- FAILED CHECK, not timed: {f['provider']}: {f['error'].splitlines()[0]}" for f in report["failed_checks"]
-    ]
-    return notes
-
-
 def markdown_report(report: dict) -> str:
-    context = (f"{report['dtype']}; torch {report['versions']['torch']}. {report['timing']}. Median of "
-               f"{report['repeats']} repeats after {report['warmup']} warm-up. GB/s counts one read and one "
+    context = (f"{report['dtype']}; {measurement_sentence(report, ('torch',))} GB/s counts one read and one "
                f"write of the gradient; % copy is against dst.copy_(src) of the same size in the same run "
                f"(goal: ≥ {GOAL_FRACTION_OF_COPY:.0%}).")
-    if report["quick"]:
-        context += " QUICK MODE: a smoke test, not a measurement."
-    title = f"# Gradient reversal benchmark: {report['device']['name']}"
-    return "\n".join([title, "", context, "", markdown_table(report), "", *report_notes(report), ""])
+    return markdown_document(report, "Gradient reversal benchmark", context, markdown_table(report))
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -253,13 +243,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             failures.append({"provider": name, "error": f"{type(exc).__name__}: {exc}"})
             del forwards[name]
     report = {
-        "benchmark": "grad_reverse",
-        "device": describe_device(device),
-        "versions": describe_versions(),
-        "dtype": dtype_name,
-        "quick": args.quick,
-        "repeats": repeats,
-        "warmup": warmup,
+        **report_header("grad_reverse", device, dtype_name, quick=args.quick, repeats=repeats, warmup=warmup),
         "timing": ("CUDA events" if device.type == "cuda" else "time.perf_counter") + ", steps interleaved round-robin",
         "lambda": LAMBDA,
         "lowrank_backends": {name: status._asdict() for name, status in lowrank.backends().items()},
@@ -279,10 +263,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     report = run_benchmark(args)
-    write_reports(args.out_dir, f"grad_reverse_{report['device']['slug']}_{report['dtype']}", report,
-                  markdown_report(report))
-    print("\n".join(["", *report_notes(report), "", markdown_table(report)]))
-    return 1 if report["failed_checks"] else 0
+    return publish(report, args.out_dir, f"grad_reverse_{report['device']['slug']}_{report['dtype']}",
+                   markdown_report(report), console_summary(report, markdown_table(report)))
 
 
 if __name__ == "__main__":

@@ -33,10 +33,9 @@ from benchmarks.bench_lora_linear import (
     Shape,
     build_layer,
     check_against_reference,
-    make_inputs,
     make_problem,
 )
-from benchmarks.harness import DEFAULT_OUT_DIR, DTYPES, describe_device, describe_versions, write_reports
+from benchmarks.harness import DEFAULT_OUT_DIR, DTYPES, make_inputs, report_header, write_reports
 
 METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum")
 UNIT_BYTES = {"byte": 1, "kbyte": 1e3, "mbyte": 1e6, "gbyte": 1e9, "tbyte": 1e12,
@@ -95,9 +94,8 @@ def run(args: argparse.Namespace) -> dict:
     ncu = shutil.which("ncu")
     if ncu is None:
         raise SystemExit("ncu (Nsight Compute) is not on PATH: it reads the DRAM counters")
-    report = {"benchmark": "lora_dram", "device": describe_device(torch.device("cuda")),
-              "versions": describe_versions(), "dtype": args.dtype, "shape": dataclasses.asdict(args.shape),
-              "metrics": list(METRICS), "published_gib": PUBLISHED_GIB, "results": [], "failed": []}
+    report = report_header("lora_dram", torch.device("cuda"), args.dtype, shape=dataclasses.asdict(args.shape),
+                           metrics=list(METRICS), published_gib=PUBLISHED_GIB, results=[], failed=[])
     for provider in args.providers:
         done = subprocess.run(ncu_command(ncu, provider, args.shape, args.dtype), capture_output=True, text=True,
                               timeout=args.timeout)

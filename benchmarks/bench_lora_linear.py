@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
 import importlib.util
 import math
 import sys
@@ -44,57 +43,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import lowrank
-from benchmarks.harness import (
-    DEFAULT_OUT_DIR,
-    DTYPES,
-    LOWRANK_BACKENDS,
-    MAX_INPUT_SETS,
-    MODE_COLUMNS,
-    MODES,
-    ROTATION_BYTES,
-    Layer,
-    backend_skip_reasons,
-    default_dtype_name,
-    describe_device,
-    describe_methods,
-    describe_versions,
-    format_mib,
-    format_ms,
-    positive_int,
-    resolve_device,
-    time_checked_providers,
-    write_reports,
-)
+from benchmarks import harness
+from benchmarks.harness import MODES, Layer, LayerProblem, LayerShape
 from lowrank.ops import lora_linear, lora_linear_reference
 
 BASELINE = "linear_frozen"
-
-CHECK_ROWS = 64
-# Tolerance of the check against the float64 reference, relative to each tensor's largest
-# entry; fp32 leaves room for the TF32 that Triton's tl.dot uses by default.
-CHECK_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+SOFTWARE = ("torch", "cuda", "triton", "peft")  # the versions the markdown names
 
 
 @dataclass(frozen=True)
-class Shape:
+class Shape(LayerShape):
     """x [M, K] through a K -> N linear layer with a rank-r adapter."""
 
-    M: int
     K: int
     N: int
     r: int
 
-    @classmethod
-    def parse(cls, text: str) -> "Shape":
-        try:
-            M, K, N, r = (int(value) for value in text.split(","))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"a shape is M,K,N,r (four integers), got {text!r}") from None
-        return cls(M, K, N, r)
-
-    def __str__(self) -> str:
-        return f"M={self.M} K={self.K} N={self.N} r={self.r}"
+    in_features = property(lambda shape: shape.K)
+    out_features = property(lambda shape: shape.N)
 
 
 HEADLINE_SHAPE = Shape(8192, 4096, 4096, 16)  # the goals' shape, first so that a time budget never drops it
@@ -106,21 +72,16 @@ DEFAULT_SHAPES = {
 }
 DEFAULT_DECODE_SHAPES = {"cpu": [], "cuda": [Shape(M, KN, KN, 16) for KN in (4096, 8192) for M in (1, 16, 256)]}
 DEFAULT_DROPOUT = {"cpu": [0.0], "cuda": [0.0, 0.1]}
-DEFAULT_REPEATS = {"cpu": 10, "cuda": 100}
-DEFAULT_WARMUP = {"cpu": 2, "cuda": 10}
 QUICK_SHAPE = Shape(256, 128, 128, 8)
-QUICK_REPEATS = 3
-QUICK_WARMUP = 1
 
 
 # ---------------------------------------------------------------- the problem and its providers
 
 
 @dataclass
-class Problem:
+class Problem(LayerProblem):
     """The one LoRA layer every provider implements; each provider copies these values."""
 
-    shape: Shape
     weight: Tensor  # [N, K], frozen
     bias: Tensor  # [N], frozen
     lora_A: Tensor  # [r, K]
@@ -132,26 +93,16 @@ class Problem:
     def scaling(self) -> float:
         return self.lora_alpha / self.shape.r  # PEFT's definition
 
-    @property
-    def device(self) -> torch.device:
-        return self.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.weight.dtype
-
 
 def make_problem(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int = 0,
                  dropout_p: float = 0.0) -> Problem:
-    generator = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(*size: int, std: float) -> Tensor:
-        return (torch.randn(*size, generator=generator, device=device) * std).to(dtype)
-
+    randn = harness.seeded_randn(device, dtype, seed)
     K, N, r = shape.K, shape.N, shape.r
     # Scaled so the base and adapter terms are both O(1): the check sees errors in either.
     return Problem(
-        shape=shape,
+        shape,
+        device,
+        dtype,
         weight=randn(N, K, std=K**-0.5),
         bias=randn(N, std=0.1),
         lora_A=randn(r, K, std=K**-0.5),
@@ -159,23 +110,6 @@ def make_problem(shape: Shape, device: torch.device, dtype: torch.dtype, seed: i
         lora_alpha=2 * r,
         dropout_p=dropout_p,
     )
-
-
-def make_inputs(problem: Problem, count: int, rows: Optional[int] = None, seed: int = 1) -> list[tuple[Tensor, Tensor]]:
-    """`count` pairs (x requiring grad, gradient of y) of `rows` rows (default M)."""
-    generator = torch.Generator(device=problem.device).manual_seed(seed)
-    rows = problem.shape.M if rows is None else rows
-    inputs = []
-    for _ in range(count):
-        x = torch.randn(rows, problem.shape.K, generator=generator, device=problem.device).to(problem.dtype)
-        grad_y = torch.randn(rows, problem.shape.N, generator=generator, device=problem.device).to(problem.dtype)
-        inputs.append((x.requires_grad_(), grad_y))
-    return inputs
-
-
-def input_set_count(shape: Shape, dtype: torch.dtype) -> int:
-    set_bytes = shape.M * (shape.K + shape.N) * dtype.itemsize
-    return max(1, min(MAX_INPUT_SETS, math.ceil(ROTATION_BYTES / set_bytes)))
 
 
 def _frozen_linear(problem: Problem) -> nn.Linear:
@@ -187,8 +121,8 @@ def _frozen_linear(problem: Problem) -> nn.Linear:
     return linear.requires_grad_(False)
 
 
-def _module_layer(module: nn.Module, lora_A: Optional[Tensor] = None, lora_B: Optional[Tensor] = None) -> Layer:
-    return Layer(module, tuple(module.parameters()), lora_A, lora_B, module.train)
+def _module_layer(module: nn.Module, trained: tuple[Tensor, ...] = ()) -> Layer:
+    return Layer(module, tuple(module.parameters()), trained, module.train)
 
 
 class EagerLoraLinear(nn.Module):
@@ -228,7 +162,7 @@ def build_linear_frozen(problem: Problem) -> Layer:
 
 def build_eager_peft_style(problem: Problem) -> Layer:
     module = EagerLoraLinear(problem)
-    return _module_layer(module, module.lora_A.weight, module.lora_B.weight)
+    return _module_layer(module, (module.lora_A.weight, module.lora_B.weight))
 
 
 def build_hf_peft(problem: Problem) -> Layer:
@@ -244,7 +178,7 @@ def build_hf_peft(problem: Problem) -> Layer:
     with torch.no_grad():
         lora_A.copy_(problem.lora_A)
         lora_B.copy_(problem.lora_B)
-    return _module_layer(layer, lora_A, lora_B)
+    return _module_layer(layer, (lora_A, lora_B))
 
 
 class _AddmmLora(torch.autograd.Function):
@@ -280,7 +214,7 @@ def build_unsloth_style(problem: Problem) -> Layer:
     def forward(x: Tensor) -> Tensor:
         return _AddmmLora.apply(x, weight, bias, lora_A, lora_B, scaling)
 
-    return Layer(forward, (weight, bias, lora_A, lora_B), lora_A, lora_B)
+    return Layer(forward, (weight, bias, lora_A, lora_B), (lora_A, lora_B))
 
 
 def _lowrank_builder(backend: str) -> Callable[[Problem], Layer]:
@@ -298,7 +232,7 @@ def _lowrank_builder(backend: str) -> Callable[[Problem], Layer]:
         def set_dropout(enabled: bool) -> None:
             dropout["on"] = enabled
 
-        return Layer(forward, (weight, bias, lora_A, lora_B), lora_A, lora_B, set_dropout)
+        return Layer(forward, (weight, bias, lora_A, lora_B), (lora_A, lora_B), set_dropout)
 
     return build
 
@@ -322,7 +256,7 @@ BASELINE_BUILDERS: dict[str, Callable[[Problem], Layer]] = {
 BUILDERS: dict[str, Callable[[Problem], Layer]] = {
     **BASELINE_BUILDERS,
     **{f"{name}_compiled": _compiled(build) for name, build in BASELINE_BUILDERS.items()},
-    **{f"lowrank_{backend}": _lowrank_builder(backend) for backend in LOWRANK_BACKENDS},
+    **{f"lowrank_{backend}": _lowrank_builder(backend) for backend in harness.LOWRANK_BACKENDS},
 }
 PROVIDERS = tuple(BUILDERS)
 COMPILED_PROVIDERS = tuple(f"{name}_compiled" for name in BASELINE_BUILDERS)
@@ -345,65 +279,32 @@ def skip_reasons(device: torch.device, named: tuple[str, ...] = ()) -> dict[str,
         for provider in COMPILED_PROVIDERS:
             if provider not in named:
                 reasons.setdefault(provider, "CPU runs time torch.compile only when named in --providers")
-    reasons.update(backend_skip_reasons(device))
+    reasons.update(harness.backend_skip_reasons(device))
     return reasons
 
 
 def check_against_reference(layer: Layer, problem: Problem) -> None:
     """Raise AssertionError unless the layer's output and gradients match a float64 reference."""
-    x, grad_y = make_inputs(problem, 1, rows=min(CHECK_ROWS, problem.shape.M), seed=2)[0]
-    layer.clear_grads(x)
-    layer.set_dropout(False)
-    try:
-        y = layer.forward(x)
-        y.backward(grad_y)
-    finally:
-        layer.set_dropout(True)
-
-    x64 = x.detach().double().requires_grad_()
     weight64, bias64 = problem.weight.double(), problem.bias.double()
-    if layer.lora_A is None:
-        y64 = F.linear(x64, weight64, bias64)
-    else:
-        lora_A64 = problem.lora_A.double().requires_grad_()
-        lora_B64 = problem.lora_B.double().requires_grad_()
-        y64 = lora_linear_reference(x64, weight64, bias64, lora_A64, lora_B64, problem.scaling)
-    y64.backward(grad_y.double())
+    if not layer.trained:  # linear_frozen
+        harness.check_against_reference(layer, problem, lambda x: F.linear(x, weight64, bias64), {})
+        return
 
-    comparisons = [("output", y, y64), ("grad of x", x.grad, x64.grad)]
-    if layer.lora_A is not None:
-        comparisons += [
-            ("grad of lora_A", layer.lora_A.grad, lora_A64.grad),
-            ("grad of lora_B", layer.lora_B.grad, lora_B64.grad),
-        ]
-    tolerance = CHECK_TOLERANCE[problem.dtype]
-    for what, actual, expected in comparisons:
-        if actual is None:
-            raise AssertionError(f"{what} was not computed")
-        torch.testing.assert_close(
-            actual.detach().double(),
-            expected.detach(),
-            rtol=tolerance,
-            atol=tolerance * expected.abs().max().item(),
-            msg=lambda message: f"{what} differs from the reference: {message}",
-        )
+    def reference(x: Tensor, lora_A: Tensor, lora_B: Tensor) -> Tensor:
+        return lora_linear_reference(x, weight64, bias64, lora_A, lora_B, problem.scaling)
+
+    harness.check_against_reference(layer, problem, reference, {"lora_A": problem.lora_A, "lora_B": problem.lora_B})
 
 
 # ---------------------------------------------------------------- timing and memory
 
 
-def benchmark_shape(
-    shape: Shape, providers: list[str], device: torch.device, dtype: torch.dtype, repeats: int, warmup: int,
-    dropout_p: float = 0.0, modes: tuple[str, ...] = MODES,
-) -> tuple[list[dict], list[dict]]:
-    """(one result row per provider, the providers that failed their check) for one shape and
-    dropout rate. The ratio to linear_frozen is of forward+backward, or of inference when only
-    that mode is timed."""
-    problem = make_problem(shape, device, dtype, dropout_p=dropout_p)
-    inputs = make_inputs(problem, input_set_count(shape, dtype))
-    rows, failures = time_checked_providers(
-        shape, problem, providers, build_layer, check_against_reference, inputs, repeats, warmup, modes
-    )
+def benchmark_shape(report: dict, shape: Shape, providers: list[str], device: torch.device, dropout_p: float = 0.0,
+                    modes: tuple[str, ...] = MODES) -> None:
+    """Check and time `providers` at one shape and dropout rate, into the report. The ratio to
+    linear_frozen is of forward+backward, or of inference when only that mode is timed."""
+    problem = make_problem(shape, device, harness.DTYPES[report["dtype"]], dropout_p=dropout_p)
+    rows = harness.time_checked_providers(report, problem, providers, build_layer, check_against_reference, modes)
     ratio_mode = "forward+backward" if "forward+backward" in modes else modes[0]
     baseline = next((row for row in rows if row["provider"] == BASELINE), None)
     for row in rows:
@@ -412,50 +313,27 @@ def benchmark_shape(
         row["ratio_to_linear_frozen"] = (
             row["median_ms"][ratio_mode] / baseline["median_ms"][ratio_mode] if baseline else None
         )
-    return rows, failures
 
 
 # ---------------------------------------------------------------- environment and reports
 
 
+def _ratio_cell(row: dict) -> str:
+    ratio = row["ratio_to_linear_frozen"]
+    return "—" if ratio is None else f"{ratio:.2f}"
+
+
 def markdown_table(report: dict) -> str:
     """One row per (shape, dropout, provider); × linear_frozen is of fwd+bwd, or of inference on
     the decode rows (the only mode they time)."""
-    with_peak = report["device"]["type"] == "cuda"
-    header = ["M", "K", "N", "r", "p", "provider", *MODE_COLUMNS.values(), "× linear_frozen", "saved MiB"]
-    header += ["peak MiB"] if with_peak else []
-    alignments = ["---" if name == "provider" else "---:" for name in header]  # numbers right-aligned
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(alignments) + "|"]
-    for row in report["results"]:
-        shape, ratio = row["shape"], row["ratio_to_linear_frozen"]
-        cells = [str(shape[dim]) for dim in ("M", "K", "N", "r")] + [f"{row['dropout_p']:g}", row["provider"]]
-        cells += [format_ms(row["median_ms"][mode]) if mode in row["median_ms"] else "—" for mode in MODES]
-        cells += ["—" if ratio is None else f"{ratio:.2f}", format_mib(row["saved_bytes"])]
-        cells += [format_mib(row["peak_bytes"])] if with_peak else []
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def report_notes(report: dict) -> list[str]:
-    notes = [f"- skipped {provider}: {reason}" for provider, reason in report["skipped"].items()]
-    notes += [f"- not run, over the --max-minutes budget: {item}" for item in report["not_run"]]
-    for failure in report["failed_checks"]:
-        first_line = failure["error"].splitlines()[0]
-        notes.append(f"- FAILED CHECK, not timed: {failure['provider']} at {Shape(**failure['shape'])}: {first_line}")
-    return notes
+    dropout_column = ("p", lambda row: f"{row['dropout_p']:g}")
+    return harness.layer_table(report, Shape, before_provider=(dropout_column,),
+                               after_modes=(("× linear_frozen", _ratio_cell),))
 
 
 def markdown_report(report: dict) -> str:
-    versions = report["versions"]
-    software = ", ".join(f"{name} {versions[name]}" for name in ("torch", "cuda", "triton", "peft") if versions[name])
-    context = (
-        f"{report['dtype']}; {software}. {report['timing']}. Median of {report['repeats']} repeats "
-        f"after {report['warmup']} warm-up. {report['memory']}."
-    )
-    if report["quick"]:
-        context += " QUICK MODE: a smoke test, not a measurement."
-    title = f"# LoRA linear benchmark: {report['device']['name']}"
-    return "\n".join([title, "", context, "", markdown_table(report), "", *report_notes(report), ""])
+    context = f"{report['dtype']}; {harness.measurement_sentence(report, SOFTWARE)} {report['memory']}."
+    return harness.markdown_document(report, "LoRA linear benchmark", context, markdown_table(report))
 
 
 def write_plot(report: dict, path: Path) -> bool:
@@ -495,15 +373,8 @@ def _dropout_rate(text: str) -> float:
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_lora_linear",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
-    parser.add_argument("--shapes", nargs="+", type=Shape.parse, metavar="M,K,N,r", help="default: a set per device")
-    parser.add_argument("--decode-shapes", nargs="*", type=Shape.parse, metavar="M,K,N,r",
+    parser = harness.layer_parser("python -m benchmarks.bench_lora_linear", __doc__, Shape, PROVIDERS, QUICK_SHAPE)
+    parser.add_argument("--decode-shapes", nargs="*", type=Shape.parse, metavar=Shape.metavar(),
                         help="timed in the inference mode only (default: M=1,16,256 at K=N=4096,8192, r=16 on "
                              "CUDA; none on CPU)")
     parser.add_argument("--dropout", nargs="+", type=_dropout_rate, metavar="P",
@@ -511,47 +382,21 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--max-minutes", type=float,
                         help="start no shape but the first after this long (default: no limit)")
     parser.add_argument("--tag", help="appended to the result files' names (lora_linear_<device>_<dtype>_<tag>)")
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, help="default: every provider that can run here")
-    parser.add_argument("--repeats", type=positive_int, help="timed repeats per mode (default 10 on CPU, 100 on CUDA)")
-    parser.add_argument("--warmup", type=int, help="untimed repeats before them (default 2 on CPU, 10 on CUDA)")
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="default: benchmarks/results/kernels")
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_SHAPE}, {QUICK_REPEATS} repeats: a smoke test")
     parser.add_argument("--plot", action="store_true", help="also write a PNG (needs matplotlib)")
     return parser.parse_args(argv)
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
     """Check and time every requested provider on every shape; the report with all raw numbers."""
-    device = resolve_device(args.device)
-    dtype_name = args.dtype or default_dtype_name(device)
-    shapes = args.shapes or ([QUICK_SHAPE] if args.quick else DEFAULT_SHAPES[device.type])
+    device, shapes, providers, report = harness.start_layer_report(
+        "lora_linear", args, DEFAULT_SHAPES, QUICK_SHAPE, skip_reasons, PROVIDERS)
+    report["not_run"] = []
     decode_shapes = args.decode_shapes if args.decode_shapes is not None else (
         [] if args.quick or args.shapes else DEFAULT_DECODE_SHAPES[device.type])
     dropout_rates = args.dropout or ([0.0] if args.quick else DEFAULT_DROPOUT[device.type])
-    repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS[device.type])
-    warmup = args.warmup if args.warmup is not None else (QUICK_WARMUP if args.quick else DEFAULT_WARMUP[device.type])
-    requested = args.providers or PROVIDERS
-    skipped = {provider: reason for provider, reason in skip_reasons(device, tuple(args.providers or ())).items()
-               if provider in requested}
-    providers = [provider for provider in requested if provider not in skipped]
     runs = [(shape, dropout_p, MODES) for shape in shapes for dropout_p in dropout_rates]
     runs += [(shape, 0.0, ("inference",)) for shape in decode_shapes]
 
-    report = {
-        "benchmark": "lora_linear",
-        "device": describe_device(device),
-        "versions": describe_versions(),
-        "dtype": dtype_name,
-        "quick": args.quick,
-        "repeats": repeats,
-        "warmup": warmup,
-        **describe_methods(device),
-        "lowrank_backends": {name: status._asdict() for name, status in lowrank.backends().items()},
-        "skipped": skipped,
-        "failed_checks": [],
-        "not_run": [],
-        "results": [],
-    }
     started = time.perf_counter()
     for index, (shape, dropout_p, modes) in enumerate(runs):
         what = f"{shape} p={dropout_p:g}" + ("" if modes == MODES else f" ({', '.join(modes)} only)")
@@ -571,10 +416,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 if provider in providers:
                     report["skipped"][f"{provider} at p={dropout_p:g}"] = "Unsloth's fast path needs lora_dropout=0"
         print(f"{what}: timing {', '.join(run_providers)}", file=sys.stderr, flush=True)
-        rows, failures = benchmark_shape(shape, run_providers, device, DTYPES[dtype_name], repeats, warmup,
-                                         dropout_p, modes)
-        report["results"] += rows
-        report["failed_checks"] += failures
+        benchmark_shape(report, shape, run_providers, device, dropout_p, modes)
     return report
 
 
@@ -582,13 +424,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     report = run_benchmark(args)
     name = "_".join(["lora_linear", report["device"]["slug"], report["dtype"]] + ([args.tag] if args.tag else []))
-    stem = write_reports(args.out_dir, name, report, markdown_report(report))
+    stem = harness.write_reports(args.out_dir, name, report, markdown_report(report))
     if args.plot and report["results"]:
         if write_plot(report, Path(f"{stem}.png")):
             print(f"wrote {stem}.png")
         else:
             print("no plot: matplotlib is not installed", file=sys.stderr)
-    print("\n".join(["", *report_notes(report), "", markdown_table(report)]))
+    print(harness.console_summary(report, markdown_table(report)))
     return 1 if report["failed_checks"] else 0
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import lowrank
-from benchmarks.harness import backend_skip_reasons, positive_int, write_reports
+from benchmarks.harness import backend_skip_reasons, markdown_document, positive_int, publish
 from benchmarks.training_step import TrainingRun, compare_providers, markdown_rows, start_report, step_parser
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -140,20 +140,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
 def markdown_report(report: dict) -> str:
     model = report["model"]
-    lines = [
-        f"# LoRA training step, Llama-style stack: {report['device']['name']}", "",
+    context = (
         f"{model['layers']} layers of hidden {model['hidden_size']}, intermediate {model['intermediate_size']}, "
         f"{model['num_attention_heads']} heads ({model['num_key_value_heads']} KV); batch {report['batch']} × seq "
         f"{report['seq']}; {report['dtype']}; LoRA r={RANK} on {', '.join(TARGETS)}. Median of {report['repeats']} "
         f"steps after {report['warmup']} warm-up, providers alternating."
-        + (" QUICK MODE: a smoke test, not a measurement." if report["quick"] else ""), "",
-        *markdown_rows(report["results"], BASELINE),
-    ]
-    lines += [""] + [f"- skipped {provider}: {reason}" for provider, reason in report["skipped"].items()]
-    lines += [
-        f"- FAILED CHECK, not timed: {f['provider']}: {f['error'].splitlines()[0]}" for f in report["failed_checks"]
-    ]
-    return "\n".join(lines) + "\n"
+    )
+    table = "\n".join(markdown_rows(report["results"], BASELINE))
+    return markdown_document(report, "LoRA training step, Llama-style stack", context, table)
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -165,9 +159,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     report = run_benchmark(args)
-    write_reports(args.out_dir, f"lora_llama_step_{report['device']['slug']}", report, markdown_report(report))
-    print(markdown_report(report))
-    return 1 if report["failed_checks"] else 0
+    markdown = markdown_report(report)
+    return publish(report, args.out_dir, f"lora_llama_step_{report['device']['slug']}", markdown, markdown)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,9 @@ fi
 python -c "import lowrank; [print(f'{n:7s} {s.available!s:5s} {s.reason}') for n, s in lowrank.backends().items()]" | tee -a "$LOG"
 
 tests=()
-wants lora && tests+=(tests/test_gpu.py tests/test_lora_linear.py tests/test_lora_linear_triton.py
-  tests/test_dora_linear.py tests/test_dora_linear_triton.py)
-wants adapter && tests+=(tests/test_adapter.py tests/test_grad_reverse.py)
+wants lora && tests+=(tests/test_gpu.py tests/ops/test_lora_linear.py tests/ops/test_lora_linear_triton.py
+  tests/ops/test_dora_linear.py tests/ops/test_dora_linear_triton.py)
+wants adapter && tests+=(tests/ops/test_adapter.py tests/ops/test_grad_reverse.py)
 step "GPU tests: ${tests[*]}"
 timeout 420 python -m pytest "${tests[@]}" -q -p no:cacheprovider >>"$LOG" 2>&1
 tests_rc=$?

@@ -1,7 +1,10 @@
 """The shared harness of the benchmarks: a provider's layer, interleaved timing of the modes,
-memory accounting, checked timing of every provider, the machine and versions of a report, and
-the command-line helpers. Each benchmark (bench_<op>.py) brings its problem, providers, reference
-check and report; the timing and accounting are these, so every benchmark measures alike."""
+memory accounting, the machine and versions of a report, and the command-line helpers; and for
+the layer benchmarks (bench_lora_linear, bench_adapter: y = layer(x) of one op), the shape and
+problem types, their inputs, the check against a float64 reference, checked timing of every
+provider, the command line, the report and its table. Each benchmark (bench_<op>.py) brings its
+sizes, tensors, providers, reference and its own columns; the rest is here, so every benchmark
+measures and reports alike."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import argparse
 import dataclasses
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import re
@@ -48,25 +52,39 @@ ROTATION_BYTES = 256 << 20
 MAX_INPUT_SETS = 16
 
 
+# Repeats of the layer benchmarks: timed, and untimed warm-up before them.
+DEFAULT_REPEATS = {"cpu": 10, "cuda": 100}
+DEFAULT_WARMUP = {"cpu": 2, "cuda": 10}
+QUICK_REPEATS = 3
+QUICK_WARMUP = 1
+QUICK_NOTE = " QUICK MODE: a smoke test, not a measurement."
+
+
+CHECK_ROWS = 64
+# Tolerance of the check against the float64 reference, relative to each tensor's largest
+# entry; fp32 leaves room for the TF32 that Triton's tl.dot uses by default.
+CHECK_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
 def _no_dropout(enabled: bool) -> None:
     """The dropout switch of a layer without dropout."""
 
 
 @dataclass
 class Layer:
-    """One provider's implementation of a Problem: y = forward(x)."""
+    """One provider's implementation of a LayerProblem: y = forward(x)."""
 
     forward: Callable[[Tensor], Tensor]
     held: tuple[Tensor, ...]  # the weights it holds: not activations, so not counted as saved
-    lora_A: Optional[Tensor] = None  # the trained tensors; None for linear_frozen
-    lora_B: Optional[Tensor] = None
+    # Its copies of the tensors the op trains, in the order the benchmark's check names them
+    # (LoRA: lora_A, lora_B); none for a frozen baseline.
+    trained: tuple[Tensor, ...] = ()
     set_dropout: Callable[[bool], None] = _no_dropout  # off while checked against the reference
 
     def clear_grads(self, x: Tensor) -> None:
         """Drop gradients so each repeat allocates them afresh, as after zero_grad(set_to_none=True)."""
-        for tensor in (x, self.lora_A, self.lora_B):
-            if tensor is not None:
-                tensor.grad = None
+        for tensor in (x, *self.trained):
+            tensor.grad = None
 
 
 class WallTimer:
@@ -166,31 +184,151 @@ def peak_cuda_bytes(layer: Layer, x: Tensor, grad_y: Tensor) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-def time_checked_providers(shape, problem, providers: list[str], build, check, inputs: list, repeats: int,
-                           warmup: int, modes: tuple[str, ...] = MODES) -> tuple[list[dict], list[dict]]:
+# ---------------------------------------------------------------- a layer benchmark's problem
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """The sizes of a layer benchmark's problem, x [M, in_features] -> y [M, out_features]. A
+    benchmark subclasses it as a frozen dataclass with its other sizes as int fields (after M:
+    the order --shapes takes them in) and properties in_features and out_features naming x's and
+    y's widths, as bench_lora_linear.Shape does."""
+
+    M: int  # rows of x (tokens)
+
+    @classmethod
+    def metavar(cls) -> str:
+        """The sizes' names as --shapes takes them: M,K,N,r."""
+        return ",".join(field.name for field in dataclasses.fields(cls))
+
+    @classmethod
+    def parse(cls, text: str) -> "LayerShape":
+        """A shape from its sizes written as --shapes takes them: 8192,4096,4096,16."""
+        count = len(dataclasses.fields(cls))
+        try:
+            sizes = [int(value) for value in text.split(",")]
+        except ValueError:
+            sizes = []
+        if len(sizes) != count:
+            raise argparse.ArgumentTypeError(f"a shape is {cls.metavar()} ({count} integers), got {text!r}")
+        return cls(*sizes)
+
+    def __str__(self) -> str:
+        return shape_text(dataclasses.asdict(self))
+
+
+def shape_text(sizes: dict[str, int]) -> str:
+    """A shape's sizes (a report's row["shape"]) as the reports write them: M=256 K=128 N=128 r=8."""
+    return " ".join(f"{name}={value}" for name, value in sizes.items())
+
+
+@dataclass
+class LayerProblem:
+    """The one layer every provider of a layer benchmark implements, each copying its values. A
+    benchmark subclasses it with the op's tensors (and settings) as fields, which its
+    make_problem fills from seeded_randn."""
+
+    shape: LayerShape
+    device: torch.device
+    dtype: torch.dtype
+
+
+def seeded_randn(device: torch.device, dtype: torch.dtype, seed: int) -> Callable[..., Tensor]:
+    """randn(*size, std=...): normal values times std in `dtype`, all drawn from one generator on
+    `device` seeded with `seed`, so a problem's tensors are the same in every run."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*size: int, std: float) -> Tensor:
+        return (torch.randn(*size, generator=generator, device=device) * std).to(dtype)
+
+    return randn
+
+
+def make_inputs(problem: LayerProblem, count: int, rows: Optional[int] = None,
+                seed: int = 1) -> list[tuple[Tensor, Tensor]]:
+    """`count` pairs (x requiring grad, gradient of y) of `rows` rows (default M)."""
+    generator = torch.Generator(device=problem.device).manual_seed(seed)
+    shape = problem.shape
+    rows = shape.M if rows is None else rows
+    inputs = []
+    for _ in range(count):
+        x = torch.randn(rows, shape.in_features, generator=generator, device=problem.device).to(problem.dtype)
+        grad_y = torch.randn(rows, shape.out_features, generator=generator, device=problem.device).to(problem.dtype)
+        inputs.append((x.requires_grad_(), grad_y))
+    return inputs
+
+
+def _input_set_count(problem: LayerProblem) -> int:
+    shape = problem.shape
+    set_bytes = shape.M * (shape.in_features + shape.out_features) * problem.dtype.itemsize
+    return max(1, min(MAX_INPUT_SETS, math.ceil(ROTATION_BYTES / set_bytes)))
+
+
+def check_against_reference(layer: Layer, problem: LayerProblem, reference: Callable[..., Tensor],
+                            trained: dict[str, Tensor], x_name: str = "x") -> None:
+    """Raise AssertionError unless the layer's output and the gradients of x and of its trained
+    tensors match reference(x, *trained) computed in float64. `trained`: the problem's values of
+    the tensors in layer.trained, by name, in the same order; the layer runs with its dropout off
+    (the masks are random)."""
+    x, grad_y = make_inputs(problem, 1, rows=min(CHECK_ROWS, problem.shape.M), seed=2)[0]
+    layer.clear_grads(x)
+    layer.set_dropout(False)
+    try:
+        y = layer.forward(x)
+        y.backward(grad_y)
+    finally:
+        layer.set_dropout(True)
+
+    x64 = x.detach().double().requires_grad_()
+    trained64 = [value.double().requires_grad_() for value in trained.values()]
+    y64 = reference(x64, *trained64)
+    y64.backward(grad_y.double())
+
+    comparisons = [("output", y, y64), (f"grad of {x_name}", x.grad, x64.grad)]
+    comparisons += [(f"grad of {name}", ours.grad, expected.grad)
+                    for name, ours, expected in zip(trained, layer.trained, trained64, strict=True)]
+    tolerance = CHECK_TOLERANCE[problem.dtype]
+    for what, actual, expected in comparisons:
+        if actual is None:
+            raise AssertionError(f"{what} was not computed")
+        torch.testing.assert_close(
+            actual.detach().double(),
+            expected.detach(),
+            rtol=tolerance,
+            atol=tolerance * expected.abs().max().item(),
+            msg=lambda message: f"{what} differs from the reference: {message}",
+        )
+
+
+def time_checked_providers(report: dict, problem: LayerProblem, providers: list[str], build, check,
+                           modes: tuple[str, ...] = MODES) -> list[dict]:
     """Build each provider, check it against the float64 reference, time the ones that pass in
-    every mode of `modes`: (one result row per timed provider, the providers that failed their
-    check). Shared by the LoRA, adapter benchmarks: `build(provider, problem)`, `check(layer, problem)`."""
-    layers, failures = {}, []
+    every mode of `modes` (the report's repeats and warmup) on inputs rotated as ROTATION_BYTES
+    asks. Adds a row per timed provider to report["results"] and one per failed check to
+    report["failed_checks"]; returns the new result rows, for the benchmark's own columns.
+    `build(provider, problem)`, `check(layer, problem)`."""
+    shape = dataclasses.asdict(problem.shape)
+    layers = {}
     for provider in providers:
         try:
             layer = build(provider, problem)
             check(layer, problem)
         except Exception as exc:  # a broken provider is reported; the others are still measured
             error = f"{type(exc).__name__}: {exc}"
-            failures.append({"shape": dataclasses.asdict(shape), "provider": provider, "error": error})
+            report["failed_checks"].append({"shape": shape, "provider": provider, "error": error})
             continue
         layers[provider] = layer
     if not layers:
-        return [], failures
+        return []
 
-    times = {mode: time_mode(layers, inputs, mode, repeats, warmup) for mode in modes}
+    inputs = make_inputs(problem, _input_set_count(problem))
+    times = {mode: time_mode(layers, inputs, mode, report["repeats"], report["warmup"]) for mode in modes}
     x, grad_y = inputs[0]
     on_cuda = x.is_cuda
     training = "forward+backward" in modes
     rows = [
         {
-            "shape": dataclasses.asdict(shape),
+            "shape": shape,
             "provider": provider,
             "median_ms": {mode: statistics.median(times[mode][provider]) for mode in modes},
             "times_ms": {mode: times[mode][provider] for mode in modes},
@@ -200,7 +338,8 @@ def time_checked_providers(shape, problem, providers: list[str], build, check, i
         }
         for provider, layer in layers.items()
     ]
-    return rows, failures
+    report["results"] += rows
+    return rows
 
 
 def _slug(text: str) -> str:
@@ -267,16 +406,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-def write_reports(out_dir: Path, name: str, report: dict, markdown: str) -> Path:
-    """<out_dir>/<name>.json (every raw number) and .md; the stem, for further files."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / name
-    Path(f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    Path(f"{stem}.md").write_text(markdown)
-    print(f"wrote {stem}.json and {stem}.md")
-    return stem
-
-
 def backend_skip_reasons(device: torch.device) -> dict[str, str]:
     """The lowrank_<backend> providers that cannot be timed on `device`, each with why."""
     reasons = {}
@@ -303,3 +432,145 @@ def describe_methods(device: torch.device) -> dict[str, str]:
         "timing": f"{clock}, providers interleaved round-robin, inputs rotated among up to {MAX_INPUT_SETS} sets",
         "memory": memory,
     }
+
+
+# ---------------------------------------------------------------- a layer benchmark's command line
+
+
+def _per_device(values: dict[str, int]) -> str:
+    return f"{values['cpu']} on CPU, {values['cuda']} on CUDA"
+
+
+def layer_parser(prog: str, description: str, shape_type: type[LayerShape], providers: tuple[str, ...],
+                 quick_shape: LayerShape) -> argparse.ArgumentParser:
+    """The options every layer benchmark takes (read by start_layer_report); each adds its own."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
+    parser.add_argument("--shapes", nargs="+", type=shape_type.parse, metavar=shape_type.metavar(),
+                        help="default: a set per device")
+    parser.add_argument("--providers", nargs="+", choices=providers, help="default: every provider that can run here")
+    parser.add_argument("--repeats", type=positive_int,
+                        help=f"timed repeats per mode (default {_per_device(DEFAULT_REPEATS)})")
+    parser.add_argument("--warmup", type=int,
+                        help=f"untimed repeats before them (default {_per_device(DEFAULT_WARMUP)})")
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="default: benchmarks/results/kernels")
+    parser.add_argument("--quick", action="store_true", help=f"{quick_shape}, {QUICK_REPEATS} repeats: a smoke test")
+    return parser
+
+
+def start_layer_report(benchmark: str, args: argparse.Namespace, default_shapes: dict[str, list],
+                       quick_shape: LayerShape, skip_reasons: Callable[[torch.device, tuple[str, ...]], dict[str, str]],
+                       providers: tuple[str, ...], **described) -> tuple:
+    """(device, shapes, the providers to time, the report so far) of a layer benchmark run with
+    `args` (layer_parser's options): the device's defaults, or --quick's, overridden by the
+    options given; `skip_reasons(device, the providers named)`: the ones that cannot run here;
+    `described`: the benchmark's own settings, for the report."""
+    device = resolve_device(args.device)
+    shapes = args.shapes or ([quick_shape] if args.quick else default_shapes[device.type])
+    repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS[device.type])
+    warmup = args.warmup if args.warmup is not None else (QUICK_WARMUP if args.quick else DEFAULT_WARMUP[device.type])
+    requested = args.providers or providers
+    skipped = {provider: reason for provider, reason in skip_reasons(device, tuple(args.providers or ())).items()
+               if provider in requested}
+    report = {
+        **report_header(benchmark, device, args.dtype or default_dtype_name(device), **described, quick=args.quick,
+                        repeats=repeats, warmup=warmup),
+        **describe_methods(device),
+        "lowrank_backends": {name: status._asdict() for name, status in lowrank.backends().items()},
+        "skipped": skipped,
+        "failed_checks": [],
+        "results": [],
+    }
+    return device, shapes, [provider for provider in requested if provider not in skipped], report
+
+
+# ---------------------------------------------------------------- reports
+
+
+def report_header(benchmark: str, device: torch.device, dtype_name: str, **settings) -> dict:
+    """The first keys of every report: the benchmark, the machine, the software, the dtype, then `settings`."""
+    return {"benchmark": benchmark, "device": describe_device(device), "versions": describe_versions(),
+            "dtype": dtype_name, **settings}
+
+
+def measurement_sentence(report: dict, software: tuple[str, ...]) -> str:
+    """The versions of `software` and how the report's times were taken, for its markdown."""
+    versions = report["versions"]
+    named = ", ".join(f"{name} {versions[name]}" for name in software if versions[name])
+    return f"{named}. {report['timing']}. Median of {report['repeats']} repeats after {report['warmup']} warm-up."
+
+
+def report_notes(report: dict) -> list[str]:
+    """The report's markdown list: the providers skipped and why, what the time budget left
+    out (not_run), the providers that failed their check."""
+    notes = [f"- skipped {provider}: {reason}" for provider, reason in report["skipped"].items()]
+    notes += [f"- not run, over the --max-minutes budget: {item}" for item in report.get("not_run", [])]
+    for failure in report.get("failed_checks", []):
+        where = f" at {shape_text(failure['shape'])}" if "shape" in failure else ""
+        first_line = failure["error"].splitlines()[0]
+        notes.append(f"- FAILED CHECK, not timed: {failure['provider']}{where}: {first_line}")
+    return notes
+
+
+def markdown_document(report: dict, title: str, context: str, table: str) -> str:
+    """A report's markdown: `title` on the device, the `context` paragraph (marked a smoke test
+    under --quick), the table, the notes."""
+    if report["quick"]:
+        context += QUICK_NOTE
+    heading = f"# {title}: {report['device']['name']}"
+    return "\n".join([heading, "", context, "", table, "", *report_notes(report), ""])
+
+
+Column = tuple[str, Callable[[dict], str]]  # a table's column: its header, and its cell of a result row
+
+
+def format_table(rows: list[dict], columns: list[Column]) -> str:
+    """One table line per row; numbers right-aligned (every column but the provider's)."""
+    header = [name for name, _ in columns]
+    alignments = ["---" if name == "provider" else "---:" for name in header]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(alignments) + "|"]
+    lines += ["| " + " | ".join(cell(row) for _, cell in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _mode_cell(mode: str) -> Callable[[dict], str]:
+    return lambda row: format_ms(row["median_ms"][mode]) if mode in row["median_ms"] else "—"
+
+
+def layer_table(report: dict, shape_type: type[LayerShape], before_provider: tuple[Column, ...] = (),
+                after_modes: tuple[Column, ...] = ()) -> str:
+    """A layer benchmark's table, one line per result: the shape's sizes, `before_provider`, the
+    provider, the median ms of each mode (— where it was not timed), `after_modes`, saved MiB and
+    on CUDA peak MiB."""
+    columns = [(field.name, lambda row, name=field.name: str(row["shape"][name]))
+               for field in dataclasses.fields(shape_type)]
+    columns += [*before_provider, ("provider", lambda row: row["provider"])]
+    columns += [(header, _mode_cell(mode)) for mode, header in MODE_COLUMNS.items()]
+    columns += [*after_modes, ("saved MiB", lambda row: format_mib(row["saved_bytes"]))]
+    if report["device"]["type"] == "cuda":
+        columns.append(("peak MiB", lambda row: format_mib(row["peak_bytes"])))
+    return format_table(report["results"], columns)
+
+
+def console_summary(report: dict, table: str) -> str:
+    """What a benchmark prints when done: the notes, then the table, last so a terminal keeps it in view."""
+    return "\n".join(["", *report_notes(report), "", table])
+
+
+def write_reports(out_dir: Path, name: str, report: dict, markdown: str) -> Path:
+    """<out_dir>/<name>.json (every raw number) and .md; the stem, for further files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / name
+    Path(f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    Path(f"{stem}.md").write_text(markdown)
+    print(f"wrote {stem}.json and {stem}.md")
+    return stem
+
+
+def publish(report: dict, out_dir: Path, name: str, markdown: str, summary: str) -> int:
+    """Write the report (write_reports), print `summary`; the exit status: 1 if a provider failed its check."""
+    write_reports(out_dir, name, report, markdown)
+    print(summary)
+    return 1 if report.get("failed_checks") else 0

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from benchmarks import bench_adapter
-from benchmarks.harness import DTYPES, default_dtype_name, resolve_device, run_step
+from benchmarks.harness import DTYPES, default_dtype_name, make_inputs, resolve_device, run_step
 
 DEVICE = resolve_device("auto")
 DTYPE_NAME = default_dtype_name(DEVICE)
@@ -37,7 +37,7 @@ def test_adapter_forward_backward(benchmark, shape, provider):
     problem = bench_adapter.make_problem(shape, "relu", DEVICE, DTYPE)
     layer = bench_adapter.build_layer(provider, problem)
     bench_adapter.check_against_reference(layer, problem)  # timing a wrong provider would be worthless
-    h, grad_out = bench_adapter.make_inputs(problem, 1)[0]
+    h, grad_out = make_inputs(problem, 1)[0]
 
     def step():
         run_step(layer, "forward+backward", h, grad_out, contextlib.nullcontext())

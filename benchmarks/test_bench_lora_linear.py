@@ -16,11 +16,10 @@ from benchmarks.bench_lora_linear import (
     Shape,
     build_layer,
     check_against_reference,
-    make_inputs,
     make_problem,
     skip_reasons,
 )
-from benchmarks.harness import DTYPES, default_dtype_name, resolve_device, run_step, saved_activation_bytes
+from benchmarks.harness import DTYPES, default_dtype_name, make_inputs, resolve_device, run_step, saved_activation_bytes
 
 DEVICE = resolve_device("auto")
 DTYPE = DTYPES[default_dtype_name(DEVICE)]

@@ -18,9 +18,8 @@ from benchmarks.harness import (
     CudaEventTimer,
     WallTimer,
     default_dtype_name,
-    describe_device,
-    describe_versions,
     positive_int,
+    report_header,
     resolve_device,
 )
 
@@ -157,9 +156,8 @@ def start_report(benchmark: str, args: argparse.Namespace, defaults: dict[str, d
                 for key, value in (quick if args.quick else defaults[device.type]).items()}
     skipped = {provider: reason for provider, reason in skip_reasons(device).items() if provider in args.providers}
     providers = [provider for provider in args.providers if provider not in skipped]
-    report = {"benchmark": benchmark, "device": describe_device(device), "versions": describe_versions(),
-              "dtype": str(dtype).removeprefix("torch."), "quick": args.quick, **settings, **described,
-              "skipped": skipped, "failed_checks": [], "results": []}
+    report = report_header(benchmark, device, str(dtype).removeprefix("torch."), quick=args.quick, **settings,
+                           **described, skipped=skipped, failed_checks=[], results=[])
     if baseline not in providers:
         report["failed_checks"].append(
             {"provider": baseline, "error": "the baseline cannot run: nothing to check against"}

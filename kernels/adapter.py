@@ -18,7 +18,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lowrank.kernels.matmul import autotuned, check_dtype, launch, matmul, tile_ids, to_acc
+from lowrank.kernels.matmul import (
+    autotuned,
+    check_dtype,
+    empty_batch_gradients,
+    launch,
+    matmul,
+    matmul_tile,
+    tile_offsets,
+    to_acc,
+)
 
 _ACTIVATION_CODES = {"relu": 0, "gelu": 1, "silu": 2}
 
@@ -48,28 +57,6 @@ def _activate_grad(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _matmul_tile(
-    a_ptr, b_ptr, offs_m, offs_n, M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn,
-    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """a[offs_m, :]·b[:, offs_n] in the accumulator dtype."""
-    rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + rk[None, :] * stride_ak
-    b_ptrs = b_ptr + rk[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k0 in range(0, K, BLOCK_K):
-        k_in = k0 + rk < K
-        a = tl.load(a_ptrs, mask=(offs_m < M)[:, None] & k_in[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_in[:, None] & (offs_n < N)[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-    return acc
-
-
-@triton.jit
 def _down_projection_kernel(
     h_ptr, w_ptr, bias_ptr, z_ptr, a_ptr,
     M, N, K,
@@ -82,11 +69,9 @@ def _down_projection_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """z[M, N] = h[M, K]·w[K, N] + bias[N] and a[M, N] = scaling·act(z)."""
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     n_in = offs_n < N
-    z = _matmul_tile(h_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_hm, stride_hk, stride_wk, stride_wn,
+    z = matmul_tile(h_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_hm, stride_hk, stride_wk, stride_wn,
                      ACC_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         z += tl.load(bias_ptr + offs_n * stride_bias, mask=n_in, other=0.0).to(ACC_DTYPE)[None, :]
@@ -113,13 +98,11 @@ def _residual_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[M, N] = a[M, K]·b[K, N] + bias_scale·bias[N] + residual[M, N]."""
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     n_in = offs_n < N
     in_tile = (offs_m < M)[:, None] & n_in[None, :]
     rows, cols = offs_m.to(tl.int64)[:, None], offs_n.to(tl.int64)[None, :]
-    acc = _matmul_tile(a_ptr, b_ptr, offs_m, offs_n, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+    acc = matmul_tile(a_ptr, b_ptr, offs_m, offs_n, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                        ACC_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n * stride_bias, mask=n_in, other=0.0).to(ACC_DTYPE)
@@ -142,12 +125,10 @@ def _activation_grad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """dz[M, N] = (g[M, K]·w[K, N])⊙scaling·act'(z) and, if asked, a[M, N] = scaling·act(z)."""
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     in_tile = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     rows, cols = offs_m.to(tl.int64)[:, None], offs_n.to(tl.int64)[None, :]
-    g_w = _matmul_tile(g_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_gm, stride_gk, stride_wk, stride_wn,
+    g_w = matmul_tile(g_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_gm, stride_gk, stride_wk, stride_wn,
                        ACC_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     z = tl.load(z_ptr + rows * stride_zm + cols * stride_zn, mask=in_tile, other=0.0).to(ACC_DTYPE)
     scaling = to_acc(scaling, ACC_DTYPE)
@@ -238,13 +219,8 @@ def backward(grad_out, h, z, w_down, w_up, activation, scaling, residual,
     check_dtype("adapter", h)
     (M, D), Bn = h.shape, w_down.shape[0]
     if M == 0:
-        return (
-            h.new_empty((0, D)) if needs_dh else None,
-            h.new_zeros((Bn, D)) if needs_dw_down else None,
-            h.new_zeros(Bn) if needs_db_down else None,
-            h.new_zeros((D, Bn)) if needs_dw_up else None,
-            h.new_zeros(D) if needs_db_up else None,
-        )
+        needed = (needs_dh, needs_dw_down, needs_db_down, needs_dw_up, needs_db_up)
+        return empty_batch_gradients(h, ((0, D), (Bn, D), (Bn,), (D, Bn), (D,)), needed)
     dz, a_s = _activation_grad(grad_out, w_up, z, activation, scaling, needs_dw_up)
     dh = _residual_matmul(dz, w_down, None, 0.0, grad_out if residual else None) if needs_dh else None
     dw_down = None

@@ -31,36 +31,16 @@ from lowrank.kernels.matmul import (
     GPU_TILES,
     autotuned,
     check_dtype,
+    empty_batch_gradients,
     fit,
     keep_mask,
     launch,
     matmul,
-    tile_ids,
+    matmul_tile,
+    tile_offsets,
     to_acc,
 )
 from lowrank.ops import hash_dropout
-
-
-@triton.jit
-def _low_rank_tile(
-    l_ptr, r_ptr, offs_m, offs_n, M, N, R,
-    stride_lm, stride_lr, stride_rr, stride_rn,
-    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """l[offs_m, :]·r[:, offs_n]; a single tl.dot unless r exceeds BLOCK_R."""
-    rr = tl.arange(0, BLOCK_R)
-    l_ptrs = l_ptr + offs_m.to(tl.int64)[:, None] * stride_lm + rr[None, :] * stride_lr
-    r_ptrs = r_ptr + rr[:, None] * stride_rr + offs_n.to(tl.int64)[None, :] * stride_rn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for r0 in range(0, R, BLOCK_R):
-        r_in = r0 + rr < R
-        l_tile = tl.load(l_ptrs, mask=(offs_m < M)[:, None] & r_in[None, :], other=0.0)
-        r_tile = tl.load(r_ptrs, mask=r_in[:, None] & (offs_n < N)[None, :], other=0.0)
-        acc = tl.dot(l_tile, r_tile, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        l_ptrs += BLOCK_R * stride_lr
-        r_ptrs += BLOCK_R * stride_rr
-    return acc
 
 
 @triton.jit
@@ -79,16 +59,14 @@ def _lora_matmul_kernel(
 ):
     """out[M, N] = a[M, K]·b[K, N] + lora_scale·D⊙(l[M, R]·r[R, N]) + bias[N], or with COL_SCALE
     scale[N]⊙(a·b + lora_scale·D⊙(l·r)) + bias (scale in the accumulator dtype)."""
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     m_in = offs_m < M
     n_in = offs_n < N
     lora_scale = to_acc(lora_scale, ACC_DTYPE)
 
     # The accumulator is seeded with the low-rank term: one small dot, and no second
     # [BLOCK_M, BLOCK_N] tile held through the main loop (which made large tiles spill).
-    acc = lora_scale * _low_rank_tile(
+    acc = lora_scale * matmul_tile(
         l_ptr, r_ptr, offs_m, offs_n, M, N, R, stride_lm, stride_lr, stride_rr, stride_rn,
         ACC_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R,
     )
@@ -131,9 +109,7 @@ def _inference_kernel(
     """out = x·w + lora_scale·(x·a)·b + bias in one launch, R <= BLOCK_R: each program builds
     its own x·a tile in the K loop from the x tile it loads anyway, so xa never goes to memory.
     For few rows (decoding) the layer is bound by reading W; A stays in L2 across programs."""
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     m_in = offs_m < M
     n_in = offs_n < N
     rk = tl.arange(0, BLOCK_K)
@@ -243,13 +219,8 @@ def backward(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, ne
     check_dtype("lora_linear", x)
     (M, K), N = x.shape, weight.shape[0]
     if M == 0:
-        return (
-            x.new_empty((0, K)) if needs_dx else None,
-            x.new_zeros((N, K)) if needs_dweight else None,
-            grad_y.new_zeros(N) if needs_dbias else None,
-            torch.zeros_like(lora_A),
-            torch.zeros_like(lora_B),
-        )
+        shapes = ((0, K), (N, K), (N,), lora_A.shape, lora_B.shape)
+        return empty_batch_gradients(x, shapes, (needs_dx, needs_dweight, needs_dbias, True, True))
     keep_scale = 1.0 / (1.0 - dropout_p)
     dyB = matmul(grad_y, lora_B)
     dx = _lora_matmul(grad_y, weight, dyB, lora_A, None, scaling * keep_scale, dropout_p, seed) if needs_dx else None

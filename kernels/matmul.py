@@ -54,8 +54,10 @@ def to_acc(scale, ACC_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # Grouped order: GROUP_M row blocks share the same column blocks while they are in L2.
+def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """The row and column offsets of this program's output tile.
+
+    Grouped order: GROUP_M row blocks share the same column blocks while they are in L2."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -64,7 +66,29 @@ def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
     group_rows = min(num_pid_m - first_pid_m, GROUP_M)
     pid_m = first_pid_m + (pid % pids_per_group) % group_rows
     pid_n = (pid % pids_per_group) // group_rows
-    return pid_m, pid_n
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def matmul_tile(
+    a_ptr, b_ptr, offs_m, offs_n, M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """a[offs_m, :]·b[:, offs_n] in the accumulator dtype (rows and columns outside M, N read as 0)."""
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_ptr + rk[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        k_in = k0 + rk < K
+        a = tl.load(a_ptrs, mask=(offs_m < M)[:, None] & k_in[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_in[:, None] & (offs_n < N)[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
 
 
 # What matmul_kernel's hash-dropout mask applies to: nothing, a, or the tensor a is the transpose of.
@@ -87,10 +111,8 @@ def matmul_kernel(
     DROPOUT zeroes the dropped elements of a (DROPOUT_A: mask indexed by a's (row, col)) or
     of the tensor a is the transpose of (DROPOUT_A_TRANSPOSED: by (col, row)); alpha carries
     the 1/(1-p)."""
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     split = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_in = offs_m < M
     n_in = offs_n < N
     k_begin = split * K_PER_SPLIT
@@ -272,6 +294,12 @@ def matmul(a, b, alpha=1.0, dropout_p=0.0, seed=None, dropout_on=NO_DROPOUT, out
         c.copy_(target.sum(0))
     return c
 
+
+
+def empty_batch_gradients(like: torch.Tensor, shapes: tuple, needed: tuple[bool, ...]) -> tuple:
+    """A backward's gradients for a batch of no rows: zeros of each shape (the input's has no rows
+    either), None where not needed. No kernel is launched on an empty grid."""
+    return tuple(like.new_zeros(shape) if need else None for shape, need in zip(shapes, needed))
 
 
 def check_dtype(op: str, x: torch.Tensor) -> None:

@@ -1,24 +1,25 @@
 """lowrank: fused LoRA, adapter and gradient-reversal kernels and drop-in modules for transfer learning."""
 
-from lowrank import nn, ops
+from lowrank import nn, ops, tuners
 from lowrank._backends import backends
-from lowrank.adapters import AdapterConfig, inject_adapters, load_adapters, mark_only_adapters_trainable, save_adapters
-from lowrank.lora import inject_lora, mark_only_lora_trainable, merge_and_unload_lora, merge_lora, unmerge_lora
-from lowrank.peft_io import load_adapter, save_adapter
-from lowrank.prompt_io import load_prompt, mark_only_prompt_trainable, save_prompt
-from lowrank.prompt_tuning import PrefixTuningModel, PromptTuningModel, prefix_tuning, prompt_tuning
+from lowrank.tuners import *  # noqa: F403  (every tuning method's functions, at the top level)
+from lowrank.tuners import __all__ as _tuner_names
 
 __version__ = "0.1.0"
+
+# Earlier names, kept working: PEFT's save_adapter / load_adapter for LoRA, and the bottleneck
+# adapters' plural names from before lowrank.tuners.
+save_adapter, load_adapter = tuners.save_lora, tuners.load_lora
+AdapterConfig = tuners.BottleneckConfig
+inject_adapters, mark_only_adapters_trainable = tuners.inject_bottleneck, tuners.mark_only_bottleneck_trainable
+save_adapters, load_adapters = tuners.save_bottleneck, tuners.load_bottleneck
 
 __all__ = [
     "backends",
     "ops",
     "nn",
-    "inject_lora",
-    "merge_lora",
-    "unmerge_lora",
-    "merge_and_unload_lora",
-    "mark_only_lora_trainable",
+    "tuners",
+    *_tuner_names,
     "save_adapter",
     "load_adapter",
     "AdapterConfig",
@@ -26,12 +27,5 @@ __all__ = [
     "mark_only_adapters_trainable",
     "save_adapters",
     "load_adapters",
-    "PromptTuningModel",
-    "PrefixTuningModel",
-    "prompt_tuning",
-    "prefix_tuning",
-    "mark_only_prompt_trainable",
-    "save_prompt",
-    "load_prompt",
     "__version__",
 ]

@@ -25,13 +25,12 @@ import itertools
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from lowrank._machine import default_results_dir
-from lowrank.da.bench import QUICK_SIZES, accuracy, fit_method, parse_assignment, positive_int, quick_steps
+from lowrank.da.bench import QUICK_SIZES, accuracy, add_run_options, fit_method, parse_assignment, quick_steps
 from lowrank.da.methods import METHODS
 from lowrank.da.models import NETWORKS
 from lowrank.da.tasks import NORMALISATIONS, TASKS, TaskData, UnlabelledImages, get_task, load_task_data, variant_suffix
@@ -96,13 +95,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--normalisation", choices=list(NORMALISATIONS), default=None)
     parser.add_argument("--network", choices=list(NETWORKS), default=None)
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch threads (default: torch's, every core; use 1 for runs side by side)")
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--out-dir", type=Path, default=None,
-                        help="default: ./benchmarks/results/da in a lowrank checkout, else the current directory")
-    parser.add_argument("--quick", action="store_true", help="tiny samples and a few steps: a smoke test")
-    parser.add_argument("--no-progress", action="store_true")
+    add_run_options(parser)
     args = parser.parse_args(argv)
     try:
         task = get_task(args.task, normalisation=args.normalisation, network=args.network)
@@ -116,7 +109,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         data = load_task_data(task, args.seed, root=args.data_root, **(QUICK_SIZES if args.quick else {}))
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, ImportError) as err:  # missing or corrupt file, or h5py: named
         print(f"lowrank.da.select: cannot load the data for task {task.name}: {err}", file=sys.stderr)
         return 2
     steps = quick_steps(args.method) if args.quick else {}

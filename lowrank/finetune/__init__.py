@@ -1,34 +1,9 @@
 """Fine-tuning strategies and one trainer for all of them (see strategies.py, trainer.py, multistage.py)."""
 
-from lowrank.finetune.models import SmallCNN, SmallViT
-from lowrank.finetune.multistage import MultiStage, Stage
-from lowrank.finetune.strategies import (
-    STRATEGIES,
-    Adapters,
-    FeatureExtraction,
-    FullFineTuning,
-    LoRA,
-    PrefixTuning,
-    PromptTuning,
-    Strategy,
-    make_strategy,
-)
-from lowrank.finetune.trainer import TrainConfig, Trainer
+from lowrank.finetune import models, multistage, strategies, trainer
+from lowrank.finetune.models import *  # noqa: F403
+from lowrank.finetune.multistage import *  # noqa: F403
+from lowrank.finetune.strategies import *  # noqa: F403
+from lowrank.finetune.trainer import *  # noqa: F403
 
-__all__ = [
-    "Strategy",
-    "FeatureExtraction",
-    "FullFineTuning",
-    "LoRA",
-    "Adapters",
-    "PromptTuning",
-    "PrefixTuning",
-    "STRATEGIES",
-    "make_strategy",
-    "TrainConfig",
-    "Trainer",
-    "Stage",
-    "MultiStage",
-    "SmallCNN",
-    "SmallViT",
-]
+__all__ = [*strategies.__all__, *trainer.__all__, *multistage.__all__, *models.__all__]

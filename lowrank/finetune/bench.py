@@ -44,17 +44,9 @@ from torch.utils.data import Dataset, Subset
 from lowrank._machine import cpu_model, default_results_dir
 from lowrank.data import DigitArrays, DigitDataset, load_digits, sample_per_class, split_indices, target_pool_eval_split
 from lowrank.data.augment import RandomAffine
+from lowrank.finetune import Adapters, FeatureExtraction, FullFineTuning, LoRA, PrefixTuning, PromptTuning, Strategy
 from lowrank.finetune.models import SmallCNN, SmallViT
 from lowrank.finetune.multistage import FINAL, MultiStage, Stage
-from lowrank.finetune.strategies import (
-    Adapters,
-    FeatureExtraction,
-    FullFineTuning,
-    LoRA,
-    PrefixTuning,
-    PromptTuning,
-    Strategy,
-)
 from lowrank.finetune.trainer import TrainConfig, Trainer, load_state
 
 IMAGE_SIZE, CHANNELS, PER_CLASS = 28, 3, 10

@@ -3,7 +3,7 @@
 Both follow the layout the strategies read by default: `blocks` (an nn.Sequential, shallow to
 deep) and `head` (the final nn.Linear, applied to one pooled feature vector), so last-k-block
 fine-tuning, discriminative learning rates and feature caching work without configuration.
-SmallViT's blocks use GPT-2's names (ln_1, attn, ln_2, mlp), so inject_adapters finds them with
+SmallViT's blocks use GPT-2's names (ln_1, attn, ln_2, mlp), so inject_bottleneck finds them with
 its Houlsby / Pfeiffer placements, and its attention has q_proj/k_proj/v_proj/out_proj, so
 PrefixTuning can turn it into a lowrank.nn.PrefixAttention; its `embed` output [B, T, D] is where
 PromptTuning puts its soft prompt. It pools by averaging the tokens (no CLS token), so prepended

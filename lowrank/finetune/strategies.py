@@ -26,11 +26,19 @@ import re
 import torch
 from torch import nn
 
-from lowrank.adapters import AdapterConfig, inject_adapters, mark_only_adapters_trainable
-from lowrank.lora import inject_lora, mark_only_lora_trainable, merge_and_unload_lora
-from lowrank.nn.prompt import PrefixAttention, SoftPrompt
-from lowrank.prompt_io import mark_only_prompt_trainable
-from lowrank.prompt_tuning import prefix_tuning, prompt_tuning
+from lowrank.tuners import (
+    BottleneckConfig,
+    inject_bottleneck,
+    inject_lora,
+    inject_prefix_attention,
+    inject_soft_prompt,
+    mark_only_bottleneck_trainable,
+    mark_only_lora_trainable,
+    mark_only_prompt_trainable,
+    merge_and_unload_lora,
+    prefix_tuning,
+    prompt_tuning,
+)
 
 __all__ = [
     "Strategy",
@@ -280,7 +288,7 @@ class LoRA(Strategy):
 
 
 class Adapters(Strategy):
-    """Bottleneck adapters (inject_adapters; see AdapterConfig); only they and the head train."""
+    """Bottleneck adapters (inject_bottleneck; see BottleneckConfig); only they and the head train."""
 
     name = "adapters"
     checkpoint_trained_only = True
@@ -289,7 +297,7 @@ class Adapters(Strategy):
                  bottleneck: int = 64, activation: str = "relu", scaling: float = 1.0, init: str = "identity",
                  target_modules=None, dim: int | None = None, backend: str | None = None):
         super().__init__(head, num_classes)
-        self.adapter_config = AdapterConfig(placement=placement, bottleneck=bottleneck, activation=activation,
+        self.adapter_config = BottleneckConfig(placement=placement, bottleneck=bottleneck, activation=activation,
                                             scaling=scaling, init=init, target_modules=target_modules, dim=dim,
                                             backend=backend)
 
@@ -300,20 +308,10 @@ class Adapters(Strategy):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         self._start(model)
-        inject_adapters(model, self.adapter_config)
-        mark_only_adapters_trainable(model)
+        inject_bottleneck(model, self.adapter_config)
+        mark_only_bottleneck_trainable(model)
         self._train_head(model)
         return model
-
-
-class _PrependPrompt:
-    """Forward hook: the module's output [B, T, D] becomes [prompt; output]."""
-
-    def __init__(self, prompt: SoftPrompt):
-        self.prompt = prompt
-
-    def __call__(self, module, args, output):
-        return self.prompt(output)
 
 
 class PromptTuning(Strategy):
@@ -341,20 +339,12 @@ class PromptTuning(Strategy):
                                  f"for a {type(model).__name__} (only Hugging Face models are wrapped automatically)")
             model = prompt_tuning(model, self.num_virtual_tokens, init=self.init)
         else:
-            site = _submodule("PromptTuning", model, self.embeddings, "embeddings")
-            dim = self.dim or list(site.parameters())[-1].shape[-1]
-            device = list(site.parameters())[-1].device
-            site.soft_prompt = SoftPrompt(self.num_virtual_tokens, dim, init=self.init, device=device)
-            site.register_forward_hook(_PrependPrompt(site.soft_prompt))
+            _submodule("PromptTuning", model, self.embeddings, "embeddings")
+            inject_soft_prompt(model, self.embeddings, self.num_virtual_tokens, self.dim, self.init)
         mark_only_prompt_trainable(model)
         if head is not None:
             head.requires_grad_(True)
         return model
-
-
-def _is_attention(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "num_heads", None), int) and all(
-        isinstance(getattr(module, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
 
 
 class PrefixTuning(Strategy):
@@ -381,32 +371,11 @@ class PrefixTuning(Strategy):
         if _is_hf_model(model) and self.target_modules is None:
             model = prefix_tuning(model, self.num_virtual_tokens, self.projection_dim)
         else:
-            pattern = re.compile(self.target_modules) if self.target_modules else None
-            names = [name for name, module in model.named_modules()
-                     if name and (pattern.fullmatch(name) if pattern else _is_attention(module))]
-            if not names:
-                raise ValueError(f"PrefixTuning: no attention module found in {type(model).__name__} "
-                                 f"(target_modules={self.target_modules!r}); expected modules with q_proj, k_proj, "
-                                 "v_proj, out_proj (nn.Linear) and num_heads")
-            for name in names:
-                self._install(model, name)
+            inject_prefix_attention(model, self.num_virtual_tokens, self.projection_dim, self.target_modules)
         mark_only_prompt_trainable(model)
         if head is not None:
             head.requires_grad_(True)
         return model
-
-    def _install(self, model: nn.Module, name: str) -> None:
-        old = model.get_submodule(name)
-        if not _is_attention(old):
-            raise ValueError(f"PrefixTuning: {name!r} is a {type(old).__name__}, not an attention module with "
-                             "q_proj, k_proj, v_proj, out_proj (nn.Linear) and num_heads")
-        dim = old.q_proj.in_features
-        device = old.q_proj.weight.device
-        new = PrefixAttention(dim, old.num_heads, self.num_virtual_tokens, self.projection_dim,
-                              bias=old.q_proj.bias is not None, dropout=getattr(old, "dropout_p", 0.0), device=device)
-        new.q_proj, new.k_proj, new.v_proj, new.out_proj = old.q_proj, old.k_proj, old.v_proj, old.out_proj
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, new)
 
 
 STRATEGIES = {cls.name: cls for cls in (FeatureExtraction, FullFineTuning, LoRA, Adapters, PromptTuning, PrefixTuning)}

@@ -37,11 +37,11 @@ class OpBackends:
             return self.native
         return importlib.import_module(self.triton_module)  # imports triton: only when asked for
 
-    def choose(self, backend: str, key: Hashable, device: torch.device, measure: Callable[[str], float]):
-        """The implementation of `backend`; for "auto" the fastest for `key` on `device`, measured
-        once per process by measure(backend name) (lowrank.autotune)."""
+    def choose(self, backend: str, key: Hashable, device: torch.device, step_for: Callable[[str], Callable[[], None]]):
+        """The implementation of `backend`; for "auto" the one lowrank.autotune picks for `key` on
+        `device`, measured once per process by timing step_for(backend name)() (a forward+backward)."""
         if backend == "auto":
-            backend = autotune.pick(key, device, measure)
+            backend = autotune.pick(key, device, step_for)
         return self.implementation(backend)
 
 
@@ -65,9 +65,15 @@ def none_if_skipped(grads: tuple[Tensor, ...], needed: tuple[bool, ...]) -> tupl
     return tuple(grad if need else None for grad, need in zip(grads, needed))
 
 
-def register_native_fakes(fakes: dict[str, Callable]) -> None:
-    """Fake (meta) kernels for the C++ ops, which share the public op's shapes, so that opcheck
-    and torch.compile can trace them; nothing to do without the extension."""
-    if _backends.EXTENSION is not None:
-        for name, fake in fakes.items():
-            torch.library.register_fake(f"lowrank::{name}", fake)
+def fake_gradients(like: Tensor, shapes: tuple, needed: tuple[bool, ...]) -> tuple[Tensor, ...]:
+    """A backward op's fake outputs: a gradient of each shape, empty where it is not needed."""
+    return tuple(like.new_empty(shape if need else 0) for shape, need in zip(shapes, needed))
+
+
+def register_fakes(op, fake: Callable, native_name: Optional[str] = None) -> None:
+    """Register `fake` (shapes only, for opcheck and torch.compile) for the custom op `op`, whose last
+    argument is `backend`, and for the C++ op lowrank::<native_name>, which takes the same arguments
+    without it (nothing to register there when the extension is absent)."""
+    op.register_fake(lambda *args: fake(*args[:-1]))
+    if native_name is not None and _backends.EXTENSION is not None:
+        torch.library.register_fake(f"lowrank::{native_name}", fake)

@@ -32,7 +32,14 @@ from torch import Tensor
 
 from lowrank import _backends, autotune
 from lowrank.ops._common import autocast_inputs
-from lowrank.ops._dispatch import OpBackends, empty_if_skipped, native_op, none_if_skipped, register_native_fakes
+from lowrank.ops._dispatch import (
+    OpBackends,
+    empty_if_skipped,
+    fake_gradients,
+    native_op,
+    none_if_skipped,
+    register_fakes,
+)
 
 ACTIVATIONS = ("relu", "gelu", "silu")
 
@@ -72,13 +79,14 @@ def adapter_reference(
 
 def _torch_forward(h, w_down, b_down, w_up, b_up, activation, scaling, residual):
     z = torch.addmm(b_down, h, w_down.t()) if b_down is not None else h @ w_down.t()
-    a = activation_fn(activation)(z)
-    if b_up is None:
-        out = torch.addmm(h, a, w_up.t(), alpha=scaling) if residual else torch.mm(a, w_up.t()).mul_(scaling)
-    elif residual:
-        out = h.add(b_up, alpha=scaling).addmm_(a, w_up.t(), alpha=scaling)
+    # s scales a = act(z), never a GEMM's alpha or beta: BLAS skips the product at alpha=0 and the
+    # input at beta=0, which would hide a NaN in W_u or b_u that the formula propagates.
+    a_s = activation_fn(activation)(z).mul_(scaling)
+    if residual:
+        base = h if b_up is None else h.add(b_up, alpha=scaling)
     else:
-        out = torch.addmm(b_up, a, w_up.t(), beta=scaling, alpha=scaling)
+        base = None if b_up is None else b_up * scaling
+    out = torch.mm(a_s, w_up.t()) if base is None else torch.addmm(base, a_s, w_up.t())
     return out, z
 
 
@@ -111,7 +119,7 @@ def _implementation_for(backend: str, h: Tensor, w_down: Tensor, activation: str
     (M, D), Bn = h.shape, w_down.shape[0]
     rows = autotune.bucket(M)
 
-    def measure(name: str) -> float:
+    def step_for(name: str):
         implementation = _BACKENDS.implementation(name)
 
         def make(*shape):
@@ -126,57 +134,40 @@ def _implementation_for(backend: str, h: Tensor, w_down: Tensor, activation: str
                 grad_out, h_, z, w_down_, w_up_, activation, 0.5, True, True, True, True, True, True
             )
 
-        return autotune.time_call(step, h.device)
+        return step
 
-    key = ("adapter", str(h.device), h.dtype, rows, D, Bn, activation)
-    return _BACKENDS.choose(backend, key, h.device, measure)
+    key = ("adapter", str(h.device), str(h.dtype), rows, D, Bn, activation)
+    return _BACKENDS.choose(backend, key, h.device, step_for)
 
 
 # ---------------------------------------------------------------- custom op
 
 
+# Every custom op takes `backend` last, so one fake serves it and its C++ op (register_fakes).
+
+
 @torch.library.custom_op("lowrank::adapter", mutates_args=())
 def _adapter_op(
-    h: Tensor,
-    w_down: Tensor,
-    b_down: Optional[Tensor],
-    w_up: Tensor,
-    b_up: Optional[Tensor],
-    activation: str,
-    scaling: float,
-    residual: bool,
-    backend: str,
+    h: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor], activation: str,
+    scaling: float, residual: bool, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    implementation = _implementation_for(backend, h, w_down, activation)
-    out, z = implementation.forward(h, w_down, b_down, w_up, b_up, activation, scaling, residual)
-    return out, z
+    return _implementation_for(backend, h, w_down, activation).forward(
+        h, w_down, b_down, w_up, b_up, activation, scaling, residual
+    )
 
 
 def _forward_fake(h, w_down, b_down, w_up, b_up, activation, scaling, residual):
     return h.new_empty(h.shape[0], w_up.shape[0]), h.new_empty(h.shape[0], w_down.shape[0])
 
 
-@_adapter_op.register_fake
-def _(h, w_down, b_down, w_up, b_up, activation, scaling, residual, backend):
-    return _forward_fake(h, w_down, b_down, w_up, b_up, activation, scaling, residual)
+register_fakes(_adapter_op, _forward_fake, "adapter_forward_native")
 
 
 @torch.library.custom_op("lowrank::adapter_backward", mutates_args=())
 def _adapter_backward_op(
-    grad_out: Tensor,
-    h: Tensor,
-    z: Tensor,
-    w_down: Tensor,
-    w_up: Tensor,
-    activation: str,
-    scaling: float,
-    residual: bool,
+    grad_out: Tensor, h: Tensor, z: Tensor, w_down: Tensor, w_up: Tensor, activation: str, scaling: float,
+    residual: bool, needs_dh: bool, needs_dw_down: bool, needs_db_down: bool, needs_dw_up: bool, needs_db_up: bool,
     backend: str,
-    needs_dh: bool,
-    needs_dw_down: bool,
-    needs_db_down: bool,
-    needs_dw_up: bool,
-    needs_db_up: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     needed = (needs_dh, needs_dw_down, needs_db_down, needs_dw_up, needs_db_up)
     grads = _implementation_for(backend, h, w_down, activation).backward(
@@ -185,29 +176,12 @@ def _adapter_backward_op(
     return empty_if_skipped(grads, needed, grad_out)
 
 
-def _backward_fake(grad_out, h, z, w_down, w_up, activation, scaling, residual,
-                   needs_dh, needs_dw_down, needs_db_down, needs_dw_up, needs_db_up):
-    def grad_of_shape(shape, need):
-        return grad_out.new_empty(shape) if need else grad_out.new_empty(0)
-
+def _backward_fake(grad_out, h, z, w_down, w_up, activation, scaling, residual, *needed):
     Bn, D = w_down.shape
-    return (
-        grad_of_shape(h.shape, needs_dh),
-        grad_of_shape((Bn, D), needs_dw_down),
-        grad_of_shape((Bn,), needs_db_down),
-        grad_of_shape((D, Bn), needs_dw_up),
-        grad_of_shape((D,), needs_db_up),
-    )
+    return fake_gradients(grad_out, (h.shape, (Bn, D), (Bn,), (D, Bn), (D,)), needed)
 
 
-@_adapter_backward_op.register_fake
-def _(grad_out, h, z, w_down, w_up, activation, scaling, residual, backend,
-      needs_dh, needs_dw_down, needs_db_down, needs_dw_up, needs_db_up):
-    return _backward_fake(grad_out, h, z, w_down, w_up, activation, scaling, residual,
-                          needs_dh, needs_dw_down, needs_db_down, needs_dw_up, needs_db_up)
-
-
-register_native_fakes({"adapter_forward_native": _forward_fake, "adapter_backward_native": _backward_fake})
+register_fakes(_adapter_backward_op, _backward_fake, "adapter_backward_native")
 
 
 def _setup_context(ctx, inputs, output):
@@ -224,7 +198,7 @@ def _backward(ctx, grad_out, _grad_z):
     activation, scaling, residual, backend = ctx.hyper
     needs = ctx.needs_input_grad
     needed = (needs[0], needs[1], ctx.has_bias[0] and needs[2], needs[3], ctx.has_bias[1] and needs[4])
-    grads = _adapter_backward_op(grad_out, h, z, w_down, w_up, activation, scaling, residual, backend, *needed)
+    grads = _adapter_backward_op(grad_out, h, z, w_down, w_up, activation, scaling, residual, *needed, backend)
     return none_if_skipped(grads, needed) + (None,) * 4
 
 
@@ -298,7 +272,7 @@ def adapter(
     """
     h, w_down, b_down, w_up, b_up = autocast_inputs(h, w_down, b_down, w_up, b_up)
     _check_inputs(h, w_down, b_down, w_up, b_up, activation, scaling, residual)
-    backend = _backends.resolve(backend, h.device)
+    backend = _backends.resolve(backend, h.device, "adapter")
     lead_shape = h.shape[:-1]
     out, _ = _adapter_op(
         h.reshape(-1, h.shape[-1]), w_down, b_down, w_up, b_up, activation, float(scaling), residual, backend

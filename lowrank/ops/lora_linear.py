@@ -29,7 +29,14 @@ from torch import Tensor
 from lowrank import _backends, autotune
 from lowrank.ops import hash_dropout
 from lowrank.ops._common import autocast_inputs
-from lowrank.ops._dispatch import OpBackends, empty_if_skipped, native_op, none_if_skipped, register_native_fakes
+from lowrank.ops._dispatch import (
+    OpBackends,
+    empty_if_skipped,
+    fake_gradients,
+    native_op,
+    none_if_skipped,
+    register_fakes,
+)
 
 
 def lora_linear_reference(
@@ -52,25 +59,26 @@ def _torch_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     x_lora = hash_dropout.apply(x, seed, dropout_p) if dropout_p > 0.0 else x
     xa = x_lora @ lora_A.t()
     y = torch.nn.functional.linear(x, weight, bias)
-    y = y.addmm_(xa, lora_B.t(), alpha=scaling)
+    # s scales the small factor, never a GEMM's alpha: BLAS skips the product at alpha=0, which
+    # would hide a NaN in B that the formula s·(xa·Bᵀ) propagates.
+    y = y.addmm_(xa * scaling, lora_B.t())
     return y, xa
 
 
 def _torch_backward(
     grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs_dx, needs_dweight, needs_dbias
 ):
-    dyB = grad_y @ lora_B
+    dyB_s = (grad_y @ lora_B).mul_(scaling)  # s on the small factor (see _torch_forward)
     dx = dW = db = None
     if dropout_p > 0.0:
         keep = hash_dropout.keep_mask(seed, x.shape[0], x.shape[1], dropout_p)
-        keep_scale = keep.to(x.dtype) * (1.0 / (1.0 - dropout_p))
-        dA = (dyB.t() @ (x * keep_scale)).mul_(scaling)
+        dA = dyB_s.t() @ hash_dropout.apply_mask(x, keep, dropout_p)
         if needs_dx:
-            dx = (grad_y @ weight).add_((dyB @ lora_A).mul_(keep_scale), alpha=scaling)
+            dx = (grad_y @ weight).add_(hash_dropout.apply_mask(dyB_s @ lora_A, keep, dropout_p))
     else:
-        dA = (dyB.t() @ x).mul_(scaling)
+        dA = dyB_s.t() @ x
         if needs_dx:
-            dx = (grad_y @ weight).addmm_(dyB, lora_A, alpha=scaling)
+            dx = (grad_y @ weight).addmm_(dyB_s, lora_A)
     dB = (grad_y.t() @ xa).mul_(scaling)
     if needs_dweight:
         dW = grad_y.t() @ x
@@ -105,7 +113,7 @@ def _implementation_for(backend: str, x: Tensor, weight: Tensor, lora_A: Tensor,
     def make(*shape):
         return torch.randn(*shape, device=x.device, dtype=x.dtype)
 
-    def measure(name: str) -> float:
+    def step_for(name: str):
         implementation = _BACKENDS.implementation(name)
         x_, weight_, bias_, A_, B_, grad_y = make(rows, K), make(N, K), make(N), make(r, K), make(N, r), make(rows, N)
         seed = torch.zeros((), dtype=torch.int64, device=x.device) if dropout_p > 0.0 else None
@@ -114,56 +122,39 @@ def _implementation_for(backend: str, x: Tensor, weight: Tensor, lora_A: Tensor,
             _, xa = implementation.forward(x_, weight_, bias_, A_, B_, 0.5, dropout_p, seed)
             implementation.backward(grad_y, x_, xa, weight_, A_, B_, 0.5, dropout_p, seed, True, False, False)
 
-        return autotune.time_call(step, x.device)
+        return step
 
-    key = ("lora_linear", str(x.device), x.dtype, rows, K, N, r, dropout_p > 0.0)
-    return _BACKENDS.choose(backend, key, x.device, measure)
+    key = ("lora_linear", str(x.device), str(x.dtype), rows, K, N, r, dropout_p > 0.0)
+    return _BACKENDS.choose(backend, key, x.device, step_for)
 
 
 # ---------------------------------------------------------------- custom op
 
 
+# Every custom op takes `backend` last, so one fake serves it and its C++ op (register_fakes).
+
+
 @torch.library.custom_op("lowrank::lora_linear", mutates_args=())
 def _lora_linear_op(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scaling: float,
-    dropout_p: float,
-    seed: Optional[Tensor],
-    backend: str,
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
+    dropout_p: float, seed: Optional[Tensor], backend: str,
 ) -> tuple[Tensor, Tensor]:
-    implementation = _implementation_for(backend, x, weight, lora_A, dropout_p)
-    y, xa = implementation.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    return y, xa
+    return _implementation_for(backend, x, weight, lora_A, dropout_p).forward(
+        x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed
+    )
 
 
 def _forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
 
 
-@_lora_linear_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
-    return _forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+register_fakes(_lora_linear_op, _forward_fake, "lora_linear_forward_native")
 
 
 @torch.library.custom_op("lowrank::lora_linear_backward", mutates_args=())
 def _lora_linear_backward_op(
-    grad_y: Tensor,
-    x: Tensor,
-    xa: Tensor,
-    weight: Tensor,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scaling: float,
-    dropout_p: float,
-    seed: Optional[Tensor],
-    backend: str,
-    needs_dx: bool,
-    needs_dweight: bool,
-    needs_dbias: bool,
+    grad_y: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+    dropout_p: float, seed: Optional[Tensor], needs_dx: bool, needs_dweight: bool, needs_dbias: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = _implementation_for(backend, x, weight, lora_A, dropout_p).backward(
         grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs_dx, needs_dweight, needs_dbias
@@ -171,29 +162,12 @@ def _lora_linear_backward_op(
     return empty_if_skipped(grads, (needs_dx, needs_dweight, needs_dbias, True, True), grad_y)
 
 
-def _backward_fake(
-    grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs_dx, needs_dweight, needs_dbias
-):
-    def grad_like(t, need):
-        return t.new_empty(t.shape) if need else grad_y.new_empty(0)
-
-    return (
-        grad_like(x, needs_dx),
-        grad_like(weight, needs_dweight),
-        grad_y.new_empty(weight.shape[0]) if needs_dbias else grad_y.new_empty(0),
-        lora_A.new_empty(lora_A.shape),
-        lora_B.new_empty(lora_B.shape),
-    )
+def _backward_fake(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, *needed):
+    shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape)
+    return fake_gradients(grad_y, shapes, (*needed, True, True))  # dA and dB are always computed
 
 
-@_lora_linear_backward_op.register_fake
-def _(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, backend, needs_dx, needs_dweight, needs_dbias):
-    return _backward_fake(
-        grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs_dx, needs_dweight, needs_dbias
-    )
-
-
-register_native_fakes({"lora_linear_forward_native": _forward_fake, "lora_linear_backward_native": _backward_fake})
+register_fakes(_lora_linear_backward_op, _backward_fake, "lora_linear_backward_native")
 
 
 @torch.library.custom_op("lowrank::lora_linear_inference", mutates_args=())
@@ -205,9 +179,7 @@ def _lora_linear_inference_op(
     return _implementation_for(backend, x, weight, lora_A, 0.0).inference(x, weight, bias, lora_A, lora_B, scaling)
 
 
-@_lora_linear_inference_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, backend):
-    return x.new_empty(x.shape[0], weight.shape[0])
+register_fakes(_lora_linear_inference_op, lambda x, weight, *_: x.new_empty(x.shape[0], weight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
@@ -225,7 +197,7 @@ def _backward(ctx, grad_y, _grad_xa):
     needs = ctx.needs_input_grad
     needs_dbias = ctx.has_bias and needs[2]
     grads = _lora_linear_backward_op(
-        grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, backend, needs[0], needs[1], needs_dbias
+        grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs[0], needs[1], needs_dbias, backend
     )
     return none_if_skipped(grads, (needs[0], needs[1], needs_dbias, needs[3], needs[4])) + (None,) * 4
 
@@ -251,6 +223,8 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         if named[name].dim() != 2:
             raise ValueError(f"lora_linear: {name} must be 2-D, got shape {tuple(named[name].shape)}")
     in_features, out_features, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
+    if in_features == 0:
+        raise ValueError(f"lora_linear: x has 0 input features (shape {tuple(x.shape)}); in_features must be >= 1")
     expected = {
         "weight": (out_features, in_features),
         "lora_A": (r, in_features),
@@ -279,8 +253,8 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
             )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
-    if not isinstance(scaling, (int, float)):
-        raise TypeError(f"lora_linear: scaling must be a Python number, got {type(scaling).__name__}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"lora_linear: scaling must be a Python number, got {scaling!r}")
 
 
 def lora_linear(
@@ -294,7 +268,7 @@ def lora_linear(
     """
     x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
     _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    backend = _backends.resolve(backend, x.device)
+    backend = _backends.resolve(backend, x.device, "lora_linear")
     lead_shape, x2d = x.shape[:-1], x.reshape(-1, x.shape[-1])
     tensors = (x, weight, bias, lora_A, lora_B)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -1,0 +1,41 @@
+"""Fixtures of the benchmark tests, for the benchmark a test module names in BENCHMARK (e.g.
+"bench_adapter"): `bench`, that module of benchmarks/, and `quick_run`, one run of its command
+line with --quick and the module's QUICK_OPTIONS, if any."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench(request, benchmark_module):
+    return benchmark_module(request.module.BENCHMARK)
+
+
+@pytest.fixture(scope="module")
+def harness(benchmark_module):
+    return benchmark_module("harness")
+
+
+@pytest.fixture(scope="module")
+def quick_run(request, tmp_path_factory):
+    """(completed process, report, out dir) of `python -m benchmarks.<BENCHMARK> --quick
+    <QUICK_OPTIONS> --out-dir <a fresh folder>`; the report is the one JSON file the run wrote,
+    None if it wrote none or several."""
+    name, options = request.module.BENCHMARK, getattr(request.module, "QUICK_OPTIONS", [])
+    out_dir = tmp_path_factory.mktemp(name)
+    completed = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{name}", "--quick", *options, "--out-dir", str(out_dir)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    reports = list(out_dir.glob("*.json"))
+    report = json.loads(reports[0].read_text()) if len(reports) == 1 else None
+    return completed, report, out_dir
