@@ -9,7 +9,6 @@
 // path of dora_linear_common.h with lora_linear's dropout kernel.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -29,25 +28,20 @@ namespace {
 
 using at::Tensor;
 
-constexpr const char* kForwardOp = "dora_linear_forward_native";
-constexpr const char* kBackwardOp = "dora_linear_backward_native";
-
-bool has_values(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
-
 // The bias as a [1, N] matrix for the kernels; a null one without bias.
 template <typename scalar_t>
 cuda::StridedMatrix<const typename CudaScalar<scalar_t>::type> bias_row(const std::optional<Tensor>& bias) {
-  if (!has_values(bias)) {
+  if (!is_given(bias)) {
     return {nullptr, 0, 0};
   }
   return read_only_matrix<scalar_t>(bias->unsqueeze(0));
 }
 
 // drop(t) = D⊙t for an [M, K] tensor, through lora_linear's dropout kernel.
-struct HashDrop {
-  cuda::HashDropout dropout;
-
-  Tensor operator()(const Tensor& t) const {
+auto make_drop(const std::optional<Tensor>& seed, double dropout_p) {
+  const cuda::HashDropout dropout{seed->const_data_ptr<int64_t>(), dropout_threshold(dropout_p),
+                                  1.0 / (1.0 - dropout_p)};
+  return [dropout](const Tensor& t) {
     Tensor out = at::empty(t.sizes(), t.options());
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "lowrank_dora_dropout", [&] {
@@ -56,11 +50,7 @@ struct HashDrop {
                                                         writable_matrix<scalar_t>(out), dropout, stream));
     });
     return out;
-  }
-};
-
-HashDrop make_drop(const std::optional<Tensor>& seed, double dropout_p) {
-  return {{seed->const_data_ptr<int64_t>(), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)}};
+  };
 }
 
 // [2, N] in scale's dtype: Σ_rows dy⊙(y − b) and Σ_rows dy; with recover, y is DoRA's output and
@@ -74,23 +64,23 @@ Tensor column_sums(const Tensor& grad_y, const Tensor& y, const std::optional<Te
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lowrank_dora_column_dots", [&] {
     using cuda_t = typename CudaScalar<scalar_t>::type;
-    using acc_t = at::opmath_type<scalar_t>;
-    C10_CUDA_CHECK((cuda::launch_column_dots<cuda_t, acc_t>(
+    using acc_t = cuda::accumulate_t<cuda_t>;
+    C10_CUDA_CHECK(cuda::launch_column_dots<cuda_t>(
         M, N, x.size(1), xa.size(1), read_only_matrix<scalar_t>(grad_y), read_only_matrix<scalar_t>(y),
         bias_row<scalar_t>(bias), recover ? scale_values.const_data_ptr<acc_t>() : nullptr,
         recover ? norm_values.const_data_ptr<acc_t>() : nullptr, read_only_matrix<scalar_t>(x),
         read_only_matrix<scalar_t>(weight), read_only_matrix<scalar_t>(xa), read_only_matrix<scalar_t>(lora_B),
-        scaling, partial.mutable_data_ptr<acc_t>(), stream)));
+        scaling, partial.mutable_data_ptr<acc_t>(), stream));
   });
   return partial.sum(0);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> dora_linear_forward_cuda(
-    const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_A,
-    const Tensor& lora_B, const Tensor& magnitude, const Tensor& weight_norm_sq, double scaling, double dropout_p,
-    const std::optional<Tensor>& seed) {
-  const LoraSizes n = check_dora_forward_inputs(kForwardOp, c10::DeviceType::CUDA, x, weight, bias, lora_A, lora_B,
-                                                magnitude, weight_norm_sq, dropout_p, seed);
+DoraOutputs dora_linear_forward_cuda(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                     const Tensor& lora_A, const Tensor& lora_B, const Tensor& magnitude,
+                                     const Tensor& weight_norm_sq, double scaling, double dropout_p,
+                                     const std::optional<Tensor>& seed) {
+  const LoraSizes n = check_dora_forward_inputs(c10::DeviceType::CUDA, x, weight, bias, lora_A, lora_B, magnitude,
+                                                weight_norm_sq, dropout_p, seed);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const Tensor A = lora_A.to(weight_norm_sq.scalar_type());
   Tensor norm = column_norm(weight_norm_sq, at::mm(weight, lora_A.t()), lora_B,
@@ -105,61 +95,50 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_linear_forward_cuda(
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lowrank_dora_epilogue", [&] {
     using cuda_t = typename CudaScalar<scalar_t>::type;
-    using acc_t = at::opmath_type<scalar_t>;
-    C10_CUDA_CHECK((cuda::launch_dora_epilogue<cuda_t, acc_t>(
-        n.M, n.N, n.r, read_only_matrix<scalar_t>(xa), read_only_matrix<scalar_t>(lora_B),
-        scale.const_data_ptr<acc_t>(), bias_row<scalar_t>(bias), writable_matrix<scalar_t>(y), scaling, stream)));
+    using acc_t = cuda::accumulate_t<cuda_t>;
+    C10_CUDA_CHECK(cuda::launch_dora_epilogue<cuda_t>(
+        n.M, n.N, n.r, read_only_matrix<scalar_t>(xa), read_only_matrix<scalar_t>(lora_B.t()),
+        scale.const_data_ptr<acc_t>(), bias_row<scalar_t>(bias), writable_matrix<scalar_t>(y), scaling, stream));
   });
   return {std::move(y), std::move(xa), std::move(norm), at::empty({0}, x.options())};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dora_linear_backward_cuda(
-    const Tensor& grad_y, const Tensor& x, const Tensor& xa, const Tensor& y_or_z, const Tensor& weight,
-    const std::optional<Tensor>& bias, const Tensor& lora_A, const Tensor& lora_B, const Tensor& magnitude,
-    const Tensor& norm, double scaling, double dropout_p, const std::optional<Tensor>& seed, bool needs_dx,
-    bool needs_dweight, bool needs_dbias) {
-  const LoraSizes n = check_dora_backward_inputs(kBackwardOp, c10::DeviceType::CUDA, grad_y, x, xa, y_or_z, weight,
-                                                 bias, lora_A, lora_B, magnitude, norm, dropout_p, seed);
+DoraGrads dora_linear_backward_cuda(const Tensor& grad_y, const Tensor& x, const Tensor& xa, const Tensor& y_or_z,
+                                    const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_A,
+                                    const Tensor& lora_B, const Tensor& magnitude, const Tensor& norm, double scaling,
+                                    double dropout_p, const std::optional<Tensor>& seed, bool needs_dx,
+                                    bool needs_dweight, bool needs_dbias) {
+  const LoraSizes n = check_dora_backward_inputs(c10::DeviceType::CUDA, grad_y, x, xa, y_or_z, weight, bias, lora_A,
+                                                 lora_B, magnitude, norm, dropout_p, seed);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const auto dtype = x.scalar_type();
-  const auto not_needed = [&] { return at::empty({0}, x.options()); };
   const Tensor scale = column_scale(magnitude, norm);
-  Tensor dx = not_needed(), dweight = not_needed(), dbias = not_needed(), dA, dB, sums, dy_z;
   if (dropout_p > 0.0) {
-    Tensor dx_, dweight_;
-    std::tie(dx_, dweight_, dA, dB) = dora_dropout_backward(grad_y, x, xa, weight, lora_A, lora_B, scale, scaling,
-                                                            needs_dx, needs_dweight, make_drop(seed, dropout_p));
-    if (needs_dx) dx = std::move(dx_);
-    if (needs_dweight) dweight = std::move(dweight_);
-    sums = column_sums(grad_y, y_or_z, std::nullopt, scale, norm, x, weight, xa, lora_B, scaling, false);
-    dy_z = sums[0];
-  } else {
-    const Tensor scale_rows = scale.to(dtype).unsqueeze(1);
-    const Tensor dyB = at::mm(grad_y, lora_B * scale_rows);
-    dA = at::mm(dyB.t(), x).mul_(scaling);
-    dB = at::mm(grad_y.t(), xa).mul_(scale_rows).mul_(scaling);
-    if (needs_dx) {
-      dx = n.M <= n.K ? at::mm(grad_y * scale_rows.t(), weight) : at::mm(grad_y, weight * scale_rows);
-      dx.addmm_(dyB, lora_A, 1.0, scaling);
-    }
-    if (needs_dweight) {
-      dweight = at::mm(grad_y.t(), x).mul_(scale_rows);
-    }
-    sums = column_sums(grad_y, y_or_z, bias, scale, norm, x, weight, xa, lora_B, scaling, true);
-    dy_z = unscale_recovered(sums[0], scale);
+    auto [dx, dweight, dA, dB] = dora_dropout_backward(grad_y, x, xa, weight, lora_A, lora_B, scale, scaling,
+                                                       needs_dx, needs_dweight, make_drop(seed, dropout_p));
+    const Tensor sums = column_sums(grad_y, y_or_z, std::nullopt, scale, norm, x, weight, xa, lora_B, scaling, false);
+    return {std::move(dx), std::move(dweight), dora_bias_grad(sums, x, needs_dbias), std::move(dA), std::move(dB),
+            magnitude_grad(sums[0], norm, dtype)};
   }
-  if (needs_dbias) {
-    dbias = sums[1].to(dtype, /*non_blocking=*/false, /*copy=*/true);  // not a view of sums
+  const Tensor scale_rows = scale.to(dtype).unsqueeze(1);
+  const Tensor scaled_dyB = at::mm(grad_y, lora_B * scale_rows).mul_(scaling);
+  Tensor dA = at::mm(scaled_dyB.t(), x);
+  Tensor dB = at::mm(grad_y.t(), xa).mul_(scale_rows).mul_(scaling);
+  Tensor dx = skipped_grad(x);
+  if (needs_dx) {  // g on whichever of dy [M, N] and W [N, K] is smaller
+    dx = n.M <= n.K ? at::mm(grad_y * scale_rows.t(), weight) : at::mm(grad_y, weight * scale_rows);
+    dx.addmm_(scaled_dyB, lora_A);
   }
-  return {std::move(dx), std::move(dweight), std::move(dbias), std::move(dA), std::move(dB),
-          magnitude_grad(dy_z, norm, dtype)};
+  Tensor dweight = needs_dweight ? at::mm(grad_y.t(), x).mul_(scale_rows) : skipped_grad(x);
+  const Tensor sums = column_sums(grad_y, y_or_z, bias, scale, norm, x, weight, xa, lora_B, scaling, true);
+  return {std::move(dx), std::move(dweight), dora_bias_grad(sums, x, needs_dbias), std::move(dA), std::move(dB),
+          magnitude_grad(unscale_recovered(sums[0], scale), norm, dtype)};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
-  m.impl("dora_linear_forward_native", &dora_linear_forward_cuda);
-  m.impl("dora_linear_backward_native", &dora_linear_backward_cuda);
+  impl_forward_backward(m, kDoraLinearOps, &dora_linear_forward_cuda, &dora_linear_backward_cuda);
 }
 
 }  // namespace lowrank

@@ -2,78 +2,38 @@
 #include <algorithm>
 
 #include "dora_linear_kernels.cuh"
-#include "numeric.cuh"
+#include "kernel_utils.cuh"
 
 namespace lowrank::cuda {
 namespace {
 
-template <typename T>
-__device__ __forceinline__ accumulate_t<T> load_element(StridedMatrix<const T> m, int64_t i, int64_t j) {
-  return to_accumulate(m.data[i * m.row_stride + j * m.col_stride]);
-}
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// ---- y = g⊙(y + s·xa·Bᵀ) + b: a block owns a [kEpilogueRows, kEpilogueCols] tile of y, forms the
-// rank-r products from shared memory, and touches each y element once.
-constexpr int kEpilogueThreads = 256;
-constexpr int kEpilogueRows = 32;
-constexpr int kEpilogueCols = 64;
-constexpr int kEpilogueDepth = 32;  // ranks staged in shared memory per step
-constexpr int kEpilogueRowGroups = kEpilogueThreads / kEpilogueCols;
+// ---- y = g⊙(y + s·xa·Bᵀ) + b: a block owns a 32 x 64 tile of y, forms the rank-r products from
+// shared memory (32 ranks a step), and touches each y element once: lora_linear's
+// masked_lowrank_accumulate_kernel with DoRA's epilogue.
+using EpilogueTile = LowRankTile</*kThreads=*/256, /*kRows=*/32, /*kCols=*/64, /*kDepth=*/32>;
 
 template <typename T>
-__global__ void __launch_bounds__(kEpilogueThreads)
-    dora_epilogue_kernel(int64_t M, int64_t N, int64_t r, StridedMatrix<const T> xa, StridedMatrix<const T> lora_B,
+__global__ void __launch_bounds__(EpilogueTile::kBlockThreads)
+    dora_epilogue_kernel(int64_t M, int64_t N, int64_t r, StridedMatrix<const T> xa, StridedMatrix<const T> lora_B_t,
                          const accumulate_t<T>* scale, StridedMatrix<const T> bias, StridedMatrix<T> y,
                          accumulate_t<T> scaling) {
   using A = accumulate_t<T>;
-  constexpr int kRowsPerThread = kEpilogueRows / kEpilogueRowGroups;
-  __shared__ A xa_tile[kEpilogueRows][kEpilogueDepth + 1];
-  __shared__ A b_tile[kEpilogueDepth][kEpilogueCols];
+  const int64_t row_begin = static_cast<int64_t>(blockIdx.x) * EpilogueTile::kTileRows;
+  const int64_t col_begin = static_cast<int64_t>(blockIdx.y) * EpilogueTile::kTileCols;
+  A acc[EpilogueTile::kRowsPerThread];
+  EpilogueTile::products(acc, xa, lora_B_t, row_begin, col_begin, M, N, r);
 
-  const int col_lane = threadIdx.x % kEpilogueCols, row_group = threadIdx.x / kEpilogueCols;
-  const int64_t row_begin = static_cast<int64_t>(blockIdx.x) * kEpilogueRows;
-  const int64_t col_begin = static_cast<int64_t>(blockIdx.y) * kEpilogueCols;
-  A acc[kRowsPerThread];
-#pragma unroll
-  for (int q = 0; q < kRowsPerThread; ++q) {
-    acc[q] = A(0);
-  }
-  for (int64_t rank_begin = 0; rank_begin < r; rank_begin += kEpilogueDepth) {
-    __syncthreads();  // previous tiles consumed
-    for (int idx = threadIdx.x; idx < kEpilogueRows * kEpilogueDepth; idx += kEpilogueThreads) {
-      const int i = idx / kEpilogueDepth, jj = idx % kEpilogueDepth;
-      const int64_t row = row_begin + i, rank = rank_begin + jj;
-      xa_tile[i][jj] = (row < M && rank < r) ? load_element(xa, row, rank) : A(0);
-    }
-    for (int idx = threadIdx.x; idx < kEpilogueDepth * kEpilogueCols; idx += kEpilogueThreads) {
-      const int jj = idx / kEpilogueCols, kk = idx % kEpilogueCols;
-      const int64_t rank = rank_begin + jj, col = col_begin + kk;
-      b_tile[jj][kk] = (rank < r && col < N) ? load_element(lora_B, col, rank) : A(0);
-    }
-    __syncthreads();
-#pragma unroll 8
-    for (int jj = 0; jj < kEpilogueDepth; ++jj) {
-      const A b_value = b_tile[jj][col_lane];
-#pragma unroll
-      for (int q = 0; q < kRowsPerThread; ++q) {
-        acc[q] += xa_tile[row_group + kEpilogueRowGroups * q][jj] * b_value;
-      }
-    }
-  }
-
-  const int64_t col = col_begin + col_lane;
+  const int64_t col = EpilogueTile::column(col_begin);
   if (col >= N) {
     return;
   }
   const A g = scale[col];
-  const A b = bias.data == nullptr ? A(0) : load_element(bias, 0, col);
+  const A b = bias.data == nullptr ? A(0) : load(bias, 0, col);
 #pragma unroll
-  for (int q = 0; q < kRowsPerThread; ++q) {
-    const int64_t row = row_begin + row_group + kEpilogueRowGroups * q;
+  for (int q = 0; q < EpilogueTile::kRowsPerThread; ++q) {
+    const int64_t row = row_begin + EpilogueTile::local_row(q);
     if (row < M) {
-      T* target = y.data + row * y.row_stride + col * y.col_stride;
+      T* target = element(y, row, col);
       *target = from_accumulate<T>(g * (to_accumulate(*target) + scaling * acc[q]) + b);
     }
   }
@@ -104,22 +64,22 @@ __global__ void __launch_bounds__(kDotsCols * kDotsRowLanes)
   const int64_t row_end = row_begin + rows_per_split < M ? row_begin + rows_per_split : M;
   A dots = A(0), sums = A(0);
   if (col < N) {
-    const A b = bias.data == nullptr ? A(0) : load_element(bias, 0, col);
+    const A b = bias.data == nullptr ? A(0) : load(bias, 0, col);
     const bool recompute = scale != nullptr && scale[col] == A(0) && norm[col] > A(0);
     for (int64_t row = row_begin + row_lane; row < row_end; row += kDotsRowLanes) {
-      const A grad = load_element(grad_y, row, col);
+      const A grad = load(grad_y, row, col);
       A z;
       if (recompute) {  // rare: a column whose g is 0, one dot product of length K + r per element
         A base = A(0), low_rank = A(0);
         for (int64_t k = 0; k < K; ++k) {
-          base += load_element(x, row, k) * load_element(weight, col, k);
+          base += load(x, row, k) * load(weight, col, k);
         }
         for (int64_t j = 0; j < r; ++j) {
-          low_rank += load_element(xa, row, j) * load_element(lora_B, col, j);
+          low_rank += load(xa, row, j) * load(lora_B, col, j);
         }
         z = base + scaling * low_rank;
       } else {
-        z = load_element(y, row, col) - b;
+        z = load(y, row, col) - b;
       }
       dots += grad * z;
       sums += grad;
@@ -147,24 +107,26 @@ int64_t column_dots_splits(int64_t M, int64_t N) {
   return std::min(by_rows, by_blocks);
 }
 
-template <typename T, typename S>
+template <typename T>
 cudaError_t launch_dora_epilogue(int64_t M, int64_t N, int64_t r, StridedMatrix<const T> xa,
-                                 StridedMatrix<const T> lora_B, const S* scale, StridedMatrix<const T> bias,
-                                 StridedMatrix<T> y, double scaling, cudaStream_t stream) {
+                                 StridedMatrix<const T> lora_B_t, const accumulate_t<T>* scale,
+                                 StridedMatrix<const T> bias, StridedMatrix<T> y, double scaling, cudaStream_t stream) {
   if (M == 0 || N == 0) {
     return cudaSuccess;
   }
-  const dim3 grid(static_cast<unsigned>(ceil_div(M, kEpilogueRows)), static_cast<unsigned>(ceil_div(N, kEpilogueCols)));
-  dora_epilogue_kernel<T><<<grid, kEpilogueThreads, 0, stream>>>(M, N, r, xa, lora_B, scale, bias, y,
-                                                                  static_cast<S>(scaling));
+  const dim3 grid(static_cast<unsigned>(ceil_div(M, EpilogueTile::kTileRows)),
+                  static_cast<unsigned>(ceil_div(N, EpilogueTile::kTileCols)));
+  dora_epilogue_kernel<T><<<grid, EpilogueTile::kBlockThreads, 0, stream>>>(
+      M, N, r, xa, lora_B_t, scale, bias, y, static_cast<accumulate_t<T>>(scaling));
   return cudaGetLastError();
 }
 
-template <typename T, typename S>
+template <typename T>
 cudaError_t launch_column_dots(int64_t M, int64_t N, int64_t K, int64_t r, StridedMatrix<const T> grad_y,
-                               StridedMatrix<const T> y, StridedMatrix<const T> bias, const S* scale, const S* norm,
-                               StridedMatrix<const T> x, StridedMatrix<const T> weight, StridedMatrix<const T> xa,
-                               StridedMatrix<const T> lora_B, double scaling, S* out, cudaStream_t stream) {
+                               StridedMatrix<const T> y, StridedMatrix<const T> bias, const accumulate_t<T>* scale,
+                               const accumulate_t<T>* norm, StridedMatrix<const T> x, StridedMatrix<const T> weight,
+                               StridedMatrix<const T> xa, StridedMatrix<const T> lora_B, double scaling,
+                               accumulate_t<T>* out, cudaStream_t stream) {
   if (N == 0) {
     return cudaSuccess;
   }
@@ -172,24 +134,22 @@ cudaError_t launch_column_dots(int64_t M, int64_t N, int64_t K, int64_t r, Strid
   const int64_t rows_per_split = std::max<int64_t>(1, ceil_div(M, splits));
   const dim3 grid(static_cast<unsigned>(ceil_div(N, kDotsCols)), static_cast<unsigned>(splits));
   column_dots_kernel<T><<<grid, dim3(kDotsCols, kDotsRowLanes), 0, stream>>>(
-      M, N, K, r, rows_per_split, grad_y, y, bias, scale, norm, x, weight, xa, lora_B, static_cast<S>(scaling), out);
+      M, N, K, r, rows_per_split, grad_y, y, bias, scale, norm, x, weight, xa, lora_B,
+      static_cast<accumulate_t<T>>(scaling), out);
   return cudaGetLastError();
 }
 
-#define LOWRANK_INSTANTIATE_KERNELS(T, S)                                                                          \
-  template cudaError_t launch_dora_epilogue<T, S>(int64_t, int64_t, int64_t, StridedMatrix<const T>,              \
-                                                  StridedMatrix<const T>, const S*, StridedMatrix<const T>,       \
-                                                  StridedMatrix<T>, double, cudaStream_t);                        \
-  template cudaError_t launch_column_dots<T, S>(int64_t, int64_t, int64_t, int64_t, StridedMatrix<const T>,       \
-                                                StridedMatrix<const T>, StridedMatrix<const T>, const S*, const S*, \
-                                                StridedMatrix<const T>, StridedMatrix<const T>,                   \
-                                                StridedMatrix<const T>, StridedMatrix<const T>, double, S*,       \
-                                                cudaStream_t);
+#define LOWRANK_INSTANTIATE_KERNELS(T)                                                                              \
+  template cudaError_t launch_dora_epilogue<T>(int64_t, int64_t, int64_t, StridedMatrix<const T>,                  \
+                                               StridedMatrix<const T>, const accumulate_t<T>*, StridedMatrix<const T>, \
+                                               StridedMatrix<T>, double, cudaStream_t);                             \
+  template cudaError_t launch_column_dots<T>(int64_t, int64_t, int64_t, int64_t, StridedMatrix<const T>,           \
+                                             StridedMatrix<const T>, StridedMatrix<const T>, const accumulate_t<T>*, \
+                                             const accumulate_t<T>*, StridedMatrix<const T>, StridedMatrix<const T>, \
+                                             StridedMatrix<const T>, StridedMatrix<const T>, double, accumulate_t<T>*, \
+                                             cudaStream_t);
 
-LOWRANK_INSTANTIATE_KERNELS(float, float)
-LOWRANK_INSTANTIATE_KERNELS(double, double)
-LOWRANK_INSTANTIATE_KERNELS(__half, float)
-LOWRANK_INSTANTIATE_KERNELS(__nv_bfloat16, float)
+LOWRANK_FOR_EACH_KERNEL_TYPE(LOWRANK_INSTANTIATE_KERNELS)
 
 #undef LOWRANK_INSTANTIATE_KERNELS
 
