@@ -21,20 +21,21 @@ import triton
 import triton.language as tl
 
 from lowrank import _backends
-from lowrank.kernels.adapter import _matmul_tile
-from lowrank.kernels.lora_linear import _BLOCK_R, _lora_matmul, _low_rank_tile
+from lowrank.kernels.lora_linear import _BLOCK_R, _lora_matmul
 from lowrank.kernels.matmul import (
     DROPOUT_A,
     DROPOUT_A_TRANSPOSED,
     check_dtype,
     dot_options,
+    empty_batch_gradients,
     fit,
     keep_mask,
     matmul,
+    matmul_tile,
     to_acc,
 )
 from lowrank.ops import hash_dropout
-from lowrank.ops.dora_linear import column_norm, column_scale, magnitude_grad, unscale_recovered
+from lowrank.ops.dora_linear import accumulate_dtype, column_norm, column_scale, magnitude_grad, unscale_recovered
 
 
 @triton.jit
@@ -81,9 +82,9 @@ def _column_dots_kernel(
         centred -= bias[None, :]
         if RECOVER:
             if any_recompute:
-                z = _matmul_tile(x_ptr, w_ptr, offs_m, offs_n, row_end, N, K, stride_xm, stride_xk, stride_wk,
-                                 stride_wn, ACC_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-                z += to_acc(lora_scale, ACC_DTYPE) * _low_rank_tile(
+                z = matmul_tile(x_ptr, w_ptr, offs_m, offs_n, row_end, N, K, stride_xm, stride_xk, stride_wk,
+                                stride_wn, ACC_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                z += to_acc(lora_scale, ACC_DTYPE) * matmul_tile(
                     xa_ptr, b_ptr, offs_m, offs_n, row_end, N, R, stride_xam, stride_xar, stride_br, stride_bn,
                     ACC_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R,
                 )
@@ -137,7 +138,6 @@ def _column_dots(grad_y, y, bias, x, weight, xa, lora_B, scaling, scale=None, no
     scale and norm are given) and Σ_rows dy."""
     (M, N), K, R = grad_y.shape, x.shape[1], xa.shape[1]
     options = dot_options(x.dtype)
-    accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
     interpret = _backends.triton_interpret()
     on_fma = options["DOT_PRECISION"] == "ieee" and x.dtype in (torch.float32, torch.float64)
     block_m, block_n, block_k, warps = (
@@ -149,7 +149,7 @@ def _column_dots(grad_y, y, bias, x, weight, xa, lora_B, scaling, scale=None, no
     splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(programs, column_blocks)))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
     splits = triton.cdiv(M, rows_per_split)
-    partial = torch.empty((splits, 2, N), dtype=accumulate, device=x.device)
+    partial = torch.empty((splits, 2, N), dtype=accumulate_dtype(x.dtype), device=x.device)
     w_t, b_t = weight.t(), lora_B.t()
     if norm is not None:  # the kernel reads scale and norm with unit stride
         scale, norm = scale.contiguous(), norm.contiguous()
@@ -191,7 +191,7 @@ def forward(x, weight, bias, lora_A, lora_B, magnitude, weight_norm_sq, scaling,
     keep_scale = 1.0 / (1.0 - dropout_p)
     dropped = dict(alpha=keep_scale, dropout_p=dropout_p, seed=seed, dropout_on=DROPOUT_A)
     xa = matmul(x, lora_A.t(), **dropped)
-    z = matmul(x, weight.t(), **dropped).addmm_(xa, lora_B.t(), alpha=scaling)
+    z = matmul(x, weight.t(), **dropped).addmm_(xa * scaling, lora_B.t())  # s on the small factor
     y = _lora_matmul(x, weight.t(), xa, lora_B.t(), bias, scaling)
     y.addcmul_(z, (scale - 1).to(x.dtype))  # g − 1 before rounding: in bf16, g near 1 would give 0
     return y, xa, norm, z
@@ -207,14 +207,8 @@ def backward(grad_y, x, xa, y_or_z, weight, bias, lora_A, lora_B, magnitude, nor
     check_dtype("dora_linear", x)
     (M, K), N = x.shape, weight.shape[0]
     if M == 0:
-        return (
-            x.new_empty((0, K)) if needs_dx else None,
-            x.new_zeros((N, K)) if needs_dweight else None,
-            grad_y.new_zeros(N) if needs_dbias else None,
-            torch.zeros_like(lora_A),
-            torch.zeros_like(lora_B),
-            torch.zeros_like(magnitude),
-        )
+        shapes = ((0, K), (N, K), (N,), lora_A.shape, lora_B.shape, magnitude.shape)
+        return empty_batch_gradients(x, shapes, (needs_dx, needs_dweight, needs_dbias, True, True, True))
     scale = column_scale(magnitude, norm)
     scale_rows = scale.to(x.dtype)[:, None]
     keep_scale = 1.0 / (1.0 - dropout_p)

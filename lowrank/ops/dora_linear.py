@@ -6,7 +6,7 @@ lora_magnitude_vector), scaling s.
     n = ‖W + s·B·A‖ of each output row (over the K inputs): a constant, no gradient flows
         through it (the DoRA paper's section 4.3, PEFT's weight_norm.detach())
     g = m / n, and g = 0 where n = 0 (a row without a direction outputs its bias alone and
-        passes no gradient; PEFT would give inf and NaN there)
+        passes no gradient; PEFT would give inf and NaN there); a NaN in n stays NaN in g
     z = x·Wᵀ + s·xa·Bᵀ,  xa = x·Aᵀ
     y = g ⊙ z + b                                                          (dropout_p = 0)
 
@@ -24,7 +24,9 @@ The norm never forms W + s·B·A:
 
 from ‖W‖²_row (weight_norm_sq: cached by the caller for a frozen W, see WeightNormCache, or
 computed per call), W·Aᵀ [N, r] (one pass over W) and A·Aᵀ [r, r]. It is accumulated in fp32
-(fp64 for fp64 inputs), and so are g and the norm the op returns.
+(fp64 for fp64 inputs), and so are g and the norm the op returns. The scaling multiplies small
+factors (xa, dy·B, A·Aᵀ), never a GEMM's alpha or beta, which BLAS would take as leave to skip an
+operand: a NaN in A or B propagates at s = 0 as the formula says.
 
 Gradients, with G = g ⊙ dy (each column j of dy scaled by g_j):
 
@@ -66,7 +68,15 @@ from torch import Tensor
 from lowrank import _backends, autotune
 from lowrank.ops import hash_dropout
 from lowrank.ops._common import autocast_inputs
-from lowrank.ops._dispatch import OpBackends, empty_if_skipped, native_op, none_if_skipped, register_native_fakes
+from lowrank.ops._dispatch import (
+    OpBackends,
+    empty_if_skipped,
+    fake_gradients,
+    native_op,
+    none_if_skipped,
+    register_fakes,
+)
+from lowrank.ops.lora_linear import check_lora_inputs
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -85,8 +95,8 @@ def dora_linear_reference(
         x2d = x.reshape(-1, x.shape[-1])
         x_lora = hash_dropout.apply(x2d, seed, dropout_p).reshape(x.shape)
     norm = torch.linalg.vector_norm(weight + scaling * (lora_B @ lora_A), dim=1).detach()
-    positive = norm > 0
-    scale = torch.where(positive, magnitude / torch.where(positive, norm, 1.0), 0.0)
+    zero = norm == 0  # g = 0 there; the inner where keeps m/0 out of the gradient
+    scale = torch.where(zero, 0.0, magnitude / torch.where(zero, 1.0, norm))
     base = torch.nn.functional.linear(x, weight, bias)
     low_rank = (x_lora @ lora_A.t()) @ lora_B.t()
     return base + (scale - 1) * torch.nn.functional.linear(x_lora, weight) + scale * scaling * low_rank
@@ -129,18 +139,18 @@ def column_norm(weight_norm_sq: Tensor, weight_times_a: Tensor, lora_A: Tensor, 
     """n = ‖W + s·B·A‖_row [N] from ‖W‖²_row and W·Aᵀ [N, r], in weight_norm_sq's dtype."""
     acc = weight_norm_sq.dtype
     A, B = lora_A.to(acc), lora_B.to(acc)
-    cross = torch.addmm(weight_times_a.to(acc), B, A @ A.t(), beta=2.0 * scaling, alpha=scaling * scaling)
+    cross = torch.addmm(weight_times_a.to(acc) * (2.0 * scaling), B, (A @ A.t()) * (scaling * scaling))
     return (weight_norm_sq + (B * cross).sum(1)).clamp_min_(0.0).sqrt_()
 
 
 def column_scale(magnitude: Tensor, norm: Tensor) -> Tensor:
-    """g = m / n, 0 where n = 0, in the norm's dtype."""
-    return torch.where(norm > 0, magnitude.to(norm.dtype) / norm, 0.0)
+    """g = m / n, 0 where n = 0 (NaN where n is), in the norm's dtype."""
+    return torch.where(norm == 0, 0.0, magnitude.to(norm.dtype) / norm)
 
 
 def magnitude_grad(dy_z: Tensor, norm: Tensor, dtype: torch.dtype) -> Tensor:
     """dm = Σ_rows dy ⊙ z / n [N] from dy_z = Σ_rows dy ⊙ z; 0 where n = 0."""
-    return torch.where(norm > 0, dy_z / norm, 0.0).to(dtype)
+    return torch.where(norm == 0, 0.0, dy_z / norm).to(dtype)
 
 
 def unscale_recovered(dots: Tensor, scale: Tensor) -> Tensor:
@@ -162,16 +172,16 @@ def _torch_forward(x, weight, bias, lora_A, lora_B, magnitude, weight_norm_sq, s
     scale = column_scale(magnitude, norm)
     if dropout_p == 0.0:
         xa = x @ lora_A.t()
-        z = torch.nn.functional.linear(x, weight).addmm_(xa, lora_B.t(), alpha=scaling)
+        z = torch.nn.functional.linear(x, weight).addmm_(xa * scaling, lora_B.t())
         y = z.mul_(scale.to(x.dtype)) if bias is None else torch.addcmul(bias, z, scale.to(x.dtype))
         return y, xa, norm, x.new_empty(0)
     x_drop = hash_dropout.apply(x, seed, dropout_p)
     xa = x_drop @ lora_A.t()
-    z = torch.nn.functional.linear(x_drop, weight).addmm_(xa, lora_B.t(), alpha=scaling)
+    scaled_xa = xa * scaling
+    z = torch.nn.functional.linear(x_drop, weight).addmm_(scaled_xa, lora_B.t())
     # g − 1 in the accumulate dtype: in bf16, g near 1 would round it to 0.
     y = torch.nn.functional.linear(x, weight, bias).addcmul_(z, (scale - 1).to(x.dtype))
-    y.addmm_(xa, lora_B.t(), alpha=scaling)
-    return y, xa, norm, z
+    return y.addmm_(scaled_xa, lora_B.t()), xa, norm, z
 
 
 def _torch_magnitude_dots(grad_y, y, x, xa, weight, bias, lora_B, scaling, scale, norm):
@@ -181,7 +191,7 @@ def _torch_magnitude_dots(grad_y, y, x, xa, weight, bias, lora_B, scaling, scale
     dots = (grad_y.to(acc) * centred.to(acc)).sum(0)
     columns = zero_scale_columns(scale, norm)
     if columns.numel():
-        z = (x @ weight[columns].t()).addmm_(xa, lora_B[columns].t(), alpha=scaling)
+        z = (x @ weight[columns].t()).addmm_(xa * scaling, lora_B[columns].t())
         dots[columns] = (grad_y[:, columns].to(acc) * z.to(acc)).sum(0)
     return dots
 
@@ -192,13 +202,13 @@ def _torch_backward(
 ):
     scale = column_scale(magnitude, norm)
     scaled_grad = grad_y * scale.to(x.dtype)
-    dyB = scaled_grad @ lora_B
+    dyB_s = (scaled_grad @ lora_B).mul_(scaling)  # s on the small factor (see _torch_forward)
     dB = (scaled_grad.t() @ xa).mul_(scaling)
     dx = dW = db = None
     if dropout_p == 0.0:
-        dA = (dyB.t() @ x).mul_(scaling)
+        dA = dyB_s.t() @ x
         if needs_dx:
-            dx = (scaled_grad @ weight).addmm_(dyB, lora_A, alpha=scaling)
+            dx = (scaled_grad @ weight).addmm_(dyB_s, lora_A)
         if needs_dweight:
             dW = scaled_grad.t() @ x
         dy_z = unscale_recovered(
@@ -206,12 +216,12 @@ def _torch_backward(
         )
     else:
         keep = hash_dropout.keep_mask(seed, x.shape[0], x.shape[1], dropout_p)
-        keep_scale = keep.to(x.dtype) * (1.0 / (1.0 - dropout_p))
-        x_drop = x * keep_scale
+        x_drop = hash_dropout.apply_mask(x, keep, dropout_p)
         shifted_grad = grad_y * (scale - 1).to(x.dtype)
-        dA = (dyB.t() @ x_drop).mul_(scaling)
+        dA = dyB_s.t() @ x_drop
         if needs_dx:
-            dx = (grad_y @ weight).add_((shifted_grad @ weight).addmm_(dyB, lora_A, alpha=scaling).mul_(keep_scale))
+            masked = (shifted_grad @ weight).addmm_(dyB_s, lora_A)
+            dx = (grad_y @ weight).add_(hash_dropout.apply_mask(masked, keep, dropout_p))
         if needs_dweight:
             dW = (grad_y.t() @ x).add_(shifted_grad.t() @ x_drop)
         dy_z = (grad_y.to(norm.dtype) * y_or_z.to(norm.dtype)).sum(0)
@@ -246,7 +256,7 @@ def _implementation_for(backend: str, x: Tensor, weight: Tensor, lora_A: Tensor,
     def make(*shape):
         return torch.randn(*shape, device=x.device, dtype=x.dtype)
 
-    def measure(name: str) -> float:
+    def step_for(name: str):
         implementation = _BACKENDS.implementation(name)
         x_, weight_, bias_, A_, B_, m_, grad_y = make(rows, K), make(N, K), make(N), make(r, K), make(N, r), \
             make(N), make(rows, N)
@@ -258,34 +268,26 @@ def _implementation_for(backend: str, x: Tensor, weight: Tensor, lora_A: Tensor,
             implementation.backward(grad_y, x_, xa, z if dropout_p > 0.0 else y, weight_, bias_, A_, B_, m_, norm,
                                     0.5, dropout_p, seed, True, False, False)
 
-        return autotune.time_call(step, x.device)
+        return step
 
-    key = ("dora_linear", str(x.device), x.dtype, rows, K, N, r, dropout_p > 0.0)
-    return _BACKENDS.choose(backend, key, x.device, measure)
+    key = ("dora_linear", str(x.device), str(x.dtype), rows, K, N, r, dropout_p > 0.0)
+    return _BACKENDS.choose(backend, key, x.device, step_for)
 
 
 # ---------------------------------------------------------------- custom op
 
 
+# Every custom op takes `backend` last, so one fake serves it and its C++ op (register_fakes).
+
+
 @torch.library.custom_op("lowrank::dora_linear", mutates_args=())
 def _dora_linear_op(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    lora_A: Tensor,
-    lora_B: Tensor,
-    magnitude: Tensor,
-    weight_norm_sq: Tensor,
-    scaling: float,
-    dropout_p: float,
-    seed: Optional[Tensor],
-    backend: str,
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+    weight_norm_sq: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    implementation = _implementation_for(backend, x, weight, lora_A, dropout_p)
-    y, xa, norm, z = implementation.forward(
+    return _implementation_for(backend, x, weight, lora_A, dropout_p).forward(
         x, weight, bias, lora_A, lora_B, magnitude, weight_norm_sq, scaling, dropout_p, seed
     )
-    return y, xa, norm, z
 
 
 def _forward_fake(x, weight, bias, lora_A, lora_B, magnitude, weight_norm_sq, scaling, dropout_p, seed):
@@ -298,30 +300,14 @@ def _forward_fake(x, weight, bias, lora_A, lora_B, magnitude, weight_norm_sq, sc
     )
 
 
-@_dora_linear_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, magnitude, weight_norm_sq, scaling, dropout_p, seed, backend):
-    return _forward_fake(x, weight, bias, lora_A, lora_B, magnitude, weight_norm_sq, scaling, dropout_p, seed)
+register_fakes(_dora_linear_op, _forward_fake, "dora_linear_forward_native")
 
 
 @torch.library.custom_op("lowrank::dora_linear_backward", mutates_args=())
 def _dora_linear_backward_op(
-    grad_y: Tensor,
-    x: Tensor,
-    xa: Tensor,
-    y_or_z: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    lora_A: Tensor,
-    lora_B: Tensor,
-    magnitude: Tensor,
-    norm: Tensor,
-    scaling: float,
-    dropout_p: float,
-    seed: Optional[Tensor],
-    backend: str,
-    needs_dx: bool,
-    needs_dweight: bool,
-    needs_dbias: bool,
+    grad_y: Tensor, x: Tensor, xa: Tensor, y_or_z: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+    lora_B: Tensor, magnitude: Tensor, norm: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
+    needs_dx: bool, needs_dweight: bool, needs_dbias: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = _implementation_for(backend, x, weight, lora_A, dropout_p).backward(
         grad_y, x, xa, y_or_z, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed,
@@ -330,31 +316,13 @@ def _dora_linear_backward_op(
     return empty_if_skipped(grads, (needs_dx, needs_dweight, needs_dbias, True, True, True), grad_y)
 
 
-def _backward_fake(
-    grad_y, x, xa, y_or_z, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed,
-    needs_dx, needs_dweight, needs_dbias,
-):
-    def grad_like(t, need):
-        return t.new_empty(t.shape) if need else grad_y.new_empty(0)
-
-    return (
-        grad_like(x, needs_dx),
-        grad_like(weight, needs_dweight),
-        grad_y.new_empty(weight.shape[0]) if needs_dbias else grad_y.new_empty(0),
-        lora_A.new_empty(lora_A.shape),
-        lora_B.new_empty(lora_B.shape),
-        magnitude.new_empty(magnitude.shape),
-    )
+def _backward_fake(grad_y, x, xa, y_or_z, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed,
+                   *needed):
+    shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape, magnitude.shape)
+    return fake_gradients(grad_y, shapes, (*needed, True, True, True))  # dA, dB and dm are always computed
 
 
-@_dora_linear_backward_op.register_fake
-def _(grad_y, x, xa, y_or_z, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, backend,
-      needs_dx, needs_dweight, needs_dbias):
-    return _backward_fake(grad_y, x, xa, y_or_z, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p,
-                          seed, needs_dx, needs_dweight, needs_dbias)
-
-
-register_native_fakes({"dora_linear_forward_native": _forward_fake, "dora_linear_backward_native": _backward_fake})
+register_fakes(_dora_linear_backward_op, _backward_fake, "dora_linear_backward_native")
 
 
 @torch.library.custom_op("lowrank::dora_linear_inference", mutates_args=())
@@ -368,9 +336,7 @@ def _dora_linear_inference_op(
     )
 
 
-@_dora_linear_inference_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, magnitude, weight_norm_sq, scaling, backend):
-    return x.new_empty(x.shape[0], weight.shape[0])
+register_fakes(_dora_linear_inference_op, lambda x, weight, *_: x.new_empty(x.shape[0], weight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
@@ -388,8 +354,8 @@ def _backward(ctx, grad_y, _grad_xa, _grad_norm, _grad_z):
     needs = ctx.needs_input_grad
     needs_dbias = ctx.has_bias and needs[2]
     grads = _dora_linear_backward_op(
-        grad_y, x, xa, y_or_z, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, backend,
-        needs[0], needs[1], needs_dbias,
+        grad_y, x, xa, y_or_z, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed,
+        needs[0], needs[1], needs_dbias, backend,
     )
     return none_if_skipped(grads, (needs[0], needs[1], needs_dbias, needs[3], needs[4], needs[5])) + (None,) * 5
 
@@ -421,7 +387,7 @@ def dora_merged_weight(
         acc = accumulate_dtype(weight.dtype)
         norm_sq = weight_row_norm_sq(weight) if weight_norm_sq is None else weight_norm_sq.to(acc)
         scale = column_scale(magnitude, column_norm(norm_sq, weight @ lora_A.t(), lora_A, lora_B, scaling))
-        merged = torch.addmm(weight.to(acc), lora_B.to(acc), lora_A.to(acc), alpha=scaling).mul_(scale[:, None])
+        merged = torch.addmm(weight.to(acc), lora_B.to(acc) * scaling, lora_A.to(acc)).mul_(scale[:, None])
         return merged.to(weight.dtype), scale
 
 
@@ -433,7 +399,7 @@ def dora_unmerged_weight(merged: Tensor, lora_A: Tensor, lora_B: Tensor, scale: 
             rows = (scale == 0).nonzero().squeeze(1).tolist()
             raise ValueError(f"dora_unmerged_weight: scale is 0 in rows {rows[:10]}; W cannot be recovered there")
         acc = scale.dtype
-        weight = torch.addmm(merged.to(acc) / scale[:, None], lora_B.to(acc), lora_A.to(acc), alpha=-scaling)
+        weight = torch.addmm(merged.to(acc) / scale[:, None], lora_B.to(acc) * -scaling, lora_A.to(acc))
         return weight.to(merged.dtype)
 
 
@@ -441,52 +407,20 @@ def dora_unmerged_weight(merged: Tensor, lora_A: Tensor, lora_B: Tensor, scale: 
 
 
 def _check_inputs(x, weight, bias, lora_A, lora_B, magnitude, weight_norm_sq, scaling, dropout_p):
-    named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B, "magnitude": magnitude}
-    if bias is not None:
-        named["bias"] = bias
-    optional = {} if weight_norm_sq is None else {"weight_norm_sq": weight_norm_sq}
-    for name, t in {**named, **optional}.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"dora_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"dora_linear: {name} must be a floating-point tensor, got dtype {t.dtype}")
-    if x.dim() < 1:
-        raise ValueError("dora_linear: x must have at least one dimension [..., in_features], got a 0-dim tensor")
-    for name in ("weight", "lora_A", "lora_B"):
-        if named[name].dim() != 2:
-            raise ValueError(f"dora_linear: {name} must be 2-D, got shape {tuple(named[name].shape)}")
-    in_features, out_features, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
-    if weight.shape[1] != in_features:
+    check_lora_inputs("dora_linear", x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude=magnitude)
+    if weight_norm_sq is None:
+        return
+    if not isinstance(weight_norm_sq, Tensor):
+        raise TypeError(f"dora_linear: weight_norm_sq must be a torch.Tensor, got {type(weight_norm_sq).__name__}")
+    if not weight_norm_sq.is_floating_point():
+        raise TypeError(f"dora_linear: weight_norm_sq must be a floating-point tensor, got dtype {weight_norm_sq.dtype}")
+    if tuple(weight_norm_sq.shape) != tuple(magnitude.shape):
         raise ValueError(
-            f"dora_linear: x has {in_features} input features (shape {tuple(x.shape)}) but weight expects "
-            f"{weight.shape[1]} (weight shape {tuple(weight.shape)} = [out_features, in_features])"
+            f"dora_linear: weight_norm_sq must have shape {tuple(magnitude.shape)}, got {tuple(weight_norm_sq.shape)}"
         )
-    expected = {
-        "lora_A": (r, in_features),
-        "lora_B": (out_features, r),
-        "magnitude": (out_features,),
-        "bias": (out_features,),
-        "weight_norm_sq": (out_features,),
-    }
-    for name, t in {**named, **optional}.items():
-        if name in expected and tuple(t.shape) != expected[name]:
-            raise ValueError(f"dora_linear: {name} must have shape {expected[name]}, got {tuple(t.shape)}")
-    if r == 0:
-        raise ValueError("dora_linear: lora_A has rank r=0; r must be >= 1")
-    for name, t in named.items():
-        if t.dtype != x.dtype:
-            raise TypeError(
-                f"dora_linear: {name} has dtype {t.dtype} but x has {x.dtype}; all tensors must share one dtype"
-            )
-    for name, t in {**named, **optional}.items():
-        if t.device != x.device:
-            raise ValueError(
-                f"dora_linear: {name} is on {t.device} but x is on {x.device}; all tensors must be on one device"
-            )
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dora_linear: dropout_p must be in [0, 1), got {dropout_p}")
-    if not isinstance(scaling, (int, float)):
-        raise TypeError(f"dora_linear: scaling must be a Python number, got {type(scaling).__name__}")
+    if weight_norm_sq.device != x.device:
+        raise ValueError(f"dora_linear: weight_norm_sq is on {weight_norm_sq.device} but x is on {x.device}; all "
+                         "tensors must be on one device")
 
 
 def dora_linear(
@@ -505,7 +439,7 @@ def dora_linear(
     """
     x, weight, bias, lora_A, lora_B, magnitude = autocast_inputs(x, weight, bias, lora_A, lora_B, magnitude)
     _check_inputs(x, weight, bias, lora_A, lora_B, magnitude, weight_norm_sq, scaling, dropout_p)
-    backend = _backends.resolve(backend, x.device)
+    backend = _backends.resolve(backend, x.device, "dora_linear")
     if weight_norm_sq is None:
         weight_norm_sq = weight_row_norm_sq(weight)
     else:

@@ -188,8 +188,8 @@ def test_opcheck(backend, dropout_p):
     y, xa, norm, z = torch.ops.lowrank.dora_linear(x, weight, b, A, B, magnitude, norm_sq, 0.5, dropout_p, seed,
                                                    backend)
     backward_args = (torch.randn_like(y), x, xa, z if dropout_p else y, weight, b, A, B, magnitude, norm, 0.5,
-                     dropout_p, seed, backend)
-    torch.library.opcheck(torch.ops.lowrank.dora_linear_backward.default, backward_args + (True, False, True))
+                     dropout_p, seed)
+    torch.library.opcheck(torch.ops.lowrank.dora_linear_backward.default, backward_args + (True, False, True, backend))
     torch.library.opcheck(torch.ops.lowrank.dora_linear_inference.default,
                           (x, weight, b, A, B, magnitude, norm_sq, 0.5, backend))
 
@@ -223,8 +223,7 @@ def test_native_op_names_bad_norm():
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
-def test_torch_compile_fullgraph(backend, dropout_p):
-    torch._dynamo.reset()
+def test_torch_compile_fullgraph(backend, dropout_p, compiles_like_eager):
     x, weight, b, A, B, magnitude = make_inputs((2, 5), 8, 6, 4, torch.float64)
     cache = WeightNormCache()
 
@@ -232,16 +231,7 @@ def test_torch_compile_fullgraph(backend, dropout_p):
         y = dora_linear(x, weight, b, A, B, magnitude, 0.5, dropout_p, weight_norm_sq=cache(weight), backend=backend)
         return torch.nn.functional.gelu(y).sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    torch.manual_seed(0)
-    loss = compiled(x)
-    grads = torch.autograd.grad(loss, (x, A, B, magnitude))
-    torch.manual_seed(0)
-    loss_eager = step(x)
-    grads_eager = torch.autograd.grad(loss_eager, (x, A, B, magnitude))
-    torch.testing.assert_close(loss, loss_eager)
-    for g, g_eager in zip(grads, grads_eager):
-        torch.testing.assert_close(g, g_eager)
+    compiles_like_eager(step, x, (x, A, B, magnitude))
 
 
 @pytest.mark.skipif(not lowrank.backends()["cpu"].available or DEVICE != "cpu",
@@ -483,17 +473,42 @@ def test_unavailable_backend_is_refused():
         (lambda t: {**t, "x": t["x"].long()}, TypeError, r"x must be a floating-point tensor"),
         (lambda t: {**t, "weight": t["weight"][None]}, ValueError, r"weight must be 2-D"),
         (lambda t: {**t, "p": 1.0}, ValueError, r"dropout_p must be in \[0, 1\)"),
-        (lambda t: {**t, "s": "2"}, TypeError, r"scaling must be a Python number, got str"),
+        (lambda t: {**t, "s": "2"}, TypeError, r"scaling must be a Python number, got '2'"),
+        (lambda t: {**t, "s": True}, TypeError, r"scaling must be a Python number, got True"),
         (lambda t: {**t, "x": t["x"].to("meta")}, ValueError, r"weight is on cpu but x is on meta"),
+        (lambda t: {**t, "x": t["x"][:, :0], "weight": t["weight"][:, :0], "A": t["A"][:, :0]}, ValueError,
+         r"dora_linear: x has 0 input features \(shape \(2, 0\)\); in_features must be >= 1"),
+        (lambda t: {**t, "backend": "nope"}, ValueError, r"dora_linear: backend must be None, 'auto' or one of"),
     ],
 )
 def test_bad_input_is_named(mutate, error, message):
     x, weight, b, A, B, m = (t.detach().cpu() for t in make_inputs((2,), 4, 3, 2, torch.float32))
     t = mutate({"x": x, "weight": weight, "b": b, "A": A, "B": B, "m": m, "norm_sq": weight_row_norm_sq(weight),
-                "p": 0.0, "s": 0.5})
+                "p": 0.0, "s": 0.5, "backend": "torch"})
     with pytest.raises(error, match=message):
         dora_linear(t["x"], t["weight"], t["b"], t["A"], t["B"], t["m"], t["s"], t["p"], weight_norm_sq=t["norm_sq"],
-                    backend="torch")
+                    backend=t["backend"])
+
+
+# Rows below and above K and N: the cpu backend scales the columns in a pass of its own, or merges
+# g and the update into the weight.
+@pytest.mark.parametrize("lead,K,N,r", [((6,), 9, 7, 3), ((40,), 9, 7, 3)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("poisoned", ["lora_A", "lora_B"])
+def test_nan_propagates_at_zero_scaling(backend, lead, K, N, r, dtype, dropout_p, poisoned):
+    """At s=0 the norm ‖W + s·B·A‖ and s·(x·Aᵀ)·Bᵀ are NaN where A or B holds a NaN: every backend
+    must say so where the reference does (a GEMM with alpha or beta s would skip the operand)."""
+    inputs = make_inputs(lead, K, N, r, dtype)
+    with torch.no_grad():
+        inputs[3 if poisoned == "lora_A" else 4][1, 2] = float("nan")
+    (y, grads), (y_ref, grads_ref) = run_and_reference(backend, inputs, scaling=0.0, dropout_p=dropout_p)
+    assert y_ref.isnan().any()
+    for name, ours, ref in zip(("y", *GRAD_NAMES), (y, *grads), (y_ref, *grads_ref)):
+        assert torch.equal(ours.isnan(), ref.isnan()), name
+    if dropout_p == 0.0:
+        with torch.no_grad():  # the forward-only op
+            assert torch.equal(dora_linear(*inputs, 0.0, backend=backend).isnan(), y_ref.isnan())
 
 
 # ---------------------------------------------------------------- GPU: larger shapes, half precision
