@@ -103,10 +103,13 @@ inline at::Tensor magnitude_grad(const at::Tensor& dy_z, const at::Tensor& norm,
   return at::where(norm == 0, at::zeros({}, norm.options()), dy_z / norm).to(dtype);
 }
 
-// db = Σ_rows dy from the column sums [2, N] of the device files (row 1), in x's dtype and not a
-// view of them; or skipped.
-inline at::Tensor dora_bias_grad(const at::Tensor& sums, const at::Tensor& x, bool needs_dbias) {
-  return needs_dbias ? sums[1].to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true) : skipped_grad(x);
+// The backward's outputs from the device's dx, dweight, dA and dB, its column sums [2, N] (row 1:
+// Σ_rows dy, which becomes db, in x's dtype and not a view of sums) and dy_z = Σ_rows dy⊙z.
+inline DoraGrads dora_grads(at::Tensor dx, at::Tensor dweight, at::Tensor dA, at::Tensor dB, const at::Tensor& sums,
+                            const at::Tensor& dy_z, const at::Tensor& norm, const at::Tensor& x, bool needs_dbias) {
+  at::Tensor dbias = needs_dbias ? sums[1].to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true) : skipped_grad(x);
+  return {std::move(dx), std::move(dweight), std::move(dbias), std::move(dA), std::move(dB),
+          magnitude_grad(dy_z, norm, x.scalar_type())};
 }
 
 // PEFT's training forward with dropout, (y, xa, z):
@@ -130,15 +133,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_dropout_forward(const at::Te
   return {std::move(y), std::move(xa), std::move(z)};
 }
 
-// Its backward, (dx, dweight, dA, dB), H = (g − 1)⊙dy:
+// Its backward, H = (g − 1)⊙dy:
 //   dx = dy·W + D⊙(H·W + s·dyB·A)   dA = s·dyBᵀ·(D⊙x)   dB = s·(g⊙dy)ᵀ·xa   dW = dyᵀ·x + Hᵀ·(D⊙x)
-// with dyB = (g⊙dy)·B; a gradient not needed is skipped_grad. dm = Σ_rows dy⊙z / n and db are the
-// device's column sums.
+// with dyB = (g⊙dy)·B; dm = Σ_rows dy⊙z / n and db from the device's column sums [2, N] of
+// dy⊙z and dy (z: the forward's).
 template <typename Drop>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_dropout_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& xa, const at::Tensor& weight,
-    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scale, double scaling, bool needs_dx,
-    bool needs_dweight, const Drop& drop) {
+DoraGrads dora_dropout_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& xa,
+                                const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                const at::Tensor& norm, const at::Tensor& scale, const at::Tensor& sums, double scaling,
+                                bool needs_dx, bool needs_dweight, bool needs_dbias, const Drop& drop) {
   const auto dtype = x.scalar_type();
   const at::Tensor scaled_grad = grad_y * scale.to(dtype);
   const at::Tensor shifted_grad = grad_y * (scale - 1).to(dtype);
@@ -155,7 +158,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_dropout_backward
   if (needs_dweight) {
     dweight = at::mm(grad_y.t(), x).add_(at::mm(shifted_grad.t(), x_drop));
   }
-  return {std::move(dx), std::move(dweight), std::move(dA), std::move(dB)};
+  return dora_grads(std::move(dx), std::move(dweight), std::move(dA), std::move(dB), sums, sums[0], norm, x,
+                    needs_dbias);
 }
 
 }  // namespace lowrank

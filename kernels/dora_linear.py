@@ -35,6 +35,7 @@ from lowrank.kernels.matmul import (
     to_acc,
 )
 from lowrank.ops import hash_dropout
+from lowrank.ops._dispatch import inference_through
 from lowrank.ops.dora_linear import accumulate_dtype, column_norm, column_scale, magnitude_grad, unscale_recovered
 
 
@@ -197,8 +198,7 @@ def forward(x, weight, bias, lora_A, lora_B, magnitude, weight_norm_sq, scaling,
     return y, xa, norm, z
 
 
-def inference(x, weight, bias, lora_A, lora_B, magnitude, weight_norm_sq, scaling):
-    return forward(x, weight, bias, lora_A, lora_B, magnitude, weight_norm_sq, scaling, 0.0, None)[0]
+inference = inference_through(forward)
 
 
 def backward(grad_y, x, xa, y_or_z, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed,

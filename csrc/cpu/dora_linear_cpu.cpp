@@ -185,11 +185,9 @@ DoraGrads dora_linear_backward_cpu(const Tensor& grad_y, const Tensor& x, const 
   const auto dtype = x.scalar_type();
   const Tensor scale = column_scale(magnitude, norm);
   if (dropout_p > 0.0) {
-    auto [dx, dweight, dA, dB] = dora_dropout_backward(grad_y, x, xa, weight, lora_A, lora_B, scale, scaling,
-                                                       needs_dx, needs_dweight, make_drop(seed, dropout_p));
     const Tensor sums = column_sums(grad_y, y_or_z, std::nullopt, scale.scalar_type());  // Σ dy⊙z, Σ dy
-    return {std::move(dx), std::move(dweight), dora_bias_grad(sums, x, needs_dbias), std::move(dA),
-            std::move(dB), magnitude_grad(sums[0], norm, dtype)};
+    return dora_dropout_backward(grad_y, x, xa, weight, lora_A, lora_B, norm, scale, sums, scaling, needs_dx,
+                                 needs_dweight, needs_dbias, make_drop(seed, dropout_p));
   }
 
   const Tensor& y = y_or_z;
@@ -214,8 +212,8 @@ DoraGrads dora_linear_backward_cpu(const Tensor& grad_y, const Tensor& x, const 
     dx.addmm_(dyB, lora_A.mul(scaling));
   }
   Tensor dweight = needs_dweight ? at::mm(grad_y.t(), x).mul_(scale_x.unsqueeze(1)) : skipped_grad(x);
-  return {std::move(dx), std::move(dweight), dora_bias_grad(sums, x, needs_dbias), std::move(dA), std::move(dB),
-          magnitude_grad(unscale_recovered(dots, scale), norm, dtype)};
+  return dora_grads(std::move(dx), std::move(dweight), std::move(dA), std::move(dB), sums,
+                    unscale_recovered(dots, scale), norm, x, needs_dbias);
 }
 
 }  // namespace

@@ -113,12 +113,10 @@ DoraGrads dora_linear_backward_cuda(const Tensor& grad_y, const Tensor& x, const
   const c10::cuda::CUDAGuard device_guard(x.device());
   const auto dtype = x.scalar_type();
   const Tensor scale = column_scale(magnitude, norm);
-  if (dropout_p > 0.0) {
-    auto [dx, dweight, dA, dB] = dora_dropout_backward(grad_y, x, xa, weight, lora_A, lora_B, scale, scaling,
-                                                       needs_dx, needs_dweight, make_drop(seed, dropout_p));
+  if (dropout_p > 0.0) {  // Σ dy⊙z, Σ dy
     const Tensor sums = column_sums(grad_y, y_or_z, std::nullopt, scale, norm, x, weight, xa, lora_B, scaling, false);
-    return {std::move(dx), std::move(dweight), dora_bias_grad(sums, x, needs_dbias), std::move(dA), std::move(dB),
-            magnitude_grad(sums[0], norm, dtype)};
+    return dora_dropout_backward(grad_y, x, xa, weight, lora_A, lora_B, norm, scale, sums, scaling, needs_dx,
+                                 needs_dweight, needs_dbias, make_drop(seed, dropout_p));
   }
   const Tensor scale_rows = scale.to(dtype).unsqueeze(1);
   const Tensor scaled_dyB = at::mm(grad_y, lora_B * scale_rows).mul_(scaling);
@@ -131,8 +129,8 @@ DoraGrads dora_linear_backward_cuda(const Tensor& grad_y, const Tensor& x, const
   }
   Tensor dweight = needs_dweight ? at::mm(grad_y.t(), x).mul_(scale_rows) : skipped_grad(x);
   const Tensor sums = column_sums(grad_y, y_or_z, bias, scale, norm, x, weight, xa, lora_B, scaling, true);
-  return {std::move(dx), std::move(dweight), dora_bias_grad(sums, x, needs_dbias), std::move(dA), std::move(dB),
-          magnitude_grad(unscale_recovered(sums[0], scale), norm, dtype)};
+  return dora_grads(std::move(dx), std::move(dweight), std::move(dA), std::move(dB), sums,
+                    unscale_recovered(sums[0], scale), norm, x, needs_dbias);
 }
 
 }  // namespace

@@ -72,6 +72,7 @@ from lowrank.ops._dispatch import (
     OpBackends,
     empty_if_skipped,
     fake_gradients,
+    inference_through,
     native_op,
     none_if_skipped,
     register_fakes,
@@ -230,20 +231,11 @@ def _torch_backward(
     return dx, dW, db, dA, dB, magnitude_grad(dy_z, norm, magnitude.dtype)
 
 
-def _inference_through(forward):
-    """inference() of a backend without a kernel of its own for it: forward without dropout."""
-
-    def inference(x, weight, bias, lora_A, lora_B, magnitude, weight_norm_sq, scaling):
-        return forward(x, weight, bias, lora_A, lora_B, magnitude, weight_norm_sq, scaling, 0.0, None)[0]
-
-    return inference
-
-
 _native_forward = native_op("dora_linear_forward_native")
 _BACKENDS = OpBackends(
-    torch=dict(forward=_torch_forward, backward=_torch_backward, inference=_inference_through(_torch_forward)),
+    torch=dict(forward=_torch_forward, backward=_torch_backward, inference=inference_through(_torch_forward)),
     native=dict(forward=_native_forward, backward=native_op("dora_linear_backward_native"),
-                inference=_inference_through(_native_forward)),
+                inference=inference_through(_native_forward)),
     triton_module="lowrank.kernels.dora_linear",
 )
 
@@ -413,7 +405,7 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, magnitude, weight_norm_sq, sc
     if not isinstance(weight_norm_sq, Tensor):
         raise TypeError(f"dora_linear: weight_norm_sq must be a torch.Tensor, got {type(weight_norm_sq).__name__}")
     if not weight_norm_sq.is_floating_point():
-        raise TypeError(f"dora_linear: weight_norm_sq must be a floating-point tensor, got dtype {weight_norm_sq.dtype}")
+        raise TypeError(f"dora_linear: weight_norm_sq must be floating-point, got dtype {weight_norm_sq.dtype}")
     if tuple(weight_norm_sq.shape) != tuple(magnitude.shape):
         raise ValueError(
             f"dora_linear: weight_norm_sq must have shape {tuple(magnitude.shape)}, got {tuple(weight_norm_sq.shape)}"

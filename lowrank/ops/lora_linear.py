@@ -33,6 +33,7 @@ from lowrank.ops._dispatch import (
     OpBackends,
     empty_if_skipped,
     fake_gradients,
+    inference_through,
     native_op,
     none_if_skipped,
     register_fakes,
@@ -87,20 +88,11 @@ def _torch_backward(
     return dx, dW, db, dA, dB
 
 
-def _inference_through(forward):
-    """inference() of a backend that has no kernel of its own for it: forward without dropout."""
-
-    def inference(x, weight, bias, lora_A, lora_B, scaling):
-        return forward(x, weight, bias, lora_A, lora_B, scaling, 0.0, None)[0]
-
-    return inference
-
-
 _native_forward = native_op("lora_linear_forward_native")
 _BACKENDS = OpBackends(
-    torch=dict(forward=_torch_forward, backward=_torch_backward, inference=_inference_through(_torch_forward)),
+    torch=dict(forward=_torch_forward, backward=_torch_backward, inference=inference_through(_torch_forward)),
     native=dict(forward=_native_forward, backward=native_op("lora_linear_backward_native"),
-                inference=_inference_through(_native_forward)),
+                inference=inference_through(_native_forward)),
     triton_module="lowrank.kernels.lora_linear",
 )
 
