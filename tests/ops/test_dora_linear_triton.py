@@ -29,15 +29,6 @@ def _inputs(M, K, N, r, seed=0):
     return x, weight, bias, lora_A, lora_B, magnitude
 
 
-def _relayout(t, how):
-    """The same values as t in a non-contiguous layout."""
-    if how == "transposed":
-        return t.t().contiguous().t()
-    wide = torch.empty(t.shape[0], 2 * t.shape[1], dtype=t.dtype, device=t.device)  # every other column
-    wide[:, ::2] = t
-    return wide[:, ::2]
-
-
 def _run_both(inputs, p, dy, needs=(True, True, True)):
     """Forward and backward through the Triton and the torch backends: (ours, theirs)."""
     x, weight, bias, lora_A, lora_B, magnitude = inputs
@@ -64,30 +55,12 @@ def _assert_same(ours, theirs):
             torch.testing.assert_close(g, g_ref, **TOL, msg=lambda m: f"{name}: {m}")
 
 
-LAYOUTS = ["x_transposed", "x_strided", "w_transposed", "lora_transposed", "bias_strided", "dy_expanded",
-           "dy_row_broadcast"]
-
-
 @pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_strided_inputs(layout, p, poisoned_empty):
+def test_strided_inputs(strided_layout, p, poisoned_empty):
     M, K, N, r = 37, 70, 45, 5
     x, weight, bias, lora_A, lora_B, magnitude = _inputs(M, K, N, r)
     dy = torch.randn(M, N, dtype=torch.float64, device=DEVICE)
-    if layout == "x_transposed":
-        x = _relayout(x, "transposed")
-    elif layout == "x_strided":
-        x = _relayout(x, "strided")
-    elif layout == "w_transposed":  # GPT-2's Conv1D: weight.t() of a [K, N] parameter
-        weight = _relayout(weight, "transposed")
-    elif layout == "lora_transposed":
-        lora_A, lora_B = _relayout(lora_A, "transposed"), _relayout(lora_B, "transposed")
-    elif layout == "bias_strided":
-        bias = _relayout(bias[None], "strided")[0]
-    elif layout == "dy_expanded":  # what y.sum().backward() hands over
-        dy = torch.ones((), dtype=torch.float64, device=DEVICE).expand(M, N)
-    elif layout == "dy_row_broadcast":
-        dy = dy[:1].expand(M, N)
+    x, weight, bias, lora_A, lora_B, dy = strided_layout(x, weight, bias, lora_A, lora_B, dy)
     ours, theirs = _run_both((x, weight, bias, lora_A, lora_B, magnitude), p, dy)
     _assert_same(ours, theirs)
 
