@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,3 +40,23 @@ def quick_run(request, tmp_path_factory):
     reports = list(out_dir.glob("*.json"))
     report = json.loads(reports[0].read_text()) if len(reports) == 1 else None
     return completed, report, out_dir
+
+
+@pytest.fixture(scope="module")
+def agrees_with_reference(bench, harness):
+    """agrees_with_reference(problem, providers): each provider of the benchmark passes its check
+    against the reference on `problem` (run with its dropout off), and its dropout switch is real:
+    switching it off changes the output exactly when the problem has dropout."""
+
+    def check(problem, providers):
+        for provider in providers:
+            layer = bench.build_layer(provider, problem)
+            bench.check_against_reference(layer, problem)
+            x, _ = harness.make_inputs(problem, 1, seed=5)[0]
+            with torch.no_grad():
+                with_dropout = layer.forward(x)
+                layer.set_dropout(False)
+                without = layer.forward(x)
+            assert torch.equal(with_dropout, without) == (problem.dropout_p == 0), provider
+
+    return check

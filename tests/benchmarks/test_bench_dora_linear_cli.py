@@ -2,36 +2,13 @@
 provider in every mode with the goal ratios, and it times only providers that agree with the
 reference."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lowrank.ops import dora_linear
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def bench(benchmark_module):
-    return benchmark_module("bench_dora_linear")
-
-
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    """(completed process, report, out dir) of `python -m benchmarks.bench_dora_linear --quick`."""
-    out_dir = tmp_path_factory.mktemp("bench_dora_linear")
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_dora_linear", "--quick", "--out-dir", str(out_dir)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-    )
-    reports = list(out_dir.glob("dora_linear_*.json"))
-    report = json.loads(reports[0].read_text()) if len(reports) == 1 else None
-    return completed, report, out_dir
+BENCHMARK = "bench_dora_linear"  # the `bench` and `quick_run` fixtures of conftest.py
 
 
 def test_quick_run_reports_every_runnable_provider_and_the_goal_ratios(quick_run, bench):
@@ -45,7 +22,7 @@ def test_quick_run_reports_every_runnable_provider_and_the_goal_ratios(quick_run
     assert sorted(timed) == sorted(set(bench.PROVIDERS) - set(report["skipped"]))
     assert {"hf_peft", "eager_dora", "lowrank_lora", "lowrank_torch", "lowrank_auto"} <= set(timed)
     for row in report["results"]:
-        for mode in bench.MODES:
+        for mode in bench.harness.MODES:
             assert len(row["times_ms"][mode]) == report["repeats"]
             assert all(ms > 0 for ms in row["times_ms"][mode]), (row["provider"], mode)
         assert row["ratio_to_lora"] > 0 and row["saved_bytes"] >= 0
@@ -63,35 +40,25 @@ def test_quick_run_reports_every_runnable_provider_and_the_goal_ratios(quick_run
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_every_runnable_provider_matches_the_reference(bench, dropout_p):
+def test_every_runnable_provider_matches_the_reference(bench, harness, agrees_with_reference, dropout_p):
     """With dropout, each is checked with it off, and the switch is real."""
-    device = bench.resolve_device("auto")
-    dtype = bench.DTYPES[bench.default_dtype_name(device)]
-    problem = bench.make_problem(bench.Shape(48, 40, 36, 4), device, dtype, dropout_p=dropout_p)
+    device = harness.resolve_device("auto")
+    problem = bench.make_problem(bench.Shape(48, 40, 36, 4), device, harness.DTYPES[harness.default_dtype_name(device)],
+                                 dropout_p=dropout_p)
     skipped = bench.skip_reasons(device)
-    for provider in bench.PROVIDERS:
-        if provider in skipped:
-            continue
-        layer = bench.build_layer(provider, problem)
-        bench.check_against_reference(layer, problem)
-        x, _ = bench.make_inputs(problem, 1, seed=5)[0]
-        with torch.no_grad():
-            with_dropout = layer.forward(x)
-            layer.set_dropout(False)
-            without = layer.forward(x)
-        assert torch.equal(with_dropout, without) == (dropout_p == 0), provider
+    agrees_with_reference(problem, [provider for provider in bench.PROVIDERS if provider not in skipped])
 
 
 def test_reference_check_rejects_a_wrong_provider(bench):
     problem = bench.make_problem(bench.QUICK_SHAPE, torch.device("cpu"), torch.float32)
     layer = bench.build_layer("eager_dora", problem)
     weight, bias, s = problem.weight, problem.bias, problem.scaling
-    A, B, m = layer.lora_A, layer.lora_B, layer.magnitude
+    A, B, m = layer.trained
     wrong_layers = {
         "scale ignored (LoRA's output)": lambda x: F.linear(x, weight, bias) + s * (x @ A.t()) @ B.t(),
         "magnitude without gradient": lambda x: dora_linear(x, weight, bias, A, B, m.detach(), s),
     }
     for what, forward in wrong_layers.items():
-        wrong = bench.DoraLayer(forward, layer.held, A, B, magnitude=m)
+        wrong = bench.Layer(forward, layer.held, layer.trained)
         with pytest.raises(AssertionError, match="differs from the reference|was not computed"):
             bench.check_against_reference(wrong, problem)
