@@ -6,7 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank import inject_lora, load_lora, mark_only_lora_trainable, merge_lora, save_lora, unmerge_lora
+from lowrank import (
+    disable_adapters,
+    inject_lora,
+    load_lora,
+    mark_only_lora_trainable,
+    merge_lora,
+    save_lora,
+    set_adapter,
+    unmerge_lora,
+)
 from lowrank.nn import LoRALinear
 from lowrank.tuners.lora.model import lora_layers
 
@@ -83,7 +92,8 @@ def test_adapter_saved_by_peft_gives_peft_outputs(base_and_batch, tmp_path):
                 param.normal_(std=0.02)
     peft_model.save_pretrained(tmp_path)
     model = load_lora(copy.deepcopy(base), tmp_path, backend=BACKEND)
-    assert sorted(model.lora_config.target_modules) == sorted(lora_layers(model)) and len(lora_layers(model)) == 18
+    assert sorted(model.lora_configs["default"].target_modules) == sorted(lora_layers(model))
+    assert len(lora_layers(model)) == 18
     with torch.no_grad():
         torch.testing.assert_close(hidden_states(model, batch), hidden_states(peft_model, batch), **FP32_NOISE)
 
@@ -137,3 +147,28 @@ def test_torch_compile_fullgraph_with_lora_linear():
             for grad, eager_grad in zip((p.grad for p in model.parameters() if p.requires_grad), eager_grads):
                 torch.testing.assert_close(grad, eager_grad, rtol=1e-5, atol=1e-5)
         model.zero_grad()
+
+
+def test_named_adapters_match_peft(base_and_batch, tmp_path):
+    """Two adapters from one PEFT directory (the second rsLoRA, in a sub-folder): each alone, both, none."""
+    peft = pytest.importorskip("peft")
+    base, batch = base_and_batch
+    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    second = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["value", "dense"], use_rslora=True)
+    peft_model.add_adapter("sts", second)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.02)
+    peft_model.save_pretrained(tmp_path)
+    model = load_lora(copy.deepcopy(base), tmp_path, backend=BACKEND)
+    load_lora(model, tmp_path, adapter_name="sts")
+    peft_model.eval()
+    with torch.no_grad():
+        for active in ("default", "sts", ["default", "sts"]):
+            peft_model.base_model.set_adapter(active)
+            set_adapter(model, active)
+            torch.testing.assert_close(hidden_states(model, batch), hidden_states(peft_model, batch), **FP32_NOISE)
+        with disable_adapters(model):
+            torch.testing.assert_close(hidden_states(model, batch), hidden_states(base, batch), **FP32_NOISE)
