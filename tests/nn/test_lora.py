@@ -397,8 +397,8 @@ def test_merged_state_dict_loaded_into_unmerged_layer_is_not_applied_twice(kind,
     with torch.no_grad():
         target.lora_B.zero_()  # different values, so the load must bring them
     target.load_state_dict(load_file(tmp_path / "merged.safetensors"))
-    assert target.merged_adapters == ["default"]
     torch.testing.assert_close(target(x), expected, rtol=1e-5, atol=1e-5)
+    assert target.merged_adapters == ["default"]
     target.unmerge()  # and the merge can be undone, back to the unmerged layer's output
     torch.testing.assert_close(target(x), expected, rtol=1e-5, atol=1e-5)
 

@@ -295,7 +295,7 @@ def test_merged_model_state_dict_into_unmerged_model_is_not_applied_twice(tiny_h
     torch.save(source.state_dict(), tmp_path / "merged.pt")
     target = inject_lora(copy.deepcopy(base), ["c_attn", "wte"], r=4, backend=BACKEND)
     target.load_state_dict(torch.load(tmp_path / "merged.pt"))
-    assert all(layer.merged for layer in lora_layers(target).values())
     torch.testing.assert_close(hidden(target, ids), expected, **CLOSE)
+    assert all(layer.merged for layer in lora_layers(target).values())
     lowrank.unmerge_lora(target)
     torch.testing.assert_close(hidden(target, ids), expected, **CLOSE)
