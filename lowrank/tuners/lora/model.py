@@ -160,7 +160,7 @@ def _no_match_error(model: nn.Module, target_modules) -> ValueError:
     )
 
 
-def _lora_class_for(name: str, module: nn.Module) -> type[LoRALayer]:
+def lora_class_for(name: str, module: nn.Module) -> type[LoRALayer]:
     if module._forward_hooks or module._forward_pre_hooks or dict(module.named_children()):
         # Replacing the module would silently drop its hooks and children (e.g. a bottleneck
         # adapter registered on it by inject_bottleneck).
@@ -180,7 +180,7 @@ def _lora_class_for(name: str, module: nn.Module) -> type[LoRALayer]:
 
 
 def _lora_layer_for(name: str, module: nn.Module, r, alpha, dropout, backend, adapter_name, options) -> LoRALayer:
-    lora_class = _lora_class_for(name, module)
+    lora_class = lora_class_for(name, module)
     try:
         if lora_class is LoRALinear:
             return LoRALinear.from_linear(module, r, alpha, dropout, backend, adapter_name=adapter_name, **options)
@@ -193,7 +193,7 @@ def _lora_layer_for(name: str, module: nn.Module, r, alpha, dropout, backend, ad
         raise ValueError(f"inject_lora: cannot add LoRA to {name!r}: {exc}") from exc
 
 
-def _check_targets(model: nn.Module, names: list[str], adapter_name, r, alpha, dropout, options) -> None:
+def check_lora_targets(model: nn.Module, names: list[str], adapter_name, r, alpha, dropout, options) -> None:
     """Everything that could make adding the adapter to these modules fail, checked before anything changes."""
     for name in names:
         module = model.get_submodule(name)
@@ -201,7 +201,7 @@ def _check_targets(model: nn.Module, names: list[str], adapter_name, r, alpha, d
             if isinstance(module, LoRALayer):
                 module.check_new_adapter(adapter_name, r, alpha, dropout, **options)
                 continue
-            lora_class = _lora_class_for(name, module)
+            lora_class = lora_class_for(name, module)
             if isinstance(module, nn.Conv2d) and module.groups != 1:
                 raise ValueError(f"LoRAConv2d: only groups=1 convolutions are supported, got groups={module.groups}")
             if is_pissa(options.get("init_lora_weights", True)):
@@ -240,7 +240,7 @@ def add_lora_adapter(
     """Add adapter `adapter_name` to these modules (LoRA layers get it beside their others, other modules
     become LoRA layers), all checked before any changes. The model's first adapter becomes active; a later
     one joins inactive and frozen, and new layers take the model's active adapters and disabled state."""
-    _check_targets(model, names, adapter_name, r, alpha, dropout, options)
+    check_lora_targets(model, names, adapter_name, r, alpha, dropout, options)
     existing = lora_layers(model)
     first_adapter = not adapter_names(model)
     active = [adapter_name] if first_adapter else active_adapters(model)

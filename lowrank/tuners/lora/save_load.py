@@ -48,9 +48,10 @@ from lowrank.nn.lora import (
 )
 from lowrank.tuners.lora.model import (
     LoRAConfig,
-    _lora_class_for,
     adapter_names,
     add_lora_adapter,
+    check_lora_targets,
+    lora_class_for,
     lora_layers,
 )
 
@@ -162,7 +163,7 @@ def _save_one(model: nn.Module, adapter_name: str, directory: str) -> None:
         json.dump(config, f, indent=2, sort_keys=True)
 
 
-def save_lora(model: nn.Module, directory: str | os.PathLike, selected_adapters=None) -> None:
+def save_lora(model: nn.Module, directory: str | os.PathLike, *, selected_adapters=None) -> None:
     """Write the LoRA weights and a PEFT LoraConfig of every adapter (or of `selected_adapters`) into
     `directory`: adapter "default" at its root, the others in sub-folders named after them (PEFT's layout)."""
     directory = os.fspath(directory)
@@ -257,7 +258,7 @@ def _check_tensor(path: str, key: str, found: dict, shape, owner: str) -> None:
 
 
 def load_lora(
-    model: nn.Module, directory: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER, backend=None
+    model: nn.Module, directory: str | os.PathLike, backend=None, *, adapter_name: str = DEFAULT_ADAPTER
 ) -> nn.Module:
     """Load an adapter saved by save_lora or by PEFT into `model` as adapter `adapter_name` and return it.
 
@@ -317,17 +318,20 @@ def load_lora(
                 f"{adapter_name!r} in the model"
             )
 
-    # Check every tensor before changing anything, so a failed load leaves the model as it was.
+    # Check everything before changing anything, so a failed load leaves the model as it was.
+    options = {"use_rslora": use_rslora, "init_lora_weights": init}
     for name, module in modules.items():
         r, alpha = hyperparameters[name]
         check_lora_hyperparameters(f"load_lora ({name})", r, alpha, dropout)
+        if not holders:
+            check_lora_targets(model, [name], adapter_name, r, alpha, dropout, options)
         if name in holders and r != module.lora_adapters[adapter_name].r:
             raise ValueError(
                 f"load_lora: the adapter config gives {name!r} r={r}, but its adapter {adapter_name!r} has "
                 f"r={module.lora_adapters[adapter_name].r}"
             )
         # _adapter_shapes reads only the base layer's own attributes (in_features, nf, num_embeddings, ...).
-        lora_class = type(module) if isinstance(module, LoRALayer) else _lora_class_for(name, module)
+        lora_class = type(module) if isinstance(module, LoRALayer) else lora_class_for(name, module)
         owner = f"{lora_class.__name__} {name!r}"
         for key, shape in zip(_keys_for(name, module), lora_class._adapter_shapes(module, r)):
             _check_tensor(path, key, weights[name], shape, owner)
@@ -339,9 +343,7 @@ def load_lora(
     if not holders:
         for name in modules:
             r, alpha = hyperparameters[name]
-            add_lora_adapter(
-                model, [name], adapter_name, r, alpha, dropout, backend, use_rslora=use_rslora, init_lora_weights=init
-            )
+            add_lora_adapter(model, [name], adapter_name, r, alpha, dropout, backend, **options)
     layers = {name: model.get_submodule(name) for name in modules}
     with torch.no_grad():
         for name, layer in layers.items():
