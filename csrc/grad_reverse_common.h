@@ -1,4 +1,4 @@
-// Input checks and the strided walk shared by the CPU and CUDA kernels of
+// Names, input checks and the strided walk shared by the CPU and CUDA kernels of
 // lowrank::grad_reverse_backward_native(_).
 #pragma once
 
@@ -10,15 +10,17 @@
 #include <numeric>
 #include <vector>
 
+#include "native_op_utils.h"
+
 namespace lowrank {
+
+// The ops' names (schemas: csrc/grad_reverse.cpp), for error messages and kernel registration.
+constexpr const char* kGradReverseOp = "grad_reverse_backward_native";
+constexpr const char* kGradReverseInPlaceOp = "grad_reverse_backward_native_";
 
 inline void check_grad_reverse_inputs(const char* op, const at::Tensor& grad, const at::Tensor& lambda,
                                       c10::DeviceType device_type) {
-  const auto dtype = grad.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": grad has dtype ", dtype, "; supported dtypes are float32, float64, float16 and bfloat16");
-  TORCH_CHECK(grad.device().type() == device_type, op, ": this kernel expects grad on ", device_type,
-              " but it is on ", grad.device());
+  check_kernel_input(op, grad, "grad", device_type);
   TORCH_CHECK(grad.layout() == at::kStrided, op, ": grad must be a strided tensor, got layout ", grad.layout());
   TORCH_CHECK(lambda.dim() == 0 && lambda.scalar_type() == at::kDouble, op,
               ": lambda_ must be a 0-dim float64 tensor, got shape ", lambda.sizes(), " and dtype ",

@@ -4,11 +4,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define LOWRANK_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define LOWRANK_HOST_DEVICE inline
-#endif
+#include "host_device.h"
 
 namespace lowrank {
 

@@ -102,10 +102,18 @@ def _check_device(name: str, device: torch.device) -> None:
         )
 
 
-def resolve(backend: str | None, device: torch.device) -> str:
-    """Check a requested backend (None = LOWRANK_BACKEND, else 'auto') can run on `device`."""
+def check_name(owner: str, backend) -> None:
+    """Refuse a backend argument that is not None, "auto" or a backend's name, naming `owner`."""
+    if backend is not None and backend not in (*NAMES, "auto"):
+        raise ValueError(f"{owner}: backend must be None, 'auto' or one of {NAMES}, got {backend!r}")
+
+
+def resolve(backend: str | None, device: torch.device, op: str) -> str:
+    """Check a requested backend (None = LOWRANK_BACKEND, else 'auto') can run `op` on `device`."""
     if backend is None:
         backend = os.environ.get("LOWRANK_BACKEND", "auto")
+        check_name(f"{op}: the environment variable LOWRANK_BACKEND", backend)
+    check_name(op, backend)
     if backend == "auto":
         return "auto"  # chosen per problem shape inside the op, by measurement (lowrank.autotune)
     status = _status(backend)

@@ -7,6 +7,10 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Inductor's compiled graphs are cached per checkout: its machine-wide default cache can replay a
+# graph compiled by another checkout whose custom ops take their arguments in another order.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(REPO_ROOT / ".cache" / "torchinductor"))
+
 # Without a GPU, the Triton kernels run in Triton's interpreter on CPU tensors. The
 # variable must be set before triton is imported, so it is set here, first.
 if not torch.cuda.is_available():

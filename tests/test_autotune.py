@@ -1,5 +1,7 @@
-"""backend="auto": measured once per problem-shape key, cached, the same choice for backward."""
+"""backend="auto": measured once per problem-shape key (interleaved, with a margin for the preferred
+backend), cached, the same choice for backward, and pinned from a file or a checkpoint."""
 
+import json
 import sys
 
 import pytest
@@ -28,19 +30,16 @@ def inputs(M, K=12, N=10, r=3):
 
 
 def fake_timings(monkeypatch, seconds_by_backend):
-    """Replace the stopwatch; record which backends were measured."""
+    """Replace the stopwatch; record which backends were measured. The candidates are the keys, the
+    first one preferred."""
     measured = []
-    real_pick = autotune.pick
 
-    def pick(key, device, measure):
-        def fake_measure(name):
-            measured.append(name)
-            return seconds_by_backend[name]
-
-        return real_pick(key, device, fake_measure)
+    def time_interleaved(steps, device):
+        measured.extend(steps)
+        return {name: seconds_by_backend[name] for name in steps}
 
     monkeypatch.setattr(autotune, "candidates", lambda device: tuple(seconds_by_backend))
-    monkeypatch.setattr(autotune, "pick", pick)
+    monkeypatch.setattr(autotune, "time_interleaved", time_interleaved)
     return measured
 
 
@@ -54,10 +53,12 @@ def test_picks_the_fastest_once_per_shape_bucket(monkeypatch, fastest):
         x, W, b, A, B = inputs(M)
         y = lora_linear(x, W, b, A, B, 0.5, backend="auto")
         y.sum().backward()
-    assert sorted(measured) == ["cpu", "torch"]  # measured once, not per call nor per backward
+    # measured once (twice to confirm leaving the preferred cpu), not per call nor per backward
+    assert sorted(measured) == sorted(["cpu", "torch"] * (2 if fastest == "torch" else 1))
     assert list(autotune.choices().values()) == [fastest]
+    before = len(measured)
     lora_linear(*inputs(129), 0.5, backend="auto")  # next bucket: measured again
-    assert len(measured) == 4 and len(autotune.choices()) == 2
+    assert len(measured) == 2 * before and len(autotune.choices()) == 2
 
 
 def test_backward_uses_the_forward_choice(monkeypatch):
@@ -76,7 +77,59 @@ def test_disabled_takes_first_candidate_without_measuring(monkeypatch):
     monkeypatch.setenv("LOWRANK_AUTOTUNE", "0")
     measured = fake_timings(monkeypatch, {"torch": 5.0, "cpu": 1.0})
     lora_linear(*inputs(8), 0.5, backend="auto")
-    assert measured == [] and autotune.choices() == {}
+    assert measured == [] and list(autotune.choices().values()) == ["torch"]  # recorded, so checkpoints keep it
+
+
+@pytest.mark.parametrize("other_seconds, expected", [(0.98, "cpu"), (0.96, "torch")])
+def test_leaves_the_preferred_backend_only_beyond_the_margin(monkeypatch, other_seconds, expected):
+    """Backends within MARGIN of the preferred one are noise apart: the pick must not follow that noise."""
+    pytest.importorskip("lowrank._C")
+    assert autotune.MARGIN == 0.03
+    fake_timings(monkeypatch, {"cpu": 1.0, "torch": other_seconds})
+    lora_linear(*inputs(8), 0.5, backend="auto")
+    assert list(autotune.choices().values()) == [expected]
+
+
+def test_leaving_the_preferred_backend_takes_two_wins(monkeypatch):
+    pytest.importorskip("lowrank._C")
+    rounds = iter([{"cpu": 1.0, "torch": 0.5}, {"cpu": 1.0, "torch": 1.2}])  # a win, then noise the other way
+    monkeypatch.setattr(autotune, "candidates", lambda device: ("cpu", "torch"))
+    monkeypatch.setattr(autotune, "time_interleaved", lambda steps, device: next(rounds))
+    lora_linear(*inputs(8), 0.5, backend="auto")
+    assert list(autotune.choices().values()) == ["cpu"]
+
+
+def test_timing_interleaves_the_candidates_over_enough_rounds():
+    calls = []
+    seconds = autotune.time_interleaved({name: (lambda name=name: calls.append(name)) for name in "abc"},
+                                        torch.device("cpu"))
+    rounds = autotune.WARMUP + autotune.REPEATS
+    assert autotune.REPEATS >= 10 and set(seconds) == set("abc") and len(calls) == 3 * rounds
+    assert [calls[3 * i:3 * i + 3] for i in range(3)] == [list("abc"), list("bca"), list("cab")]
+
+
+def test_save_and_load_pin_the_picks(monkeypatch, tmp_path):
+    fake_timings(monkeypatch, {"cpu": 2.0, "torch": 1.0})
+    lora_linear(*inputs(8), 0.5, backend="auto")
+    picked = autotune.choices()
+    autotune.save(tmp_path / "picks.json")
+    autotune.clear()
+    measured = fake_timings(monkeypatch, {"cpu": 1.0, "torch": 2.0})  # a run that would now pick cpu
+    autotune.load(tmp_path / "picks.json")
+    lora_linear(*inputs(8), 0.5, backend="auto")
+    assert measured == [] and autotune.choices() == picked
+
+
+def test_load_refuses_a_pick_that_cannot_run_here(tmp_path):
+    path = tmp_path / "picks.json"
+    path.write_text(json.dumps({"format": "lowrank-autotune", "version": 1,
+                                "choices": [["lora_linear", "cpu", "torch.float32", 8, 12, 10, 3, False, "cuda"]]}))
+    with pytest.raises(ValueError, match=rf"{path}: autotune pick 'cuda' for .* cannot run here"):
+        autotune.load(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=rf"{path} holds a JSON list; expected an object"):
+        autotune.load(path)
+    assert autotune.choices() == {}
 
 
 def test_real_measurement_gives_reference_results():

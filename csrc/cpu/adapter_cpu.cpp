@@ -46,15 +46,13 @@ namespace {
 
 using at::Tensor;
 
-constexpr const char* kForwardOp = "adapter_forward_native";
-constexpr const char* kBackwardOp = "adapter_backward_native";
 // Row chunks of about 512 KiB of fp32 [rows, D]: in L2 when the chunk's second GEMM reads them.
 constexpr int64_t kChunkElements = int64_t{1} << 17;
 
 // Calls body(first_row, rows) for each row chunk of [0, M), chunks spread over the threads.
 template <typename Body>
 void for_each_row_chunk(int64_t M, int64_t D, const Body& body) {
-  const int64_t chunk = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(D, 1));
+  const int64_t chunk = rows_in(kChunkElements, D);
   const int64_t chunks = (M + chunk - 1) / chunk;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     // Worker threads do not inherit the caller's dispatch state: keep autograd out of the
@@ -130,13 +128,11 @@ std::tuple<Tensor, Tensor> adapter_forward_cpu(const Tensor& h_in, const Tensor&
                                                const std::optional<Tensor>& b_up_in, c10::string_view activation,
                                                double scaling, bool residual) {
   const AdapterSizes n =
-      check_adapter_forward_inputs(kForwardOp, c10::DeviceType::CPU, h_in, w_down_in, b_down_in, w_up_in, b_up_in);
-  const Activation act = parse_activation(kForwardOp, activation);
+      check_adapter_forward_inputs(c10::DeviceType::CPU, h_in, w_down_in, b_down_in, w_up_in, b_up_in);
+  const Activation act = parse_activation(kAdapterOps.forward, activation);
   const Tensor h = h_in.detach(), w_down_t = w_down_in.detach().t(), w_up_t = w_up_in.detach().t();
-  const std::optional<Tensor> b_down = b_down_in.has_value() && b_down_in->defined()
-                                           ? std::optional<Tensor>(b_down_in->detach()) : std::nullopt;
-  const std::optional<Tensor> b_up = b_up_in.has_value() && b_up_in->defined()
-                                         ? std::optional<Tensor>(b_up_in->detach()) : std::nullopt;
+  const std::optional<Tensor> b_down = is_given(b_down_in) ? std::optional<Tensor>(b_down_in->detach()) : std::nullopt;
+  const std::optional<Tensor> b_up = is_given(b_up_in) ? std::optional<Tensor>(b_up_in->detach()) : std::nullopt;
 
   Tensor z = at::empty({n.M, n.Bn}, h.options());
   Tensor out = at::empty({n.M, n.D}, h.options());
@@ -169,12 +165,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_backward_cpu(
     c10::string_view activation, double scaling, bool residual, bool needs_dh, bool needs_dw_down,
     bool needs_db_down, bool needs_dw_up, bool needs_db_up) {
   const AdapterSizes n =
-      check_adapter_backward_inputs(kBackwardOp, c10::DeviceType::CPU, grad_out_in, h_in, z_in, w_down_in, w_up_in);
-  const Activation act = parse_activation(kBackwardOp, activation);
+      check_adapter_backward_inputs(c10::DeviceType::CPU, grad_out_in, h_in, z_in, w_down_in, w_up_in);
+  const Activation act = parse_activation(kAdapterOps.backward, activation);
   const Tensor g = grad_out_in.detach(), h = h_in.detach(), z = z_in.detach().contiguous();
   const Tensor w_down = w_down_in.detach(), w_up = w_up_in.detach();
   const auto dtype = h.scalar_type();
-  const auto not_needed = [&] { return at::empty({0}, h.options()); };
 
   // Reductions over rows go to one slot per thread, summed at the end in slot order (so the
   // result does not depend on which thread finishes first); fp32 slots for half types.
@@ -186,7 +181,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_backward_cpu(
   Tensor dw_up_t_parts = needs_dw_up ? at::zeros({slots, n.Bn, n.D}, partial) : Tensor();
   Tensor db_down_parts = needs_db_down ? at::zeros({slots, n.Bn}, partial) : Tensor();
   Tensor db_up_parts = needs_db_up ? at::zeros({slots, n.D}, partial) : Tensor();
-  Tensor dh = needs_dh ? at::empty({n.M, n.D}, h.options()) : not_needed();
+  Tensor dh = needs_dh ? at::empty({n.M, n.D}, h.options()) : skipped_grad(h);
 
   for_each_row_chunk(n.M, n.D, [&](int64_t row, int64_t rows) {
     const int64_t slot = at::get_thread_num();
@@ -223,18 +218,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_backward_cpu(
   });
 
   const auto total = [&](const Tensor& parts) { return parts.sum(0).to(dtype); };
-  Tensor dw_down = needs_dw_down ? total(dw_down_parts) : not_needed();
-  Tensor dw_up = needs_dw_up ? total(dw_up_t_parts).t().contiguous() : not_needed();
-  Tensor db_down = needs_db_down ? total(db_down_parts) : not_needed();
-  Tensor db_up = needs_db_up ? total(db_up_parts).mul_(scaling) : not_needed();
+  Tensor dw_down = needs_dw_down ? total(dw_down_parts) : skipped_grad(h);
+  Tensor dw_up = needs_dw_up ? total(dw_up_t_parts).t().contiguous() : skipped_grad(h);
+  Tensor db_down = needs_db_down ? total(db_down_parts) : skipped_grad(h);
+  Tensor db_up = needs_db_up ? total(db_up_parts).mul_(scaling) : skipped_grad(h);
   return {std::move(dh), std::move(dw_down), std::move(db_down), std::move(dw_up), std::move(db_up)};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
-  m.impl("adapter_forward_native", &adapter_forward_cpu);
-  m.impl("adapter_backward_native", &adapter_backward_cpu);
+  impl_forward_backward(m, kAdapterOps, &adapter_forward_cpu, &adapter_backward_cpu);
 }
 
 }  // namespace lowrank

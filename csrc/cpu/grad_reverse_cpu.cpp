@@ -22,11 +22,6 @@ namespace {
 
 using at::Tensor;
 
-constexpr const char* kOutOfPlaceOp = "grad_reverse_backward_native";
-constexpr const char* kInPlaceOp = "grad_reverse_backward_native_";
-// Smallest piece of work worth handing to another thread (128 KiB of fp32).
-constexpr int64_t kParallelGrainElements = int64_t{1} << 15;
-
 // Element conversions to and from the opmath type. bfloat16 is done on the bits, branch-free
 // (c10::BFloat16's round-to-nearest-even, NaN kept quiet), so the loops below vectorise; float16
 // goes through c10::Half, which compilers do not vectorise without F16C: slower than a copy on CPU
@@ -101,13 +96,13 @@ void scale_strided(const scalar_t* in, const StridedWalk& walk, scalar_t* out, i
 double lambda_value(const Tensor& lambda) { return lambda.item<double>(); }
 
 Tensor grad_reverse_backward_cpu(const Tensor& grad, const Tensor& lambda) {
-  check_grad_reverse_inputs(kOutOfPlaceOp, grad, lambda, c10::DeviceType::CPU);
+  check_grad_reverse_inputs(kGradReverseOp, grad, lambda, c10::DeviceType::CPU);
   Tensor out = at::empty_like(grad);
   if (grad.numel() == 0) {
     return out;
   }
   const double neg_lambda = -lambda_value(lambda);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), kOutOfPlaceOp, [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), kGradReverseOp, [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     if (grad.is_non_overlapping_and_dense()) {  // out has grad's strides: both are flat arrays
       scale_dense(grad.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), grad.numel(),
@@ -121,13 +116,13 @@ Tensor grad_reverse_backward_cpu(const Tensor& grad, const Tensor& lambda) {
 }
 
 void grad_reverse_backward_cpu_(const Tensor& grad, const Tensor& lambda) {
-  check_grad_reverse_inputs(kInPlaceOp, grad, lambda, c10::DeviceType::CPU);
-  check_overwritable(kInPlaceOp, grad);
+  check_grad_reverse_inputs(kGradReverseInPlaceOp, grad, lambda, c10::DeviceType::CPU);
+  check_overwritable(kGradReverseInPlaceOp, grad);
   if (grad.numel() == 0) {
     return;
   }
   const double neg_lambda = -lambda_value(lambda);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), kInPlaceOp, [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), kGradReverseInPlaceOp, [&] {
     scalar_t* data = grad.mutable_data_ptr<scalar_t>();
     scale_dense(data, data, grad.numel(), static_cast<at::opmath_type<scalar_t>>(neg_lambda));
   });
@@ -136,8 +131,8 @@ void grad_reverse_backward_cpu_(const Tensor& grad, const Tensor& lambda) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
-  m.impl("grad_reverse_backward_native", &grad_reverse_backward_cpu);
-  m.impl("grad_reverse_backward_native_", &grad_reverse_backward_cpu_);
+  m.impl(kGradReverseOp, &grad_reverse_backward_cpu);
+  m.impl(kGradReverseInPlaceOp, &grad_reverse_backward_cpu_);
 }
 
 }  // namespace lowrank

@@ -1,7 +1,9 @@
 // CPU kernels of lowrank::lora_linear_forward_native and lowrank::lora_linear_backward_native.
 //
 // The large GEMMs go to MKL through at::mm/addmm; this file decides their order and operand
-// layouts, and does the dropout-masked elementwise work itself. Without dropout, when the
+// layouts, and does the dropout-masked elementwise work itself. The scaling s multiplies a small
+// factor (B, A or dy·B), never a GEMM's alpha: BLAS skips the product at alpha=0, which would
+// hide a NaN in A or B that the formula s·(x·Aᵀ)·Bᵀ propagates. Without dropout, when the
 // batch is taller than the weight is wide, the LoRA update is merged into the weight
 // (W + s·B·A, an [N, K] temporary) so the large activations take a single GEMM.
 // With dropout, masked pieces are formed one row chunk at a time, so no [M, K]
@@ -28,13 +30,8 @@ namespace {
 
 using at::Tensor;
 
-constexpr const char* kForwardOp = "lora_linear_forward_native";
-constexpr const char* kBackwardOp = "lora_linear_backward_native";
-
 // Masked work runs over row chunks of about this many elements (1 MiB of fp32: L2-sized).
 constexpr int64_t kChunkElements = int64_t{1} << 18;
-// Smallest piece of elementwise work worth handing to another thread.
-constexpr int64_t kParallelGrainElements = int64_t{1} << 15;
 
 struct HashMask {
   int64_t seed;
@@ -44,14 +41,6 @@ struct HashMask {
 
 HashMask make_mask(const std::optional<Tensor>& seed, double dropout_p) {
   return {seed->item<int64_t>(), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)};
-}
-
-int64_t rows_per_chunk(int64_t K) {
-  return std::max<int64_t>(1, kChunkElements / std::max<int64_t>(K, 1));
-}
-
-int64_t parallel_grain_rows(int64_t K) {
-  return std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(K, 1));
 }
 
 // Merging costs N·K·r flops plus an [N, K] write; the low-rank pass it replaces costs
@@ -88,7 +77,7 @@ Tensor skinny_rows_times(const Tensor& rows, const Tensor& small) {
 
 Tensor merged_weight(const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B, double scaling) {
   if (!skinny_kernels_fit(weight)) {
-    return at::addmm(weight, lora_B, lora_A, 1.0, scaling);
+    return at::addmm(weight, lora_B.mul(scaling), lora_A);
   }
   // One read of W and one write of the result; addmm would copy W first and then update it.
   const int64_t N = weight.size(0), K = weight.size(1), r = lora_A.size(0), ld = weight.stride(0);
@@ -98,7 +87,7 @@ Tensor merged_weight(const Tensor& weight, const Tensor& lora_A, const Tensor& l
   const float* a_data = A.const_data_ptr<float>();
   const float* b_data = B.const_data_ptr<float>();
   float* out_data = merged.data_ptr<float>();
-  at::parallel_for(0, N, parallel_grain_rows(K), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, rows_in(kParallelGrainElements, K), [&](int64_t begin, int64_t end) {
     cpu::add_skinny_times_rows(w_data + begin * ld, ld, b_data + begin * r, a_data, end - begin, K, r,
                                static_cast<float>(scaling), out_data + begin * K);
   });
@@ -153,7 +142,7 @@ void write_dropped_rows(const Tensor& x, int64_t row_begin, Tensor& out, const H
   const int64_t x_row_stride = x.stride(0), x_col_stride = x.stride(1);
   scalar_t* out_data = out.data_ptr<scalar_t>();
   const opmath_t keep_scale = static_cast<opmath_t>(mask.keep_scale);
-  at::parallel_for(0, out.size(0), parallel_grain_rows(K), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, out.size(0), rows_in(kParallelGrainElements, K), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const uint32_t row_key = dropout_row_key(mask.seed, row_begin + i);
       const scalar_t* x_row = x_data + (row_begin + i) * x_row_stride;
@@ -179,7 +168,7 @@ void add_masked_then_drop_rows(const Tensor& x, int64_t row_begin, Tensor& dx, T
   scalar_t* work_data = work.data_ptr<scalar_t>();
   const opmath_t keep_scale = static_cast<opmath_t>(mask.keep_scale);
   const opmath_t scaled_keep = static_cast<opmath_t>(scaling * mask.keep_scale);
-  at::parallel_for(0, work.size(0), parallel_grain_rows(K), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, work.size(0), rows_in(kParallelGrainElements, K), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t row = row_begin + i;
       const uint32_t row_key = dropout_row_key(mask.seed, row);
@@ -208,7 +197,7 @@ Tensor input_times_lora_a(const Tensor& x, const Tensor& lora_A_t, double dropou
   }
   const HashMask mask = make_mask(seed, dropout_p);
   Tensor xa = at::empty({n.M, n.r}, x.options());
-  const int64_t chunk = rows_per_chunk(n.K);
+  const int64_t chunk = rows_in(kChunkElements, n.K);
   Tensor buffer = at::empty({std::min(chunk, n.M), n.K}, x.options());
   for (int64_t row = 0; row < n.M; row += chunk) {
     const int64_t rows = std::min(chunk, n.M - row);
@@ -227,7 +216,7 @@ Tensor dropout_backward_by_chunks(const Tensor& x, const Tensor& dyB, const Tens
                                   const HashMask& mask, std::optional<Tensor> dx, const LoraSizes& n) {
   const auto dtype = x.scalar_type();
   Tensor dA = at::zeros({n.r, n.K}, x.options().dtype(chunk_accumulate_dtype(dtype)));
-  const int64_t chunk = rows_per_chunk(n.K);
+  const int64_t chunk = rows_in(kChunkElements, n.K);
   Tensor buffer = at::empty({std::min(chunk, n.M), n.K}, x.options());
   for (int64_t row = 0; row < n.M; row += chunk) {
     const int64_t rows = std::min(chunk, n.M - row);
@@ -250,27 +239,20 @@ std::tuple<Tensor, Tensor> lora_linear_forward_cpu(const Tensor& x, const Tensor
                                                    const std::optional<Tensor>& bias, const Tensor& lora_A,
                                                    const Tensor& lora_B, double scaling, double dropout_p,
                                                    const std::optional<Tensor>& seed) {
-  const LoraSizes n =
-      check_forward_inputs(kForwardOp, c10::DeviceType::CPU, x, weight, bias, lora_A, lora_B, dropout_p, seed);
-  const bool has_bias = bias.has_value() && bias->defined();
+  const LoraSizes n = check_forward_inputs(c10::DeviceType::CPU, x, weight, bias, lora_A, lora_B, dropout_p, seed);
   Tensor xa = input_times_lora_a(x, lora_A.t().contiguous(), dropout_p, seed, n);
   if (dropout_p == 0.0 && merging_pays_off(x.scalar_type(), n.M, n.K)) {
-    const Tensor merged_t = merged_weight(weight, lora_A, lora_B, scaling).t();
-    Tensor y = has_bias ? at::addmm(*bias, x, merged_t) : at::mm(x, merged_t);
-    return {std::move(y), std::move(xa)};
+    return {linear_output(x, merged_weight(weight, lora_A, lora_B, scaling).t(), bias), std::move(xa)};
   }
-  Tensor y = has_bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  y.addmm_(xa, lora_B.t(), 1.0, scaling);
-  return {std::move(y), std::move(xa)};
+  return {lora_output(x, weight, bias, xa, lora_B, scaling), std::move(xa)};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_backward_cpu(
+LoraGrads lora_linear_backward_cpu(
     const Tensor& grad_y, const Tensor& x, const Tensor& xa, const Tensor& weight, const Tensor& lora_A,
     const Tensor& lora_B, double scaling, double dropout_p, const std::optional<Tensor>& seed, bool needs_dx,
     bool needs_dweight, bool needs_dbias) {
-  const LoraSizes n = check_backward_inputs(kBackwardOp, c10::DeviceType::CPU, grad_y, x, xa, weight, lora_A,
-                                            lora_B, dropout_p, seed);
-  const auto not_needed = [&] { return at::empty({0}, x.options()); };
+  const LoraSizes n =
+      check_backward_inputs(c10::DeviceType::CPU, grad_y, x, xa, weight, lora_A, lora_B, dropout_p, seed);
   Tensor dyB, dA, dB;
   if (dropout_p == 0.0 && skinny_kernels_fit(grad_y) && skinny_kernels_fit(x)) {
     std::tie(dyB, dA, dB) = skinny_backward(grad_y, x, xa, lora_B, scaling, n);
@@ -284,13 +266,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_backward_cpu(
     }
   }
 
-  Tensor dx = not_needed();
+  Tensor dx = skipped_grad(x);
   if (dropout_p == 0.0) {
     if (needs_dx && merging_pays_off(x.scalar_type(), n.M, n.N)) {
       dx = at::mm(grad_y, merged_weight(weight, lora_A, lora_B, scaling));
     } else if (needs_dx) {
       dx = at::mm(grad_y, weight);
-      dx.addmm_(dyB, lora_A, 1.0, scaling);
+      dx.addmm_(dyB, lora_A.mul(scaling));
     }
   } else {
     if (needs_dx) {
@@ -299,16 +281,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_backward_cpu(
     dA = dropout_backward_by_chunks(x, dyB, lora_A, scaling, make_mask(seed, dropout_p),
                                     needs_dx ? std::optional<Tensor>(dx) : std::nullopt, n);
   }
-  Tensor dweight = needs_dweight ? at::mm(grad_y.t(), x) : not_needed();
-  Tensor dbias = needs_dbias ? grad_y.sum(0) : not_needed();
-  return {std::move(dx), std::move(dweight), std::move(dbias), std::move(dA), std::move(dB)};
+  return lora_grads(std::move(dx), std::move(dA), std::move(dB), grad_y, x, needs_dweight, needs_dbias);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
-  m.impl("lora_linear_forward_native", &lora_linear_forward_cpu);
-  m.impl("lora_linear_backward_native", &lora_linear_backward_cpu);
+  impl_forward_backward(m, kLoraLinearOps, &lora_linear_forward_cpu, &lora_linear_backward_cpu);
 }
 
 }  // namespace lowrank

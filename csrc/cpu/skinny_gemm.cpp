@@ -11,6 +11,7 @@
 #include <algorithm>
 
 #define LOWRANK_AVX512 __attribute__((target("avx512f,fma")))
+#define LOWRANK_AVX512_INLINE LOWRANK_AVX512 __attribute__((always_inline)) inline
 
 namespace lowrank {
 namespace cpu {
@@ -23,36 +24,75 @@ __mmask16 lanes_mask(int64_t n) {
   return n >= kLanes ? kAllLanes : static_cast<__mmask16>((1u << n) - 1);
 }
 
+// An R x V tile of c in registers: R rows, each V vectors of 16 lanes, the last vector of a row
+// limited to the lanes in `last`. The kernels below differ only in how they start the tile, what
+// they stream through it and where it goes at the end.
+template <int R, int V>
+struct RegisterTile {
+  __m512 acc[R][V];
+  __mmask16 last;
+
+  explicit RegisterTile(__mmask16 last_lanes) : last(last_lanes) {}
+
+  LOWRANK_AVX512_INLINE __mmask16 lanes(int v) const { return v + 1 < V ? kAllLanes : last; }
+
+  LOWRANK_AVX512_INLINE void zero() {
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[i][v] = _mm512_setzero_ps();
+    }
+  }
+
+  // Row i from src + i·ld.
+  LOWRANK_AVX512_INLINE void load(const float* src, int64_t ld) {
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[i][v] = _mm512_maskz_loadu_ps(lanes(v), src + i * ld + v * kLanes);
+    }
+  }
+
+  // Row i += scale(i) · the row at `row`, for every i: one rank-1 update.
+  template <typename Scale>
+  LOWRANK_AVX512_INLINE void add_scaled_row(const float* row, const Scale& scale) {
+    __m512 row_vectors[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) row_vectors[v] = _mm512_maskz_loadu_ps(lanes(v), row + v * kLanes);
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const __m512 scale_i = _mm512_set1_ps(scale(i));
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[i][v] = _mm512_fmadd_ps(scale_i, row_vectors[v], acc[i][v]);
+    }
+  }
+
+  // dst + i·ld = row i, or += row i when accumulate.
+  LOWRANK_AVX512_INLINE void store(float* dst, int64_t ld, bool accumulate) const {
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) {
+        float* out = dst + i * ld + v * kLanes;
+        const __m512 value = accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(lanes(v), out), acc[i][v]) : acc[i][v];
+        _mm512_mask_storeu_ps(out, lanes(v), value);
+      }
+    }
+  }
+};
+
 // ---- c[m, r] = x · p: rows of c on registers, r on the lanes.
 
 // RB rows of c, JV vectors wide (lanes of the last vector past `last` unused), over all of L.
 template <int RB, int JV>
 LOWRANK_AVX512 void rows_times_skinny_block(const float* x, int64_t ldx, int64_t L, const float* p, int64_t ldp,
                                             __mmask16 last, float* c, int64_t ldc) {
-  __m512 acc[RB][JV];
-#pragma GCC unroll 16
-  for (int i = 0; i < RB; ++i) {
-#pragma GCC unroll 4
-    for (int v = 0; v < JV; ++v) acc[i][v] = _mm512_setzero_ps();
-  }
+  RegisterTile<RB, JV> tile(last);
+  tile.zero();
   for (int64_t k = 0; k < L; ++k) {
-    __m512 pk[JV];
-#pragma GCC unroll 4
-    for (int v = 0; v < JV; ++v) pk[v] = _mm512_maskz_loadu_ps(v + 1 < JV ? kAllLanes : last, p + k * ldp + v * kLanes);
-#pragma GCC unroll 16
-    for (int i = 0; i < RB; ++i) {
-      const __m512 xi = _mm512_set1_ps(x[i * ldx + k]);
-#pragma GCC unroll 4
-      for (int v = 0; v < JV; ++v) acc[i][v] = _mm512_fmadd_ps(xi, pk[v], acc[i][v]);
-    }
+    tile.add_scaled_row(p + k * ldp, [&](int i) { return x[i * ldx + k]; });
   }
-#pragma GCC unroll 16
-  for (int i = 0; i < RB; ++i) {
-#pragma GCC unroll 4
-    for (int v = 0; v < JV; ++v) {
-      _mm512_mask_storeu_ps(c + i * ldc + v * kLanes, v + 1 < JV ? kAllLanes : last, acc[i][v]);
-    }
-  }
+  tile.store(c, ldc, /*accumulate=*/false);
 }
 
 // All m rows: blocks of RB, then the remainder with halved blocks.
@@ -72,32 +112,12 @@ LOWRANK_AVX512 void rows_times_skinny_rows(const float* x, int64_t ldx, int64_t 
 template <int JR, int CV>
 LOWRANK_AVX512 void skinny_t_times_rows_tile(const float* s, int64_t lds, const float* x, int64_t ldx, int64_t m,
                                              __mmask16 last, float* c, int64_t ldc) {
-  __m512 acc[JR][CV];
-#pragma GCC unroll 16
-  for (int j = 0; j < JR; ++j) {
-#pragma GCC unroll 4
-    for (int v = 0; v < CV; ++v) acc[j][v] = _mm512_setzero_ps();
-  }
+  RegisterTile<JR, CV> tile(last);
+  tile.zero();
   for (int64_t i = 0; i < m; ++i) {
-    __m512 xi[CV];
-#pragma GCC unroll 4
-    for (int v = 0; v < CV; ++v) xi[v] = _mm512_maskz_loadu_ps(v + 1 < CV ? kAllLanes : last, x + i * ldx + v * kLanes);
-#pragma GCC unroll 16
-    for (int j = 0; j < JR; ++j) {
-      const __m512 sij = _mm512_set1_ps(s[i * lds + j]);
-#pragma GCC unroll 4
-      for (int v = 0; v < CV; ++v) acc[j][v] = _mm512_fmadd_ps(sij, xi[v], acc[j][v]);
-    }
+    tile.add_scaled_row(x + i * ldx, [&](int j) { return s[i * lds + j]; });
   }
-#pragma GCC unroll 16
-  for (int j = 0; j < JR; ++j) {
-#pragma GCC unroll 4
-    for (int v = 0; v < CV; ++v) {
-      const __mmask16 mask = v + 1 < CV ? kAllLanes : last;
-      float* out = c + j * ldc + v * kLanes;
-      _mm512_mask_storeu_ps(out, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), acc[j][v]));
-    }
-  }
+  tile.store(c, ldc, /*accumulate=*/true);
 }
 
 // JR rows of c across all L columns: full tiles, then single masked vectors.
@@ -132,30 +152,12 @@ LOWRANK_AVX512 void skinny_t_times_rows_all(const float* s, int64_t lds, const f
 template <int RB, int CV>
 LOWRANK_AVX512 void add_skinny_times_rows_tile(const float* w, int64_t ldw, const float* s, const float* a, int64_t L,
                                                int64_t r, float alpha, __mmask16 last, float* c) {
-  __m512 acc[RB][CV];
-#pragma GCC unroll 8
-  for (int i = 0; i < RB; ++i) {
-#pragma GCC unroll 4
-    for (int v = 0; v < CV; ++v) acc[i][v] = _mm512_maskz_loadu_ps(v + 1 < CV ? kAllLanes : last, w + i * ldw + v * kLanes);
-  }
+  RegisterTile<RB, CV> tile(last);
+  tile.load(w, ldw);
   for (int64_t j = 0; j < r; ++j) {
-    __m512 aj[CV];
-#pragma GCC unroll 4
-    for (int v = 0; v < CV; ++v) aj[v] = _mm512_maskz_loadu_ps(v + 1 < CV ? kAllLanes : last, a + j * L + v * kLanes);
-#pragma GCC unroll 8
-    for (int i = 0; i < RB; ++i) {
-      const __m512 sij = _mm512_set1_ps(alpha * s[i * r + j]);
-#pragma GCC unroll 4
-      for (int v = 0; v < CV; ++v) acc[i][v] = _mm512_fmadd_ps(sij, aj[v], acc[i][v]);
-    }
+    tile.add_scaled_row(a + j * L, [&](int i) { return alpha * s[i * r + j]; });
   }
-#pragma GCC unroll 8
-  for (int i = 0; i < RB; ++i) {
-#pragma GCC unroll 4
-    for (int v = 0; v < CV; ++v) {
-      _mm512_mask_storeu_ps(c + i * L + v * kLanes, v + 1 < CV ? kAllLanes : last, acc[i][v]);
-    }
-  }
+  tile.store(c, L, /*accumulate=*/false);
 }
 
 template <int RB>

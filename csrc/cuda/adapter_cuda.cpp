@@ -23,18 +23,14 @@ namespace {
 
 using at::Tensor;
 
-constexpr const char* kForwardOp = "adapter_forward_native";
-constexpr const char* kBackwardOp = "adapter_backward_native";
-
 std::tuple<Tensor, Tensor> adapter_forward_cuda(const Tensor& h, const Tensor& w_down,
                                                 const std::optional<Tensor>& b_down, const Tensor& w_up,
                                                 const std::optional<Tensor>& b_up, c10::string_view activation,
                                                 double scaling, bool residual) {
-  const AdapterSizes n = check_adapter_forward_inputs(kForwardOp, c10::DeviceType::CUDA, h, w_down, b_down, w_up, b_up);
-  const Activation act = parse_activation(kForwardOp, activation);
+  const AdapterSizes n = check_adapter_forward_inputs(c10::DeviceType::CUDA, h, w_down, b_down, w_up, b_up);
+  const Activation act = parse_activation(kAdapterOps.forward, activation);
   const c10::cuda::CUDAGuard device_guard(h.device());
-  const bool has_b_down = b_down.has_value() && b_down->defined();
-  const bool has_b_up = b_up.has_value() && b_up->defined();
+  const bool has_b_down = is_given(b_down), has_b_up = is_given(b_up);
 
   Tensor z = at::mm(h, w_down.t());
   Tensor a_s = at::empty_like(z);
@@ -54,7 +50,7 @@ std::tuple<Tensor, Tensor> adapter_forward_cuda(const Tensor& h, const Tensor& w
   } else if (residual) {
     out = at::addmm(h, a_s, w_up.t());
   } else if (has_b_up) {
-    out = at::addmm(*b_up, a_s, w_up.t(), scaling, 1.0);
+    out = at::addmm(b_up->mul(scaling), a_s, w_up.t());  // not beta=s: at beta=0 a NaN in b_up would vanish
   } else {
     out = at::mm(a_s, w_up.t());
   }
@@ -65,10 +61,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_backward_cuda(
     const Tensor& grad_out, const Tensor& h, const Tensor& z, const Tensor& w_down, const Tensor& w_up,
     c10::string_view activation, double scaling, bool residual, bool needs_dh, bool needs_dw_down,
     bool needs_db_down, bool needs_dw_up, bool needs_db_up) {
-  const AdapterSizes n = check_adapter_backward_inputs(kBackwardOp, c10::DeviceType::CUDA, grad_out, h, z, w_down, w_up);
-  const Activation act = parse_activation(kBackwardOp, activation);
+  const AdapterSizes n = check_adapter_backward_inputs(c10::DeviceType::CUDA, grad_out, h, z, w_down, w_up);
+  const Activation act = parse_activation(kAdapterOps.backward, activation);
   const c10::cuda::CUDAGuard device_guard(h.device());
-  const auto not_needed = [&] { return at::empty({0}, h.options()); };
 
   Tensor dz = at::mm(grad_out, w_up);
   Tensor a_s = needs_dw_up ? at::empty_like(dz) : Tensor();
@@ -84,22 +79,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_backward_cuda(
                                         activation_out, act, scaling, stream));
                                   });
 
-  Tensor dh = not_needed();
+  Tensor dh = skipped_grad(h);
   if (needs_dh) {
     dh = residual ? at::addmm(grad_out, dz, w_down) : at::mm(dz, w_down);
   }
-  Tensor dw_down = needs_dw_down ? at::mm(dz.t(), h) : not_needed();
-  Tensor db_down = needs_db_down ? dz.sum(0) : not_needed();
-  Tensor dw_up = needs_dw_up ? at::mm(grad_out.t(), a_s) : not_needed();
-  Tensor db_up = needs_db_up ? grad_out.sum(0).mul_(scaling) : not_needed();
+  Tensor dw_down = needs_dw_down ? at::mm(dz.t(), h) : skipped_grad(h);
+  Tensor db_down = needs_db_down ? dz.sum(0) : skipped_grad(h);
+  Tensor dw_up = needs_dw_up ? at::mm(grad_out.t(), a_s) : skipped_grad(h);
+  Tensor db_up = needs_db_up ? grad_out.sum(0).mul_(scaling) : skipped_grad(h);
   return {std::move(dh), std::move(dw_down), std::move(db_down), std::move(dw_up), std::move(db_up)};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
-  m.impl("adapter_forward_native", &adapter_forward_cuda);
-  m.impl("adapter_backward_native", &adapter_backward_cuda);
+  impl_forward_backward(m, kAdapterOps, &adapter_forward_cuda, &adapter_backward_cuda);
 }
 
 }  // namespace lowrank

@@ -1,17 +1,13 @@
 // CUDA kernels declared in adapter_kernels.cuh.
 #include "adapter_kernels.cuh"
-#include "numeric.cuh"
+#include "kernel_utils.cuh"
 
 namespace lowrank::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65535;
 
-unsigned blocks_for(int64_t elements) {
-  const int64_t blocks = (elements + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
-}
+unsigned blocks_for(int64_t elements) { return capped_blocks(ceil_div(elements, kThreads)); }
 
 // Grid-stride loops over the M·Bn elements; the bottleneck is small, so (i, j) come from
 // one flat index and consecutive threads touch consecutive columns of a row.
@@ -20,19 +16,16 @@ __global__ void bias_activation_kernel(int64_t M, int64_t Bn, const T* bias, int
                                        StridedMatrix<T> z, StridedMatrix<T> a_s, Activation act, double scaling) {
   using A = accumulate_t<T>;
   const A s = static_cast<A>(scaling);
-  const int64_t total = M * Bn;
-  for (int64_t index = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; index < total;
-       index += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t i = index / Bn, j = index % Bn;
-    T* z_at = z.data + i * z.row_stride + j * z.col_stride;
+  for_each_element(M, Bn, [&](int64_t i, int64_t j) {
+    T* z_at = element(z, i, j);
     A value = to_accumulate(*z_at);
     if (bias != nullptr) {
       value += to_accumulate(bias[j * bias_stride]);
     }
     const T rounded = from_accumulate<T>(value);  // act sees z as stored, as the backward will
     *z_at = rounded;
-    a_s.data[i * a_s.row_stride + j * a_s.col_stride] = from_accumulate<T>(s * activate(act, to_accumulate(rounded)));
-  }
+    *element(a_s, i, j) = from_accumulate<T>(s * activate(act, to_accumulate(rounded)));
+  });
 }
 
 template <typename T>
@@ -40,17 +33,14 @@ __global__ void activation_backward_kernel(int64_t M, int64_t Bn, StridedMatrix<
                                            StridedMatrix<T> a_s, Activation act, double scaling) {
   using A = accumulate_t<T>;
   const A s = static_cast<A>(scaling);
-  const int64_t total = M * Bn;
-  for (int64_t index = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; index < total;
-       index += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t i = index / Bn, j = index % Bn;
-    const A zi = to_accumulate(z.data[i * z.row_stride + j * z.col_stride]);
-    T* dz_at = dz.data + i * dz.row_stride + j * dz.col_stride;
+  for_each_element(M, Bn, [&](int64_t i, int64_t j) {
+    const A zi = load(z, i, j);
+    T* dz_at = element(dz, i, j);
     *dz_at = from_accumulate<T>(to_accumulate(*dz_at) * s * activate_grad(act, zi));
     if (a_s.data != nullptr) {
-      a_s.data[i * a_s.row_stride + j * a_s.col_stride] = from_accumulate<T>(s * activate(act, zi));
+      *element(a_s, i, j) = from_accumulate<T>(s * activate(act, zi));
     }
-  }
+  });
 }
 
 }  // namespace
@@ -82,10 +72,7 @@ cudaError_t launch_activation_backward(int64_t M, int64_t Bn, StridedMatrix<cons
   template cudaError_t launch_activation_backward<T>(int64_t, int64_t, StridedMatrix<const T>, StridedMatrix<T>, \
                                                      StridedMatrix<T>, Activation, double, cudaStream_t);
 
-LOWRANK_INSTANTIATE_KERNELS(float)
-LOWRANK_INSTANTIATE_KERNELS(double)
-LOWRANK_INSTANTIATE_KERNELS(__half)
-LOWRANK_INSTANTIATE_KERNELS(__nv_bfloat16)
+LOWRANK_FOR_EACH_KERNEL_TYPE(LOWRANK_INSTANTIATE_KERNELS)
 
 #undef LOWRANK_INSTANTIATE_KERNELS
 

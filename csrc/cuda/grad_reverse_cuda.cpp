@@ -18,9 +18,6 @@ namespace {
 
 using at::Tensor;
 
-constexpr const char* kOutOfPlaceOp = "grad_reverse_backward_native";
-constexpr const char* kInPlaceOp = "grad_reverse_backward_native_";
-
 // A CUDA λ is read by the kernel (no sync); a CPU λ is read here (no sync either).
 cuda::ReversalScale reversal_scale(const Tensor& lambda) {
   if (lambda.is_cuda()) {
@@ -44,7 +41,7 @@ void launch(const Tensor& source, const cuda::GradLayout& layout, Tensor& out, c
 constexpr cuda::GradLayout kFlat{0, {}, {}};
 
 Tensor grad_reverse_backward_cuda(const Tensor& grad, const Tensor& lambda) {
-  check_grad_reverse_inputs(kOutOfPlaceOp, grad, lambda, c10::DeviceType::CUDA);
+  check_grad_reverse_inputs(kGradReverseOp, grad, lambda, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(grad.device());
   Tensor out = at::empty_like(grad);
   if (grad.numel() == 0) {
@@ -68,8 +65,8 @@ Tensor grad_reverse_backward_cuda(const Tensor& grad, const Tensor& lambda) {
 }
 
 void grad_reverse_backward_cuda_(const Tensor& grad, const Tensor& lambda) {
-  check_grad_reverse_inputs(kInPlaceOp, grad, lambda, c10::DeviceType::CUDA);
-  check_overwritable(kInPlaceOp, grad);
+  check_grad_reverse_inputs(kGradReverseInPlaceOp, grad, lambda, c10::DeviceType::CUDA);
+  check_overwritable(kGradReverseInPlaceOp, grad);
   const c10::cuda::CUDAGuard device_guard(grad.device());
   Tensor out = grad;
   launch(grad, kFlat, out, lambda);
@@ -78,8 +75,8 @@ void grad_reverse_backward_cuda_(const Tensor& grad, const Tensor& lambda) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
-  m.impl("grad_reverse_backward_native", &grad_reverse_backward_cuda);
-  m.impl("grad_reverse_backward_native_", &grad_reverse_backward_cuda_);
+  m.impl(kGradReverseOp, &grad_reverse_backward_cuda);
+  m.impl(kGradReverseInPlaceOp, &grad_reverse_backward_cuda_);
 }
 
 }  // namespace lowrank

@@ -1,6 +1,6 @@
 // CUDA kernels declared in grad_reverse_kernels.cuh.
 #include "grad_reverse_kernels.cuh"
-#include "numeric.cuh"
+#include "kernel_utils.cuh"
 
 #include <algorithm>
 
@@ -25,11 +25,6 @@ struct alignas(sizeof(T) * kVec) Packet {
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ int64_t thread_index() {
-  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-}
-__device__ __forceinline__ int64_t thread_count() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
-
 // Grid-stride over packets of kVec elements, then the numel % kVec tail element by element.
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kThreads)
@@ -38,7 +33,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t packets = numel / kVec;
   const auto* grad_packets = reinterpret_cast<const Packet<T, kVec>*>(grad);
   auto* out_packets = reinterpret_cast<Packet<T, kVec>*>(out);
-  for (int64_t p = thread_index(); p < packets; p += thread_count()) {
+  for (int64_t p = global_thread_index(); p < packets; p += global_thread_count()) {
     Packet<T, kVec> packet = grad_packets[p];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
@@ -46,7 +41,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     out_packets[p] = packet;
   }
-  for (int64_t i = packets * kVec + thread_index(); i < numel; i += thread_count()) {
+  for (int64_t i = packets * kVec + global_thread_index(); i < numel; i += global_thread_count()) {
     out[i] = scaled(grad[i], neg_lambda);
   }
 }
@@ -55,7 +50,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     strided_grad_reverse_kernel(const T* grad, T* out, int64_t numel, GradLayout layout, ReversalScale lambda) {
   const accumulate_t<T> neg_lambda = negated_lambda<T>(lambda);
-  for (int64_t i = thread_index(); i < numel; i += thread_count()) {
+  for (int64_t i = global_thread_index(); i < numel; i += global_thread_count()) {
     int64_t rem = i, offset = 0;
 #pragma unroll
     for (int d = kMaxGradReverseDims - 1; d > 0; --d) {
@@ -75,7 +70,7 @@ cudaError_t block_count(int64_t work, int* blocks) {
   if (status == cudaSuccess) {
     status = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   }
-  const int64_t wanted = std::max<int64_t>(1, (work + kThreads - 1) / kThreads);
+  const int64_t wanted = std::max<int64_t>(1, ceil_div(work, kThreads));
   *blocks = static_cast<int>(std::min<int64_t>(wanted, int64_t{8} * std::max(sms, 1)));
   return status;
 }
@@ -105,13 +100,11 @@ cudaError_t launch_grad_reverse(const T* grad, T* out, int64_t numel, GradLayout
   return cudaGetLastError();
 }
 
-template cudaError_t launch_grad_reverse<float>(const float*, float*, int64_t, GradLayout, ReversalScale,
-                                                cudaStream_t);
-template cudaError_t launch_grad_reverse<double>(const double*, double*, int64_t, GradLayout, ReversalScale,
-                                                 cudaStream_t);
-template cudaError_t launch_grad_reverse<__half>(const __half*, __half*, int64_t, GradLayout, ReversalScale,
-                                                 cudaStream_t);
-template cudaError_t launch_grad_reverse<__nv_bfloat16>(const __nv_bfloat16*, __nv_bfloat16*, int64_t, GradLayout,
-                                                        ReversalScale, cudaStream_t);
+#define LOWRANK_INSTANTIATE_KERNELS(T) \
+  template cudaError_t launch_grad_reverse<T>(const T*, T*, int64_t, GradLayout, ReversalScale, cudaStream_t);
+
+LOWRANK_FOR_EACH_KERNEL_TYPE(LOWRANK_INSTANTIATE_KERNELS)
+
+#undef LOWRANK_INSTANTIATE_KERNELS
 
 }  // namespace lowrank::cuda

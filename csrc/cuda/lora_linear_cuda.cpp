@@ -24,9 +24,6 @@ namespace {
 
 using at::Tensor;
 
-constexpr const char* kForwardOp = "lora_linear_forward_native";
-constexpr const char* kBackwardOp = "lora_linear_backward_native";
-
 // dA with dropout needs D⊙x as a GEMM operand; it is formed in row chunks of at most this
 // many elements (64 MiB of fp32), so large inputs get no [M, K] temporary.
 constexpr int64_t kDropoutChunkElements = int64_t{1} << 24;
@@ -42,8 +39,8 @@ cuda::HashDropout make_hash_dropout(const std::optional<Tensor>& seed, double dr
 Tensor lora_a_grad_with_dropout(const Tensor& x, const Tensor& dyB, double scaling, const cuda::HashDropout& dropout,
                                 const LoraSizes& n) {
   Tensor dA = at::zeros({n.r, n.K}, x.options().dtype(chunk_accumulate_dtype(x.scalar_type())));
-  const int64_t chunk = std::max<int64_t>(1, std::min(n.M, kDropoutChunkElements / std::max<int64_t>(n.K, 1)));
-  Tensor buffer = at::empty({chunk, n.K}, x.options());
+  const int64_t chunk = rows_in(kDropoutChunkElements, n.K);
+  Tensor buffer = at::empty({std::min(chunk, n.M), n.K}, x.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   for (int64_t row = 0; row < n.M; row += chunk) {
     const int64_t rows = std::min(chunk, n.M - row);
@@ -62,8 +59,7 @@ std::tuple<Tensor, Tensor> lora_linear_forward_cuda(const Tensor& x, const Tenso
                                                     const std::optional<Tensor>& bias, const Tensor& lora_A,
                                                     const Tensor& lora_B, double scaling, double dropout_p,
                                                     const std::optional<Tensor>& seed) {
-  const LoraSizes n =
-      check_forward_inputs(kForwardOp, c10::DeviceType::CUDA, x, weight, bias, lora_A, lora_B, dropout_p, seed);
+  const LoraSizes n = check_forward_inputs(c10::DeviceType::CUDA, x, weight, bias, lora_A, lora_B, dropout_p, seed);
   const c10::cuda::CUDAGuard device_guard(x.device());
   Tensor xa;
   if (dropout_p == 0.0) {
@@ -79,29 +75,25 @@ std::tuple<Tensor, Tensor> lora_linear_forward_cuda(const Tensor& x, const Tenso
                                                                writable_matrix<scalar_t>(xa), dropout, stream));
     });
   }
-  const bool has_bias = bias.has_value() && bias->defined();
-  Tensor y = has_bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  y.addmm_(xa, lora_B.t(), 1.0, scaling);
-  return {std::move(y), std::move(xa)};
+  return {lora_output(x, weight, bias, xa, lora_B, scaling), std::move(xa)};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_backward_cuda(
+LoraGrads lora_linear_backward_cuda(
     const Tensor& grad_y, const Tensor& x, const Tensor& xa, const Tensor& weight, const Tensor& lora_A,
     const Tensor& lora_B, double scaling, double dropout_p, const std::optional<Tensor>& seed, bool needs_dx,
     bool needs_dweight, bool needs_dbias) {
-  const LoraSizes n = check_backward_inputs(kBackwardOp, c10::DeviceType::CUDA, grad_y, x, xa, weight, lora_A,
-                                            lora_B, dropout_p, seed);
+  const LoraSizes n =
+      check_backward_inputs(c10::DeviceType::CUDA, grad_y, x, xa, weight, lora_A, lora_B, dropout_p, seed);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const auto not_needed = [&] { return at::empty({0}, x.options()); };
   const cuda::HashDropout dropout = make_hash_dropout(seed, dropout_p);
   const Tensor dyB = at::mm(grad_y, lora_B);
   Tensor dB = at::mm(grad_y.t(), xa).mul_(scaling);
 
-  Tensor dx = not_needed();
+  Tensor dx = skipped_grad(x);
   if (needs_dx) {
     dx = at::mm(grad_y, weight);
     if (dropout_p == 0.0) {
-      dx.addmm_(dyB, lora_A, 1.0, scaling);
+      dx.addmm_(dyB, lora_A.mul(scaling));
     } else {
       const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lowrank_masked_lowrank_accumulate",
@@ -116,16 +108,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_backward_cuda(
   }
   Tensor dA = dropout_p == 0.0 ? at::mm(dyB.t(), x).mul_(scaling)
                                : lora_a_grad_with_dropout(x, dyB, scaling, dropout, n);
-  Tensor dweight = needs_dweight ? at::mm(grad_y.t(), x) : not_needed();
-  Tensor dbias = needs_dbias ? grad_y.sum(0) : not_needed();
-  return {std::move(dx), std::move(dweight), std::move(dbias), std::move(dA), std::move(dB)};
+  return lora_grads(std::move(dx), std::move(dA), std::move(dB), grad_y, x, needs_dweight, needs_dbias);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
-  m.impl("lora_linear_forward_native", &lora_linear_forward_cuda);
-  m.impl("lora_linear_backward_native", &lora_linear_backward_cuda);
+  impl_forward_backward(m, kLoraLinearOps, &lora_linear_forward_cuda, &lora_linear_backward_cuda);
 }
 
 }  // namespace lowrank

@@ -1,16 +1,11 @@
 // CUDA kernels declared in lora_linear_kernels.cuh.
+#include "kernel_utils.cuh"
 #include "lora_linear_kernels.cuh"
-#include "numeric.cuh"
 
 #include "../hash_dropout.h"
 
 namespace lowrank::cuda {
 namespace {
-
-template <typename T>
-__device__ __forceinline__ accumulate_t<T> load(StridedMatrix<const T> m, int64_t i, int64_t j) {
-  return to_accumulate(m.data[i * m.row_stride + j * m.col_stride]);
-}
 
 // Keep-scale factor D[row, col]: keep_scale or 0, or 1 without dropout.
 template <typename A>
@@ -24,8 +19,6 @@ __device__ __forceinline__ A dropout_factor(const HashDropout& dropout, uint32_t
 __device__ __forceinline__ uint32_t row_key_of(const HashDropout& dropout, int64_t row) {
   return dropout.seed == nullptr ? 0u : dropout_row_key(*dropout.seed, row);
 }
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---- xa = dropout(x)·Aᵀ: one block owns kXaRows rows and a tile of up to kRankTile ranks, so
 // x is read once when r <= 128. Each warp covers kXaRows/8 rows, each lane kRankTile/32 ranks.
@@ -66,20 +59,10 @@ __global__ void __launch_bounds__(kXaThreads)
 
   for (int64_t k_begin = 0; k_begin < K; k_begin += kXaDepth) {
     __syncthreads();  // row_keys ready; previous tiles consumed
-    for (int idx = threadIdx.x; idx < kXaRows * kXaDepth; idx += kXaThreads) {
-      const int i = idx / kXaDepth, kk = idx % kXaDepth;
-      const int64_t row = row_begin + i, col = k_begin + kk;
-      A value = A(0);
-      if (row < M && col < K) {
-        value = load(x, row, col) * dropout_factor(dropout, row_keys[i], col, keep_scale);
-      }
-      x_tile[i][kk] = value;
-    }
-    for (int idx = threadIdx.x; idx < kRankTile * kXaDepth; idx += kXaThreads) {
-      const int j = idx / kXaDepth, kk = idx % kXaDepth;
-      const int64_t rank = rank_begin + j, col = k_begin + kk;
-      a_tile[j][kk] = (rank < r && col < K) ? load(lora_A, rank, col) : A(0);
-    }
+    fill_tile<kXaThreads, kXaRows, kXaDepth>(x_tile, row_begin, k_begin, M, K, [&](int i, int64_t row, int64_t col) {
+      return load(x, row, col) * dropout_factor(dropout, row_keys[i], col, keep_scale);
+    });
+    load_tile<kXaThreads, kRankTile, kXaDepth>(a_tile, lora_A, rank_begin, k_begin, r, K);
     __syncthreads();
 #pragma unroll 8
     for (int kk = 0; kk < kXaDepth; ++kk) {
@@ -106,7 +89,7 @@ __global__ void __launch_bounds__(kXaThreads)
     for (int c = 0; c < kRanksPerLane; ++c) {
       const int64_t rank = rank_begin + lane + 32 * c;
       if (row < M && rank < r) {
-        xa.data[row * xa.row_stride + rank * xa.col_stride] = from_accumulate<T>(acc[q][c]);
+        *element(xa, row, rank) = from_accumulate<T>(acc[q][c]);
       }
     }
   }
@@ -153,16 +136,8 @@ __global__ void __launch_bounds__(kAccThreads)
   }
   for (int64_t rank_begin = 0; rank_begin < r; rank_begin += kAccDepth) {
     __syncthreads();  // previous tiles consumed
-    for (int idx = threadIdx.x; idx < kAccRows * kAccDepth; idx += kAccThreads) {
-      const int i = idx / kAccDepth, jj = idx % kAccDepth;
-      const int64_t row = row_begin + i, rank = rank_begin + jj;
-      dyb_tile[i][jj] = (row < M && rank < r) ? load(dyB, row, rank) : A(0);
-    }
-    for (int idx = threadIdx.x; idx < kAccDepth * kAccCols; idx += kAccThreads) {
-      const int jj = idx / kAccCols, kk = idx % kAccCols;
-      const int64_t rank = rank_begin + jj, col = col_begin + kk;
-      a_tile[jj][kk] = (rank < r && col < K) ? load(lora_A, rank, col) : A(0);
-    }
+    load_tile<kAccThreads, kAccRows, kAccDepth>(dyb_tile, dyB, row_begin, rank_begin, M, r);
+    load_tile<kAccThreads, kAccDepth, kAccCols>(a_tile, lora_A, rank_begin, col_begin, r, K);
     __syncthreads();
 #pragma unroll 8
     for (int jj = 0; jj < kAccDepth; ++jj) {
@@ -185,7 +160,7 @@ __global__ void __launch_bounds__(kAccThreads)
     const int64_t row = row_begin + local_row;
     const A factor = dropout_factor(dropout, row_keys[local_row], col, keep_scale);
     if (row < M && factor != A(0)) {  // dropped elements keep their dx: skip the write
-      T* target = dx.data + row * dx.row_stride + col * dx.col_stride;
+      T* target = element(dx, row, col);
       *target = from_accumulate<T>(to_accumulate(*target) + scaling * factor * acc[q]);
     }
   }
@@ -193,7 +168,6 @@ __global__ void __launch_bounds__(kAccThreads)
 
 // ---- out = D⊙x for a row chunk: one block per row (grid-strided), threads along K.
 constexpr int kDropoutThreads = 256;
-constexpr int64_t kMaxDropoutBlocks = 65535;
 
 template <typename T>
 __global__ void __launch_bounds__(kDropoutThreads)
@@ -206,7 +180,7 @@ __global__ void __launch_bounds__(kDropoutThreads)
     const uint32_t row_key = row_key_of(dropout, row);
     for (int64_t col = threadIdx.x; col < K; col += blockDim.x) {
       const A value = load(x, row, col) * dropout_factor(dropout, row_key, col, keep_scale);
-      out.data[i * out.row_stride + col * out.col_stride] = from_accumulate<T>(value);
+      *element(out, i, col) = from_accumulate<T>(value);
     }
   }
 }
@@ -250,8 +224,7 @@ cudaError_t launch_apply_dropout(int64_t rows, int64_t K, int64_t row_offset, St
   if (rows == 0 || K == 0) {
     return cudaSuccess;
   }
-  const unsigned blocks = static_cast<unsigned>(rows < kMaxDropoutBlocks ? rows : kMaxDropoutBlocks);
-  apply_dropout_kernel<T><<<blocks, kDropoutThreads, 0, stream>>>(rows, K, row_offset, x, out, dropout);
+  apply_dropout_kernel<T><<<capped_blocks(rows), kDropoutThreads, 0, stream>>>(rows, K, row_offset, x, out, dropout);
   return cudaGetLastError();
 }
 
@@ -265,10 +238,7 @@ cudaError_t launch_apply_dropout(int64_t rows, int64_t K, int64_t row_offset, St
   template cudaError_t launch_apply_dropout<T>(int64_t, int64_t, int64_t, StridedMatrix<const T>, StridedMatrix<T>, \
                                                HashDropout, cudaStream_t);
 
-LOWRANK_INSTANTIATE_KERNELS(float)
-LOWRANK_INSTANTIATE_KERNELS(double)
-LOWRANK_INSTANTIATE_KERNELS(__half)
-LOWRANK_INSTANTIATE_KERNELS(__nv_bfloat16)
+LOWRANK_FOR_EACH_KERNEL_TYPE(LOWRANK_INSTANTIATE_KERNELS)
 
 #undef LOWRANK_INSTANTIATE_KERNELS
 

@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "../host_device.h"
+
 namespace lowrank::cuda {
 
 // Element (i, j) lives at data[i * row_stride + j * col_stride].
@@ -13,5 +15,12 @@ struct StridedMatrix {
   int64_t row_stride;
   int64_t col_stride;
 };
+
+// m by reference: taken by value, a kernel's StridedMatrix argument is copied into registers
+// (18 more in dropout_times_lora_a_kernel<float, 128> on sm_90).
+template <typename T>
+LOWRANK_HOST_DEVICE T* element(const StridedMatrix<T>& m, int64_t i, int64_t j) {
+  return m.data + i * m.row_stride + j * m.col_stride;
+}
 
 }  // namespace lowrank::cuda

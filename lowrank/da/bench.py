@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from lowrank._machine import default_results_dir
-from lowrank.da.methods import METHODS, make_method
+from lowrank.da.methods import METHODS, check_hyperparameters, make_method
 from lowrank.da.models import NETWORKS
 from lowrank.da.tasks import FRAMINGS, NORMALISATIONS, TASKS, get_task, load_task_data, make_loader, variant_suffix
 
@@ -106,7 +106,7 @@ def positive_int(text: str) -> int:
 
 def parse_assignment(method: str, spec: str) -> tuple[str, list]:
     """"lr=0.01,0.003" -> ("lr", [0.01, 0.003]), values typed as JSON reads them (else strings);
-    the name must be one of `method`'s hyper-parameters."""
+    the name must be one of `method`'s hyper-parameters and each value of its type and range."""
     name, sep, values = spec.partition("=")
     if not sep or not values:
         raise ValueError(f"{spec!r}: expected name=value[,value...]")
@@ -114,7 +114,10 @@ def parse_assignment(method: str, spec: str) -> tuple[str, list]:
         raise ValueError(
             f"{spec!r}: {method} has no hyper-parameter {name!r}; it takes {sorted(METHODS[method].defaults)}"
         )
-    return name, [_typed(value) for value in values.split(",")]
+    typed = [_typed(value) for value in values.split(",")]
+    for value in typed:
+        check_hyperparameters(repr(spec), METHODS[method].defaults, {name: value})
+    return name, typed
 
 
 def _typed(text: str):
@@ -259,8 +262,8 @@ def main(argv=None) -> int:
     for seed in range(args.seeds):
         try:
             data = load_task_data(task, seed, root=args.data_root, **(QUICK_SIZES if args.quick else {}))
-        except (FileNotFoundError, ValueError) as err:  # missing or corrupt data file: the loaders name it
-            print(f"lowrank.da.bench: cannot load the data for task {task}: {err}", file=sys.stderr)
+        except (FileNotFoundError, ValueError, ImportError) as err:  # missing or corrupt file, or h5py: named
+            print(f"lowrank.da.bench: cannot load the data for task {task.name}: {err}", file=sys.stderr)
             return 2
         for method in methods:
             run = run_one(task.name, method, seed, data, args.quick, not args.no_progress, settings)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -30,18 +31,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowrank import _backends
 from lowrank.da.models import LeNetEncoder, build_network, check_feature_sizes
 from lowrank.da.tasks import Task, get_task
 from lowrank.nn import DANNLambdaScheduler, GradientReversal
 
 __all__ = ["DAMethod", "SourceOnly", "DANN", "ADDA", "DomainConfusion", "CoGAN", "METHODS", "TASK_DEFAULTS",
-           "make_method"]
+           "make_method", "check_hyperparameters"]
 
 CHECKPOINT_FORMAT = "lowrank.da checkpoint 1"
 
 # A task's own overrides of a method's defaults. On MNIST->MNIST-M DANN gets 11000 steps: at 2000
 # it has not aligned the domains (docs/domain-adaptation.md).
 TASK_DEFAULTS = {"mnist-mnistm": {"dann": {"steps": 11000}}}
+
+
+def check_hyperparameters(owner: str, defaults: dict, values: dict) -> None:
+    """Refuse a hyper-parameter of another type than its default or out of its range: counts are
+    integers >= 1 (the steps of one phase of several, <name>_steps, >= 0), learning rates > 0, momentum
+    and Adam betas in [0, 1), other numbers finite and >= 0; a backend is None or a backend's name."""
+    for name, value in values.items():
+        default = defaults[name]
+        if default is None:
+            _backends.check_name(f"{owner}: {name}", value)
+        elif isinstance(default, int):
+            least = 0 if name.endswith("_steps") else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{owner}: {name} must be an integer of at least {least}, got {value!r}")
+        else:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}")
+            if name.endswith("lr") and not value > 0:
+                raise ValueError(f"{owner}: {name} (a learning rate) must be positive, got {value!r}")
+            if ("beta" in name or name == "momentum") and not 0 <= value < 1:
+                raise ValueError(f"{owner}: {name} must lie in [0, 1), got {value!r}")
+            if value < 0:
+                raise ValueError(f"{owner}: {name} must be >= 0, got {value!r}")
 
 
 class _Cycle:
@@ -153,6 +178,7 @@ class DAMethod:
         if unknown:
             raise TypeError(f"{type(self).__name__}: unknown hyper-parameter(s) {unknown}; "
                             f"it takes {sorted(self.defaults)}")
+        check_hyperparameters(type(self).__name__, self.defaults, hparams)
         self.task: Task = get_task(task)
         self.seed = int(seed)
         self.hparams = {**self.defaults, **TASK_DEFAULTS.get(self.task.name, {}).get(self.name, {}), **hparams}

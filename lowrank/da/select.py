@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         data = load_task_data(task, args.seed, root=args.data_root, **(QUICK_SIZES if args.quick else {}))
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, ImportError) as err:  # missing or corrupt file, or h5py: named
         print(f"lowrank.da.select: cannot load the data for task {task.name}: {err}", file=sys.stderr)
         return 2
     steps = quick_steps(args.method) if args.quick else {}

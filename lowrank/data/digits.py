@@ -17,13 +17,17 @@ root the files sit as
     svhn/train_32x32.mat, test_32x32.mat, extra_32x32.mat
 Every loader also takes explicit paths. A missing file raises FileNotFoundError naming the
 paths tried and where to get the file; a corrupt one raises ValueError naming the file and
-what is wrong with it.
+what is wrong with it. Files read through the default root (root=None) that the data folder's
+README lists (KNOWN_FILES) must have its size and md5, so a truncated or altered copy that still
+parses (a CSV cut at a line boundary) is refused; files passed explicitly are checked against the
+counts their format declares (IDX headers, images against labels in npz, HDF5 and .mat files).
 """
 
 from __future__ import annotations
 
 import bz2
 import gzip
+import hashlib
 import importlib
 import io
 import os
@@ -40,6 +44,7 @@ from torch.utils.data import Dataset
 __all__ = [
     "DigitArrays",
     "DigitDataset",
+    "KNOWN_FILES",
     "default_root",
     "load_digits",
     "load_mnist",
@@ -73,6 +78,17 @@ SOURCES = {
                "http://yaroslav.ganin.net/), mnist_m.tar.gz holding mnist_m_<split>/*.png and "
                "mnist_m_<split>_labels.txt",
     "svhn": "http://ufldl.stanford.edu/housenumbers/ (train_32x32.mat, test_32x32.mat, extra_32x32.mat)",
+}
+
+
+# The files of the shared data folder, as its README lists them: size in bytes and md5.
+KNOWN_FILES = {
+    "mnist/t10k-images-idx3-ubyte.gz": (1648877, "9fb629c4189551a2d022fa330f9573f3"),
+    "mnist/t10k-labels-idx1-ubyte.gz": (4542, "ec29112dd5afa0611ce80d1b7f02629c"),
+    "mnist/mnist_5k.csv.gz": (1106785, "1edea4bd327f562974bd5a5321bbb524"),
+    "usps/usps.h5": (2913522, "355df6b942eb766252e0340bc019b0b9"),
+    "usps/usps.t.bz2": (1831726, "8ea070ee2aca1ac39742fdd1ef5ed118"),
+    "mnist_m/mnist_m_test.npz": (21633041, "f865fbfe786f155015283a0a3f4c7444"),
 }
 
 
@@ -130,13 +146,18 @@ def prepare_images(images: np.ndarray, size: int | None = 28, channels: int = 1,
     """
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"prepare_images: images must be uint8 [N, H, W, 1 or 3], got {images.dtype} {images.shape}")
-    if channels not in (1, 3):
-        raise ValueError(f"prepare_images: channels must be 1 or 3, got {channels}")
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise ValueError(f"prepare_images: channels must be 1 or 3, got {channels!r}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"prepare_images: size must be a positive integer (or None to keep H x W), got {size!r}")
     mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
     std_t = torch.as_tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
     if mean_t.shape[0] not in (1, channels) or std_t.shape[0] not in (1, channels):
         raise ValueError(f"prepare_images: mean and std need 1 or {channels} values, "
                          f"got {mean_t.shape[0]} and {std_t.shape[0]}")
+    if not (mean_t.isfinite().all() and std_t.isfinite().all() and (std_t > 0).all()):
+        raise ValueError(f"prepare_images: mean must be finite and std finite and positive, got mean={mean!r}, "
+                         f"std={std!r}")
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
     if x.shape[1] == 3 and channels == 1:
         x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
@@ -209,6 +230,33 @@ def _find(what: str, candidates: Sequence[Path], source: str) -> Path:
     tried = ", ".join(str(p) for p in candidates)
     raise FileNotFoundError(f"{what}: file {candidates[0].name!r} not found (looked for {tried}); "
                             f"get it from {source}")
+
+
+_verified: set[tuple[str, int, int]] = set()  # (path, size, mtime) of the known files that matched
+
+
+def _checked_if_known(path: Path, root: str | os.PathLike | None) -> Path:
+    """`path`, after checking it against KNOWN_FILES when it was found under the default root."""
+    if root is not None:
+        return path
+    expected = KNOWN_FILES.get(f"{path.parent.name}/{path.name}")
+    stat = path.stat()
+    if expected is None or (str(path), stat.st_size, stat.st_mtime_ns) in _verified:
+        return path
+    size, md5 = expected
+    if stat.st_size != size:
+        raise ValueError(f"{path}: {stat.st_size} bytes, but the data README lists this file with {size} bytes "
+                         f"(md5 {md5}): truncated or replaced; restore it, or pass root= to load another copy")
+    digest = hashlib.md5()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    found = digest.hexdigest()
+    if found != md5:
+        raise ValueError(f"{path}: md5 {found}, but the data README lists {md5}: altered or replaced; "
+                         "restore it, or pass root= to load another copy")
+    _verified.add((str(path), stat.st_size, stat.st_mtime_ns))
+    return path
 
 
 def _require_file(what: str, path: str | os.PathLike, source: str) -> Path:
@@ -318,14 +366,15 @@ def load_mnist(split: str = "test", root: str | os.PathLike | None = None) -> Di
     if split == "train5k":
         path = _find("MNIST 5k training subset", [folder / "mnist_5k.csv.gz", folder / "mnist_5k.csv"],
                      SOURCES["mnist_5k"])
-        return load_mnist_csv(path, name="mnist/train5k")
+        return load_mnist_csv(_checked_if_known(path, root), name="mnist/train5k")
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
         raise ValueError(f"load_mnist: split must be 'train', 'test' or 'train5k', got {split!r}")
     paths = []
     for kind, idx in (("images", "idx3"), ("labels", "idx1")):
         base = folder / f"{prefix}-{kind}-{idx}-ubyte"
-        paths.append(_find(f"MNIST {split} {kind}", [base.with_name(base.name + ".gz"), base], SOURCES["mnist"]))
+        found = _find(f"MNIST {split} {kind}", [base.with_name(base.name + ".gz"), base], SOURCES["mnist"])
+        paths.append(_checked_if_known(found, root))
     return load_mnist_idx(*paths, name=f"mnist/{split}")
 
 
@@ -394,11 +443,12 @@ def load_usps(split: str = "train", root: str | os.PathLike | None = None, fmt: 
         raise ValueError(f"load_usps: split must be 'train' or 'test', got {split!r}")
     folder = Path(root if root is not None else default_root()) / "usps"
     if fmt == "h5":
-        return load_usps_h5(_find("USPS HDF5", [folder / "usps.h5"], SOURCES["usps_h5"]), split)
+        path = _find("USPS HDF5", [folder / "usps.h5"], SOURCES["usps_h5"])
+        return load_usps_h5(_checked_if_known(path, root), split)
     if fmt == "libsvm":
         base = folder / ("usps" if split == "train" else "usps.t")
         path = _find(f"USPS {split} LIBSVM", [base.with_name(base.name + ".bz2"), base], SOURCES["usps_libsvm"])
-        return load_usps_libsvm(path, name=f"usps/{split}")
+        return load_usps_libsvm(_checked_if_known(path, root), name=f"usps/{split}")
     raise ValueError(f"load_usps: fmt must be 'h5' or 'libsvm', got {fmt!r}")
 
 
@@ -470,7 +520,7 @@ def load_mnist_m(split: str = "test", root: str | os.PathLike | None = None) -> 
     folder = Path(root if root is not None else default_root()) / "mnist_m"
     npz = folder / f"mnist_m_{split}.npz"
     if npz.is_file():
-        return load_mnist_m_npz(npz, name=f"mnist_m/{split}")
+        return load_mnist_m_npz(_checked_if_known(npz, root), name=f"mnist_m/{split}")
     pngs = folder / f"mnist_m_{split}"
     if pngs.is_dir():
         return load_mnist_m_png(pngs, name=f"mnist_m/{split}")

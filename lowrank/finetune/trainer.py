@@ -12,10 +12,16 @@ Checkpoints (output_dir/checkpoint/) are safetensors plus JSON, never pickle:
                            parameters the optimizer updates and the buffers, not the frozen base
     optimizer.safetensors  the optimizer's tensor state
     trainer.json           epoch, step, history, optimizer param groups, grad scaler, strategy, the
-                           model's key shapes, and a fingerprint (float64 sum and sum of squares) of
-                           every frozen tensor that model.safetensors leaves out
-Resuming checks the key shapes and the frozen fingerprint, so a checkpoint from another model or
-from another pre-trained base of the same architecture is refused, naming the checkpoint.
+                           TrainConfig and its segments, the model's key shapes, a fingerprint
+                           (float64 sums) of every frozen tensor that model.safetensors leaves out,
+                           the sha256 of each tensor file, and backend="auto"'s picks
+Resuming checks all of it, naming the checkpoint: the tensor files' hashes (a damaged file is
+refused), the key shapes and the frozen fingerprint (a checkpoint from another model or from
+another pre-trained base of the same architecture is refused), and the TrainConfig: a field that
+changes the result (anything but progress and eval_batch_size, and epochs under a constant
+schedule) must be as it was, unless fit(change_config=True) continues under the new one, which
+metrics.json then records as a new segment. auto's picks are pinned again (lowrank.autotune), so
+a resumed run uses the backends the interrupted one measured and its numbers match bit for bit.
 
 Distributed (config.distributed "ddp" or "fsdp", launched by torchrun; see docs/finetune.md, "Distributed"):
 every rank shuffles the data alike and trains on its contiguous slice of each global batch of
@@ -43,10 +49,11 @@ from itertools import islice
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset, TensorDataset
 
+from lowrank import autotune
+from lowrank._files import read_json, read_tensors, require_fields, write_tensors
 from lowrank.finetune import distributed
 from lowrank.finetune.strategies import Adapters, FeatureExtraction, LoRA, Strategy
 
@@ -58,6 +65,10 @@ SCHEDULERS = ("constant", "cosine")
 DISTRIBUTED = ("ddp", "fsdp")
 CHECKPOINT = "checkpoint"
 METRICS = "metrics.json"
+MODEL_FILE, OPTIMIZER_FILE, META_FILE = "model.safetensors", "optimizer.safetensors", "trainer.json"
+_META_FIELDS = {"epoch": int, "step": int, "history": list, "param_groups": list, "optimizer_scalars": dict,
+                "scaler": dict, "strategy": dict, "config": dict, "segments": list, "model_keys": dict,
+                "frozen_fingerprint": dict, "sha256": dict, "autotune": list}
 
 
 @dataclass
@@ -95,38 +106,82 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
         if self.amp is not None and self.amp not in AMP_DTYPES:
             raise ValueError(f"TrainConfig: amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
+        for name in ("warmup_steps", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"TrainConfig: {name} must be a non-negative integer, got {value!r}")
+        for name in ("lr", "momentum", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is None and name == "max_grad_norm":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"TrainConfig: {name} must be a finite number, got {value!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"TrainConfig: max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig: lr must be positive, got {self.lr!r}")
+        if self.momentum < 0 or self.weight_decay < 0:
+            raise ValueError(f"TrainConfig: momentum and weight_decay must be >= 0, got {self.momentum!r} and "
+                             f"{self.weight_decay!r}")
+        self._check_device()
         if self.distributed is not None and self.distributed not in DISTRIBUTED:
             raise ValueError(f"TrainConfig: distributed must be None, 'ddp' or 'fsdp', got {self.distributed!r}")
         if self.distributed == "fsdp" and self.amp == "fp16":
             raise ValueError("TrainConfig: distributed='fsdp' does not support amp='fp16' (its gradient scaler would "
                              "skip steps on some ranks only); use amp='bf16'")
 
+    def _check_device(self) -> None:
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"TrainConfig: device must name a torch device such as 'cpu', 'cuda' or 'cuda:1', "
+                             f"got {self.device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"TrainConfig: device {self.device!r}, but no CUDA device is visible to torch; "
+                             "expected 'cpu'")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"TrainConfig: device {self.device!r}, but torch sees {torch.cuda.device_count()} "
+                             "CUDA device(s)")
+
     @classmethod
     def from_dict(cls, values: dict, where: str = "train") -> TrainConfig:
+        if not isinstance(values, dict):
+            raise ValueError(f"{where}: expected a mapping of TrainConfig fields, got {values!r}")
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {known}")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+
+
+# Fields that never change the trained weights: what is shown, and how evaluation is batched.
+_RESULT_NEUTRAL = ("progress", "eval_batch_size")
+
+
+def result_changes(saved: dict, own: dict) -> list[str]:
+    """The TrainConfig fields (as dicts) in which `own` differs from `saved` in a way that changes
+    the trained weights. epochs does only under a cosine schedule: a constant one continues a run
+    into more epochs exactly as a longer run would have trained them."""
+    neutral = set(_RESULT_NEUTRAL)
+    if saved.get("scheduler") == own["scheduler"] == "constant":
+        neutral.add("epochs")
+    return [name for name in own if name not in neutral and (name not in saved or saved[name] != own[name])]
 
 
 # ------------------------------------------------------------------------------------- state files
 
 
-def save_state(state: dict[str, torch.Tensor], path: str) -> None:
-    """A state_dict as safetensors (tensors cloned, so tied weights save too)."""
-    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, path, metadata={"format": "pt"})
+def save_state(state: dict[str, torch.Tensor], path: str) -> str:
+    """A state_dict as safetensors (tensors cloned, so tied weights save too); returns its sha256."""
+    return write_tensors(path, {k: v.detach().clone() for k, v in state.items()})
 
 
 def load_state(model: nn.Module, path: str, what: str) -> None:
-    """Load a full state_dict saved by save_state, refusing one from another model with a clear message."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what}: no file {path}")
-    tensors = load_file(path)
+    """Load a full state_dict saved by save_state, refusing a damaged file or one from another model."""
+    tensors = read_tensors(path, what)
     check_same_model(key_shapes(model), {k: list(v.shape) for k, v in tensors.items()}, f"{what} {path}")
     model.load_state_dict(tensors)
 
@@ -248,6 +303,10 @@ class Trainer:
                                              weight_decay=self.config.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.amp == "fp16")
         self.epoch, self.step, self.history = 0, 0, []
+        self.segments = [{"first_epoch": 1, "config": self._config_record()}]
+
+    def _config_record(self) -> dict:
+        return json.loads(json.dumps(asdict(self.config)))
 
     # ------------------------------------------------------------------------------ distributed
 
@@ -413,10 +472,12 @@ class Trainer:
             features, labels = distributed.gather_rows(features, len(data)), distributed.gather_rows(labels, len(data))
         return TensorDataset(features, labels)
 
-    def fit(self, resume: bool = True) -> nn.Module:
-        """Train for config.epochs (continuing from output_dir's checkpoint when resume) and return the model."""
+    def fit(self, resume: bool = True, change_config: bool = False) -> nn.Module:
+        """Train for config.epochs (continuing from output_dir's checkpoint when resume) and return the model.
+        change_config: continue a checkpoint written under a TrainConfig that differs in a field that
+        changes the result (refused otherwise), as a new segment of metrics.json."""
         if resume and self.output_dir is not None:
-            self._load_checkpoint()
+            self._load_checkpoint(change_config)
         module, train_data, eval_data = self.model, self.train_data, self.eval_data
         caching = isinstance(self.strategy, FeatureExtraction) and self.strategy.cache_features
         if caching and self.epoch < self.config.epochs:
@@ -459,8 +520,8 @@ class Trainer:
                 "epoch": self.epoch, "step": self.step, "history": self.history,
                 "param_groups": optim["param_groups"], "optimizer_scalars": scalars,
                 "scaler": self.scaler.state_dict(), "strategy": self.strategy.config(),
-                "config": asdict(self.config), "model_keys": self._model_keys,
-                "frozen_fingerprint": self._frozen_fingerprint,
+                "config": self._config_record(), "segments": self.segments, "model_keys": self._model_keys,
+                "frozen_fingerprint": self._frozen_fingerprint, "autotune": autotune.records(),
             })
         distributed.barrier()
 
@@ -469,44 +530,80 @@ class Trainer:
         tmp, old = final + ".tmp", final + ".old"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        save_state(model_state, os.path.join(tmp, "model.safetensors"))
-        save_state(optimizer_tensors, os.path.join(tmp, "optimizer.safetensors"))
-        with open(os.path.join(tmp, "trainer.json"), "w") as f:
+        meta["sha256"] = {name: save_state(state, os.path.join(tmp, name))
+                          for name, state in ((MODEL_FILE, model_state), (OPTIMIZER_FILE, optimizer_tensors))}
+        with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(meta, f, indent=1)
         if os.path.isdir(final):
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
 
-    def _load_checkpoint(self) -> None:
+    def _read_meta(self, directory: str) -> dict:
+        """trainer.json of the checkpoint in `directory`, every field present, of its type and consistent."""
+        where, path = f"checkpoint {directory}", os.path.join(directory, META_FILE)
+        meta = read_json(path, where)
+        require_fields(where, path, meta, _META_FIELDS)
+        require_fields(where, path, meta["sha256"], {MODEL_FILE: str, OPTIMIZER_FILE: str})
+        if meta["epoch"] < 0 or meta["step"] < 0 or len(meta["history"]) != meta["epoch"]:
+            raise ValueError(f"{where}: {path} has epoch={meta['epoch']}, step={meta['step']} and "
+                             f"{len(meta['history'])} history record(s); expected epoch >= 0, step >= 0 and one "
+                             "record per epoch")
+        return meta
+
+    def _load_checkpoint(self, change_config: bool) -> None:
         directory = os.path.join(self.output_dir, CHECKPOINT)
         if not os.path.isdir(directory) and os.path.isdir(directory + ".old"):
             directory += ".old"  # a crash between the two renames of _save_checkpoint
         if not os.path.isdir(directory):
             return
-        with open(os.path.join(directory, "trainer.json")) as f:
-            meta = json.load(f)
+        meta = self._read_meta(directory)
         where = f"checkpoint {directory}"
         if meta["strategy"] != json.loads(json.dumps(self.strategy.config())):
             raise ValueError(f"{where} was written with strategy {meta['strategy']}, this run uses "
                              f"{self.strategy.config()}; use another output_dir or resume=False")
         check_same_model(self._model_keys, meta["model_keys"], where)
-        changed = _differing(self._frozen_fingerprint, meta.get("frozen_fingerprint", {}))
+        changed = _differing(self._frozen_fingerprint, meta["frozen_fingerprint"])
         if changed:
             raise ValueError(f"{where} was trained on another pre-trained base: the frozen tensor(s) "
                              f"{changed[:5]}{' ...' if len(changed) > 5 else ''} differ from this model's; "
                              "load the base it was trained from, or use another output_dir or resume=False")
-        model_file = os.path.join(directory, "model.safetensors")
-        tensors = load_file(model_file)
+        own_config = self._config_record()
+        differing = result_changes(meta["config"], own_config)
+        if differing and not change_config:
+            shown = ", ".join(f"{name} {meta['config'].get(name)!r} -> {own_config[name]!r}" for name in differing)
+            raise ValueError(f"{where} was written under another TrainConfig ({shown}), which changes the result; "
+                             "resume with the checkpoint's values, or pass fit(change_config=True) (CLI: "
+                             "change_config: true) to continue under the new ones as a new segment of "
+                             "metrics.json, or start over with resume=False or another output_dir")
+        model_file = os.path.join(directory, MODEL_FILE)
+        tensors = read_tensors(model_file, where, meta["sha256"][MODEL_FILE])
         if set(tensors) != self._checkpoint_keys:
             raise ValueError(f"{where}: {model_file} holds the tensors {sorted(tensors)[:5]}..., expected exactly "
                              f"{sorted(self._checkpoint_keys)[:5]}... ({len(self._checkpoint_keys)} tensors)")
+        optimizer_tensors = read_tensors(os.path.join(directory, OPTIMIZER_FILE), where, meta["sha256"][OPTIMIZER_FILE])
+        autotune.pin(meta["autotune"], where)
         own = self.model.state_dict()
         for key, value in tensors.items():
             distributed.copy_into(own[key], value)
+        segment = {"first_epoch": meta["epoch"] + 1, "config": own_config,
+                   "changed": {name: [meta["config"].get(name), own_config[name]] for name in own_config
+                               if meta["config"].get(name) != own_config[name] and name != "progress"}}
+        if meta["config"].get("optimizer") == self.config.optimizer:
+            self._load_optimizer(meta, optimizer_tensors, new_hyperparameters=bool(segment["changed"]))
+        else:  # another optimizer's state means nothing to this one: it starts afresh
+            segment["optimizer_state"] = "reset"
+        if meta["scaler"]:
+            self.scaler.load_state_dict(meta["scaler"])
+        self.epoch, self.step, self.history = meta["epoch"], meta["step"], meta["history"]
+        self.segments = meta["segments"] + ([segment] if segment["changed"] else [])
+
+    def _load_optimizer(self, meta: dict, tensors: dict[str, torch.Tensor], new_hyperparameters: bool) -> None:
+        """The optimizer's state from the checkpoint; its param groups' hyperparameters from this run's
+        config when they changed."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         state: dict[int, dict] = {}
-        for key, value in load_file(os.path.join(directory, "optimizer.safetensors")).items():
+        for key, value in tensors.items():
             index, name = key.split(".", 1)
             # per-element state (moments, momentum) is sharded like its parameter under FSDP2
             state.setdefault(int(index), {})[name] = distributed.shard_like(value.to(self.device), params[int(index)])
@@ -515,13 +612,13 @@ class Trainer:
             state.setdefault(int(index), {})[name] = value
         groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
                   for g in meta["param_groups"]]
+        if new_hyperparameters:
+            groups = [{**own, "params": saved["params"]}
+                      for own, saved in zip(self.optimizer.state_dict()["param_groups"], groups, strict=True)]
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
-        if meta["scaler"]:
-            self.scaler.load_state_dict(meta["scaler"])
-        self.epoch, self.step, self.history = meta["epoch"], meta["step"], meta["history"]
 
     def _write_metrics(self) -> None:
-        log = {"strategy": self.strategy.config(), "config": asdict(self.config),
+        log = {"strategy": self.strategy.config(), "config": asdict(self.config), "segments": self.segments,
                "trainable_parameters": self.trainable_parameters, "epochs": self.history}
         path = os.path.join(self.output_dir, METRICS)
         with open(path + ".tmp", "w") as f:

@@ -24,6 +24,7 @@ import math
 import torch
 from torch import nn
 
+from lowrank import _backends
 from lowrank.ops.adapter import ACTIVATIONS, adapter as adapter_op
 
 __all__ = ["Adapter", "ACTIVATIONS", "INITS"]
@@ -74,6 +75,7 @@ class Adapter(nn.Module):
             raise ValueError(f"{owner}: unknown init {init!r}; expected one of {INITS}")
         if not isinstance(init_std, (int, float)) or not init_std > 0:
             raise ValueError(f"{owner}: init_std must be a positive number, got {init_std!r}")
+        _backends.check_name(owner, backend)
         self.dim, self.bottleneck = dim, bottleneck
         self.activation, self.scaling, self.residual = activation, float(scaling), bool(residual)
         self.init, self.init_std = init, float(init_std)

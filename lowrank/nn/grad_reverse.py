@@ -18,6 +18,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from lowrank import _backends
 from lowrank.ops.grad_reverse import grad_reverse
 
 __all__ = ["GradientReversal", "DANNLambdaScheduler", "dann_lambda"]
@@ -40,6 +41,7 @@ class GradientReversal(nn.Module):
 
     def __init__(self, lambda_: float = 1.0, *, backend: Optional[str] = None):
         super().__init__()
+        _backends.check_name(type(self).__name__, backend)
         self.backend = backend
         value = _finite_number(type(self).__name__, "lambda_", lambda_)
         self.register_buffer("_lambda", torch.tensor(value, dtype=torch.float64), persistent=False)

@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowrank import _backends
 from lowrank.ops import lora_linear
 
 __all__ = [
@@ -456,6 +457,7 @@ class LoRALinear(LoRALayer, nn.Linear):
         self, in_features, out_features, r=8, alpha=16, dropout=0.0, bias=True, device=None, dtype=None, backend=None,
         *, adapter_name=DEFAULT_ADAPTER, **adapter_options,
     ):  # fmt: skip
+        _backends.check_name(type(self).__name__, backend)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.backend = backend
         self._init_lora(adapter_name, r, alpha, dropout, **adapter_options)
@@ -497,6 +499,7 @@ class LoRAConv1D(LoRALayer, nn.Module):
         self, nf, nx, r=8, alpha=16, dropout=0.0, device=None, dtype=None, backend=None,
         *, adapter_name=DEFAULT_ADAPTER, **adapter_options,
     ):  # fmt: skip
+        _backends.check_name(type(self).__name__, backend)
         super().__init__()
         self.nf, self.nx = nf, nx
         self.weight = nn.Parameter(torch.empty(nx, nf, device=device, dtype=dtype))

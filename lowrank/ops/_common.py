@@ -6,10 +6,12 @@ import torch
 
 
 def autocast_inputs(*tensors):
-    """Under torch.autocast, cast the op's tensors (None passes through) to the autocast dtype,
-    as nn.Linear's matmuls would be; otherwise return them unchanged."""
-    device_type = next(t for t in tensors if t is not None).device.type
-    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+    """Under torch.autocast, cast the op's tensors to the autocast dtype, as nn.Linear's matmuls
+    would be; otherwise return them unchanged. Anything else (None, or a wrong argument that the
+    op's checks then name) passes through."""
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if first is None or not (torch.amp.is_autocast_available(first.device.type)
+                             and torch.is_autocast_enabled(first.device.type)):
         return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t if t is None else t.to(dtype) for t in tensors)
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) else t for t in tensors)

@@ -37,11 +37,11 @@ class OpBackends:
             return self.native
         return importlib.import_module(self.triton_module)  # imports triton: only when asked for
 
-    def choose(self, backend: str, key: Hashable, device: torch.device, measure: Callable[[str], float]):
-        """The implementation of `backend`; for "auto" the fastest for `key` on `device`, measured
-        once per process by measure(backend name) (lowrank.autotune)."""
+    def choose(self, backend: str, key: Hashable, device: torch.device, step_for: Callable[[str], Callable[[], None]]):
+        """The implementation of `backend`; for "auto" the one lowrank.autotune picks for `key` on
+        `device`, measured once per process by timing step_for(backend name)() (a forward+backward)."""
         if backend == "auto":
-            backend = autotune.pick(key, device, measure)
+            backend = autotune.pick(key, device, step_for)
         return self.implementation(backend)
 
 

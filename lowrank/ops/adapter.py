@@ -79,13 +79,14 @@ def adapter_reference(
 
 def _torch_forward(h, w_down, b_down, w_up, b_up, activation, scaling, residual):
     z = torch.addmm(b_down, h, w_down.t()) if b_down is not None else h @ w_down.t()
-    a = activation_fn(activation)(z)
-    if b_up is None:
-        out = torch.addmm(h, a, w_up.t(), alpha=scaling) if residual else torch.mm(a, w_up.t()).mul_(scaling)
-    elif residual:
-        out = h.add(b_up, alpha=scaling).addmm_(a, w_up.t(), alpha=scaling)
+    # s scales a = act(z), never a GEMM's alpha or beta: BLAS skips the product at alpha=0 and the
+    # input at beta=0, which would hide a NaN in W_u or b_u that the formula propagates.
+    a_s = activation_fn(activation)(z).mul_(scaling)
+    if residual:
+        base = h if b_up is None else h.add(b_up, alpha=scaling)
     else:
-        out = torch.addmm(b_up, a, w_up.t(), beta=scaling, alpha=scaling)
+        base = None if b_up is None else b_up * scaling
+    out = torch.mm(a_s, w_up.t()) if base is None else torch.addmm(base, a_s, w_up.t())
     return out, z
 
 
@@ -118,7 +119,7 @@ def _implementation_for(backend: str, h: Tensor, w_down: Tensor, activation: str
     (M, D), Bn = h.shape, w_down.shape[0]
     rows = autotune.bucket(M)
 
-    def measure(name: str) -> float:
+    def step_for(name: str):
         implementation = _BACKENDS.implementation(name)
 
         def make(*shape):
@@ -133,10 +134,10 @@ def _implementation_for(backend: str, h: Tensor, w_down: Tensor, activation: str
                 grad_out, h_, z, w_down_, w_up_, activation, 0.5, True, True, True, True, True, True
             )
 
-        return autotune.time_call(step, h.device)
+        return step
 
-    key = ("adapter", str(h.device), h.dtype, rows, D, Bn, activation)
-    return _BACKENDS.choose(backend, key, h.device, measure)
+    key = ("adapter", str(h.device), str(h.dtype), rows, D, Bn, activation)
+    return _BACKENDS.choose(backend, key, h.device, step_for)
 
 
 # ---------------------------------------------------------------- custom op
@@ -271,7 +272,7 @@ def adapter(
     """
     h, w_down, b_down, w_up, b_up = autocast_inputs(h, w_down, b_down, w_up, b_up)
     _check_inputs(h, w_down, b_down, w_up, b_up, activation, scaling, residual)
-    backend = _backends.resolve(backend, h.device)
+    backend = _backends.resolve(backend, h.device, "adapter")
     lead_shape = h.shape[:-1]
     out, _ = _adapter_op(
         h.reshape(-1, h.shape[-1]), w_down, b_down, w_up, b_up, activation, float(scaling), residual, backend

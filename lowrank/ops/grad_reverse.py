@@ -55,13 +55,14 @@ def _implementation(backend: str, grad: Tensor):
     """The implementation of `backend` ("auto": the fastest for this gradient size, measured once)."""
     numel = autotune.bucket(grad.numel())
 
-    def measure(name: str) -> float:
+    def step_for(name: str):
         implementation = _BACKENDS.implementation(name)
         sample = torch.randn(numel, device=grad.device, dtype=grad.dtype)
         lambda_ = torch.ones((), dtype=torch.float64)
-        return autotune.time_call(lambda: implementation.backward(sample, lambda_), grad.device)
+        return lambda: implementation.backward(sample, lambda_)
 
-    return _BACKENDS.choose(backend, ("grad_reverse", str(grad.device), grad.dtype, numel), grad.device, measure)
+    key = ("grad_reverse", str(grad.device), str(grad.dtype), numel)
+    return _BACKENDS.choose(backend, key, grad.device, step_for)
 
 
 # ---------------------------------------------------------------- custom ops
@@ -276,7 +277,7 @@ def grad_reverse(x: Tensor, lambda_: Union[float, Tensor] = 1.0, *, backend: Opt
     if not x.is_floating_point():
         raise TypeError(f"grad_reverse: x must be a floating-point tensor, got dtype {x.dtype}")
     lambda_ = _lambda_tensor(lambda_, x)
-    backend = _backends.resolve(backend, x.device)
+    backend = _backends.resolve(backend, x.device, "grad_reverse")
     if not torch.compiler.is_compiling():
         _ensure_calibrated(x.device)
     return _GradReverse.apply(x, lambda_, backend)

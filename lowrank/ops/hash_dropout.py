@@ -51,7 +51,11 @@ def keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, row_offset: in
     return bits >= threshold(p)
 
 
+def apply_mask(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """x / (1 - p) where keep, else 0 (also where x is NaN: a dropped element does not depend on x)."""
+    return torch.where(keep, x * (1.0 / (1.0 - p)), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def apply(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """Inverted dropout of a 2-D tensor with the hash mask (the reference for every backend)."""
-    keep = keep_mask(seed, x.shape[0], x.shape[1], p)
-    return torch.where(keep, x * (1.0 / (1.0 - p)), torch.zeros((), dtype=x.dtype, device=x.device))
+    return apply_mask(x, keep_mask(seed, x.shape[0], x.shape[1], p), p)

@@ -59,25 +59,26 @@ def _torch_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     x_lora = hash_dropout.apply(x, seed, dropout_p) if dropout_p > 0.0 else x
     xa = x_lora @ lora_A.t()
     y = torch.nn.functional.linear(x, weight, bias)
-    y = y.addmm_(xa, lora_B.t(), alpha=scaling)
+    # s scales the small factor, never a GEMM's alpha: BLAS skips the product at alpha=0, which
+    # would hide a NaN in B that the formula s·(xa·Bᵀ) propagates.
+    y = y.addmm_(xa * scaling, lora_B.t())
     return y, xa
 
 
 def _torch_backward(
     grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs_dx, needs_dweight, needs_dbias
 ):
-    dyB = grad_y @ lora_B
+    dyB_s = (grad_y @ lora_B).mul_(scaling)  # s on the small factor (see _torch_forward)
     dx = dW = db = None
     if dropout_p > 0.0:
         keep = hash_dropout.keep_mask(seed, x.shape[0], x.shape[1], dropout_p)
-        keep_scale = keep.to(x.dtype) * (1.0 / (1.0 - dropout_p))
-        dA = (dyB.t() @ (x * keep_scale)).mul_(scaling)
+        dA = dyB_s.t() @ hash_dropout.apply_mask(x, keep, dropout_p)
         if needs_dx:
-            dx = (grad_y @ weight).add_((dyB @ lora_A).mul_(keep_scale), alpha=scaling)
+            dx = (grad_y @ weight).add_(hash_dropout.apply_mask(dyB_s @ lora_A, keep, dropout_p))
     else:
-        dA = (dyB.t() @ x).mul_(scaling)
+        dA = dyB_s.t() @ x
         if needs_dx:
-            dx = (grad_y @ weight).addmm_(dyB, lora_A, alpha=scaling)
+            dx = (grad_y @ weight).addmm_(dyB_s, lora_A)
     dB = (grad_y.t() @ xa).mul_(scaling)
     if needs_dweight:
         dW = grad_y.t() @ x
@@ -112,7 +113,7 @@ def _implementation_for(backend: str, x: Tensor, weight: Tensor, lora_A: Tensor,
     def make(*shape):
         return torch.randn(*shape, device=x.device, dtype=x.dtype)
 
-    def measure(name: str) -> float:
+    def step_for(name: str):
         implementation = _BACKENDS.implementation(name)
         x_, weight_, bias_, A_, B_, grad_y = make(rows, K), make(N, K), make(N), make(r, K), make(N, r), make(rows, N)
         seed = torch.zeros((), dtype=torch.int64, device=x.device) if dropout_p > 0.0 else None
@@ -121,10 +122,10 @@ def _implementation_for(backend: str, x: Tensor, weight: Tensor, lora_A: Tensor,
             _, xa = implementation.forward(x_, weight_, bias_, A_, B_, 0.5, dropout_p, seed)
             implementation.backward(grad_y, x_, xa, weight_, A_, B_, 0.5, dropout_p, seed, True, False, False)
 
-        return autotune.time_call(step, x.device)
+        return step
 
-    key = ("lora_linear", str(x.device), x.dtype, rows, K, N, r, dropout_p > 0.0)
-    return _BACKENDS.choose(backend, key, x.device, measure)
+    key = ("lora_linear", str(x.device), str(x.dtype), rows, K, N, r, dropout_p > 0.0)
+    return _BACKENDS.choose(backend, key, x.device, step_for)
 
 
 # ---------------------------------------------------------------- custom op
@@ -222,6 +223,8 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         if named[name].dim() != 2:
             raise ValueError(f"lora_linear: {name} must be 2-D, got shape {tuple(named[name].shape)}")
     in_features, out_features, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
+    if in_features == 0:
+        raise ValueError(f"lora_linear: x has 0 input features (shape {tuple(x.shape)}); in_features must be >= 1")
     expected = {
         "weight": (out_features, in_features),
         "lora_A": (r, in_features),
@@ -250,8 +253,8 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
             )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
-    if not isinstance(scaling, (int, float)):
-        raise TypeError(f"lora_linear: scaling must be a Python number, got {type(scaling).__name__}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"lora_linear: scaling must be a Python number, got {scaling!r}")
 
 
 def lora_linear(
@@ -265,7 +268,7 @@ def lora_linear(
     """
     x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
     _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    backend = _backends.resolve(backend, x.device)
+    backend = _backends.resolve(backend, x.device, "lora_linear")
     lead_shape, x2d = x.shape[:-1], x.reshape(-1, x.shape[-1])
     tensors = (x, weight, bias, lora_A, lora_B)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -6,6 +6,7 @@ Runs use tiny real samples (a few dozen images) and a few steps: they check beha
 
 import json
 import math
+import sys
 from dataclasses import replace
 
 import pytest
@@ -240,6 +241,8 @@ def test_unknown_task_method_and_hyper_parameter():
         make_method("cycada")
     with pytest.raises(TypeError, match=r"DANN: unknown hyper-parameter\(s\) \['learning_rate'\]"):
         DANN("mnist-usps", learning_rate=0.1)
+    with pytest.raises(ValueError, match=r"DANN: steps must be an integer of at least 1, got '10'"):
+        DANN("mnist-usps", steps="10")
 
 
 def test_missing_and_corrupt_data_files(tmp_path):
@@ -458,10 +461,30 @@ def test_bench_cli_sets_hyper_parameters_of_one_method(tmp_path, capsys):
     assert report["runs"][0]["history"][-1]["step"] == 4
     for argv, message in ((["--method", "all", "--set", "lr=0.1"], "--set needs exactly one --method"),
                           (["--method", "adda", "--set", "lr=0.1"], "adda has no hyper-parameter 'lr'"),
-                          (["--method", "dann", "--set", "lr=0.1,0.2"], "expected one value")):
+                          (["--method", "dann", "--set", "lr=0.1,0.2"], "expected one value"),
+                          (["--method", "dann", "--set", "lr=abc"], "'lr=abc': lr must be a finite number, got 'abc'"),
+                          (["--method", "dann", "--set", "lr=-1"], "'lr=-1': lr (a learning rate) must be positive"),
+                          (["--method", "dann", "--set", "steps=0"], "'steps=0': steps must be an integer of at least"),
+                          (["--method", "dann", "--set", "batch_size=0"], "batch_size must be an integer of at least"),
+                          (["--method", "dann", "--set", "momentum=1.5"], "momentum must lie in [0, 1)"),
+                          (["--method", "dann", "--set", "grl_backend=gpu"], "grl_backend: backend must be None")):
         with pytest.raises(SystemExit):
             bench.main(["--task", "mnist-usps", *argv, "--out-dir", str(tmp_path)])
         assert message in capsys.readouterr().err
+
+
+def test_bench_cli_names_a_missing_h5py(tmp_path, capsys, monkeypatch):
+    from lowrank.da import tasks
+
+    monkeypatch.setitem(sys.modules, "h5py", None)  # import h5py now raises ImportError
+    tasks._load.cache_clear()  # USPS must be read again
+    try:
+        assert bench.main(["--task", "mnist-usps", "--quick", "--out-dir", str(tmp_path)]) == 2
+    finally:
+        tasks._load.cache_clear()
+    err = capsys.readouterr().err
+    assert "cannot load the data for task mnist-usps" in err and "reading USPS from HDF5" in err
+    assert "needs h5py: pip install h5py" in err and "Traceback" not in err
 
 
 def test_bench_cli_errors(tmp_path, capsys):

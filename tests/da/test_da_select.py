@@ -56,6 +56,8 @@ def test_grid_is_the_product_of_typed_values():
         selection.parse_grid("dann", ["adapt_lr=0.1"])
     with pytest.raises(ValueError, match="expected name=value"):
         selection.parse_grid("dann", ["lr"])
+    with pytest.raises(ValueError, match=r"'lr=0.01,abc': lr must be a finite number, got 'abc'"):
+        selection.parse_grid("dann", ["lr=0.01,abc"])
 
 
 def test_cli_quick_writes_the_choice(tmp_path, capsys):

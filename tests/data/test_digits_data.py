@@ -4,6 +4,7 @@ shipped there (MNIST-M PNG folder, SVHN .mat) on small files written to tmp_path
 import bz2
 import gzip
 import hashlib
+import re
 import sys
 from pathlib import Path
 
@@ -17,14 +18,6 @@ import lowrank.data as data
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "digits"
 real = pytest.mark.skipif(not DATA.is_dir(), reason=f"real digit data folder {DATA} is absent")
 
-MD5 = {
-    "mnist/t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-    "mnist/t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
-    "mnist/mnist_5k.csv.gz": "1edea4bd327f562974bd5a5321bbb524",
-    "usps/usps.h5": "355df6b942eb766252e0340bc019b0b9",
-    "usps/usps.t.bz2": "8ea070ee2aca1ac39742fdd1ef5ed118",
-    "mnist_m/mnist_m_test.npz": "f865fbfe786f155015283a0a3f4c7444",
-}
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +47,38 @@ def check_arrays(arrays, n, hwc):
 
 
 @real
-@pytest.mark.parametrize("name", sorted(MD5))
-def test_file_md5(name):
-    assert hashlib.md5((DATA / name).read_bytes()).hexdigest() == MD5[name]
+def test_known_files_are_the_data_readme_table():
+    rows = re.findall(r"^\| `([^`]+)` \|.*\| ([0-9a-f]{32}) \|$", (DATA / "README.md").read_text(), re.MULTILINE)
+    assert dict(rows) == {name: md5 for name, (_, md5) in data.KNOWN_FILES.items()}
+
+
+@real
+@pytest.mark.parametrize("name", sorted(data.KNOWN_FILES))
+def test_file_size_and_md5(name):
+    raw = (DATA / name).read_bytes()
+    assert (len(raw), hashlib.md5(raw).hexdigest()) == data.KNOWN_FILES[name]
+
+
+@real
+def test_default_root_refuses_a_known_file_that_differs(tmp_path, monkeypatch):
+    """A CSV cut at a line boundary is still a valid CSV: only its size and md5 tell."""
+    (tmp_path / "mnist").mkdir()
+    lines = gzip.decompress((DATA / "mnist" / "mnist_5k.csv.gz").read_bytes()).split(b"\n")
+    cut = tmp_path / "mnist" / "mnist_5k.csv.gz"
+    cut.write_bytes(gzip.compress(b"\n".join(lines[:1001]) + b"\n"))
+    assert len(data.load_mnist("train5k", tmp_path)) < 5000  # passed explicitly: a CSV declares no count
+    monkeypatch.setenv("LOWRANK_DATA", str(tmp_path))
+    with pytest.raises(ValueError, match=rf"{cut}: \d+ bytes, but the data README lists this file with 1106785 bytes"):
+        data.load_mnist("train5k")
+    labels = tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    raw = bytearray((DATA / "mnist" / labels.name).read_bytes())
+    raw[100] ^= 1
+    labels.write_bytes(bytes(raw))
+    (tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz").write_bytes((DATA / "mnist" / "t10k-images-idx3-ubyte.gz")
+                                                                   .read_bytes())
+    with pytest.raises(ValueError, match=rf"{labels}: md5 [0-9a-f]{{32}}, but the data README lists "
+                                         "ec29112dd5afa0611ce80d1b7f02629c"):
+        data.load_mnist("test")
 
 
 @real
@@ -434,6 +456,10 @@ def test_prepare_images_identity_and_channels():
         data.prepare_images(images, channels=1, mean=(0.5, 0.5, 0.5))
     with pytest.raises(ValueError, match=r"images must be uint8 \[N, H, W, 1 or 3\]"):
         data.prepare_images(images.astype(np.float32))
+    with pytest.raises(ValueError, match="size must be a positive integer .*, got 0"):
+        data.DigitDataset(data.DigitArrays(images, np.zeros(4, np.int64)), size=0)
+    with pytest.raises(ValueError, match=r"std finite and positive, got mean=0.5, std=0"):
+        data.DigitDataset(data.DigitArrays(images, np.zeros(4, np.int64)), std=0)
 
 
 @pytest.mark.parametrize("size_in, size_out", [(16, 28), (32, 28), (28, 32)])

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -137,10 +138,11 @@ def interrupt_after(monkeypatch, n_checkpoints):
     monkeypatch.setattr(trainer_module.Trainer, "_write_metrics", crash)
 
 
-def lora_run(output_dir, epochs=3):
+def lora_run(output_dir, epochs=3, backend="torch", **changes):
     torch.manual_seed(123)  # the "pre-trained" model is the same in every run
-    strategy = make_strategy({"name": "lora", "r": 2, "dropout": 0.25, "backend": "torch"})
-    cfg = config(epochs=epochs, batch_size=6, grad_accum=2, max_grad_norm=0.5, scheduler="cosine", warmup_steps=1)
+    strategy = make_strategy({"name": "lora", "r": 2, "dropout": 0.25, "backend": backend})
+    cfg = config(**{"epochs": epochs, "batch_size": 6, "grad_accum": 2, "max_grad_norm": 0.5, "scheduler": "cosine",
+                    "warmup_steps": 1, **changes})
     return Trainer(tiny_vit(), strategy, data(), data(8, 1), cfg, output_dir)
 
 
@@ -188,6 +190,107 @@ def test_lora_checkpoint_holds_only_the_trained_tensors_and_refuses_another_base
     with pytest.raises(ValueError, match=r"checkpoint .*checkpoint was trained on another pre-trained base: "
                                          r"the frozen tensor\(s\) \['blocks.0.attn.q_proj"):
         other_base.fit()
+
+
+@pytest.fixture(scope="module")
+def one_epoch_checkpoint(tmp_path_factory):
+    """The output_dir of lora_run after one epoch: copy it before damaging it."""
+    output_dir = tmp_path_factory.mktemp("one_epoch")
+    lora_run(output_dir, epochs=1).fit()
+    return output_dir
+
+
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def _edit_meta(edit):
+    def damage(directory):
+        path = directory / "trainer.json"
+        meta = json.loads(path.read_text())
+        edit(meta)
+        path.write_text(json.dumps(meta))
+    return damage
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: _flip_last_byte(d / "model.safetensors"), r"model.safetensors is corrupt: its tensors hash to sha256"),
+    (lambda d: _flip_last_byte(d / "optimizer.safetensors"), r"optimizer.safetensors is corrupt"),
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:300]),
+     r"model.safetensors is not a readable safetensors file"),
+    (lambda d: (d / "trainer.json").write_text((d / "trainer.json").read_text()[:100]),
+     r"trainer.json is not valid JSON"),
+    (lambda d: (d / "trainer.json").write_text("[1, 2]"), r"trainer.json holds a JSON list; expected an object"),
+    (_edit_meta(lambda m: m.pop("history")), r"trainer.json lacks the field 'history'"),
+    (_edit_meta(lambda m: m.pop("frozen_fingerprint")), r"trainer.json lacks the field 'frozen_fingerprint'"),
+    (_edit_meta(lambda m: m.update(epoch=-1)), r"trainer.json has epoch=-1, step=\d+ and 1 history record"),
+    (_edit_meta(lambda m: m.update(epoch=True)), r"trainer.json has epoch=True; expected a value of type int"),
+], ids=["model-bit-flip", "optimizer-bit-flip", "model-truncated", "json-truncated", "json-list", "no-history",
+        "no-fingerprint", "negative-epoch", "boolean-epoch"])
+def test_a_damaged_checkpoint_is_refused_naming_the_file(one_epoch_checkpoint, tmp_path, damage, message):
+    """Resuming reads every checkpoint file whole and checks it: nothing damaged trains on silently."""
+    shutil.copytree(one_epoch_checkpoint, tmp_path, dirs_exist_ok=True)
+    damage(tmp_path / "checkpoint")
+    with pytest.raises(ValueError, match=rf"checkpoint {re.escape(str(tmp_path / 'checkpoint'))}: .*{message}"):
+        lora_run(tmp_path, epochs=1).fit()
+
+
+@pytest.mark.parametrize("change", [{"batch_size": 4}, {"lr": 2e-3}, {"seed": 1}, {"amp": "bf16"},
+                                    {"optimizer": "sgd"}, {"epochs": 2}])
+def test_resume_under_a_changed_config_is_refused_naming_the_fields(one_epoch_checkpoint, tmp_path, change):
+    shutil.copytree(one_epoch_checkpoint, tmp_path, dirs_exist_ok=True)
+    (name, value), = change.items()
+    with pytest.raises(ValueError, match=rf"written under another TrainConfig \({name} .* -> {value!r}\), which "
+                                         "changes the result; .*change_config=True"):
+        lora_run(tmp_path, **{"epochs": 1, **change}).fit()
+
+
+def test_change_config_continues_as_a_new_segment(one_epoch_checkpoint, tmp_path):
+    """adamw -> sgd with another lr: the new optimizer starts afresh, the log says from which epoch."""
+    shutil.copytree(one_epoch_checkpoint, tmp_path, dirs_exist_ok=True)
+    with pytest.raises(ValueError, match="another TrainConfig"):  # not a KeyError from SGD meeting AdamW's state
+        lora_run(tmp_path, epochs=2, optimizer="sgd", lr=5e-3).fit()
+    trainer = lora_run(tmp_path, epochs=2, optimizer="sgd", lr=5e-3)
+    trainer.fit(change_config=True)
+    log = json.loads((tmp_path / "metrics.json").read_text())
+    assert [e["epoch"] for e in log["epochs"]] == [1, 2]
+    first, second = log["segments"]
+    assert first["first_epoch"] == 1 and first["config"]["optimizer"] == "adamw"
+    assert second["first_epoch"] == 2 and second["optimizer_state"] == "reset"
+    assert second["changed"] == {"epochs": [1, 2], "optimizer": ["adamw", "sgd"], "lr": [1e-3, 5e-3]}
+    assert all(group["base_lr"] == 5e-3 for group in trainer.optimizer.param_groups)
+
+
+def test_more_epochs_of_a_constant_schedule_resume_like_a_longer_run(tmp_path):
+    straight = lora_run(tmp_path / "straight", epochs=2, scheduler="constant").fit()
+    lora_run(tmp_path / "resumed", epochs=1, scheduler="constant").fit()
+    resumed = lora_run(tmp_path / "resumed", epochs=2, scheduler="constant").fit()
+    for key, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_checkpoints_record_the_auto_picks_and_resume_pins_them(tmp_path, monkeypatch):
+    """A resumed run must not measure again: a different pick would change its last bits."""
+    from lowrank import autotune
+
+    autotune.clear()
+    lora_run(tmp_path, epochs=1, backend="auto", scheduler="constant").fit()
+    recorded = json.loads((tmp_path / "checkpoint" / "trainer.json").read_text())["autotune"]
+    assert recorded and {row[0] for row in recorded} == {"lora_linear"}
+    picks = autotune.choices()
+    autotune.clear()
+
+    def no_measuring(steps, device):
+        raise AssertionError("a resumed run measured a backend again")
+
+    monkeypatch.setattr(autotune, "time_interleaved", no_measuring)
+    try:
+        lora_run(tmp_path, epochs=2, backend="auto", scheduler="constant").fit()
+        assert autotune.choices() == picks
+    finally:
+        autotune.clear()
 
 
 def test_distributed_config_is_checked_before_anything_starts(monkeypatch):
@@ -276,6 +379,18 @@ def test_multistage_resumes_at_the_stage_where_it_stopped(tmp_path, monkeypatch)
         changed.run(tiny_vit())
 
 
+def test_multistage_refuses_a_changed_config_of_a_finished_stage(tmp_path):
+    runner, model = multistage_run(tmp_path)
+    runner.run(model)
+    changed = stages()
+    changed[0].config = config(epochs=2, seed=1, lr=2e-3)
+    with pytest.raises(ValueError, match=r"stage 0 'first' finished under another TrainConfig \(differing in "
+                                         r"\['lr'\]; .*a finished stage is not trained again"):
+        MultiStage(changed, tmp_path).run(tiny_vit())
+    changed[0].config = config(epochs=2, seed=1, eval_batch_size=4)  # evaluation only: accepted
+    MultiStage(changed, tmp_path).run(tiny_vit())
+
+
 def test_multistage_joins_the_process_group_before_writing_files(tmp_path, monkeypatch):
     # Under torchrun every rank runs MultiStage; rank 0 is known only after joining the group.
     ddp = [Stage(s.name, s.strategy, s.train_data, s.eval_data, config(distributed="ddp")) for s in stages()]
@@ -331,3 +446,64 @@ def test_cli_rejects_bad_configs_clearly(tmp_path, usps_root, capsys, change, me
     (tmp_path / "bad.json").write_text(json.dumps(config))
     assert main(["--config", str(tmp_path / "bad.json")]) == 2
     assert message in capsys.readouterr().err
+
+
+def _stage(config):
+    return config["stages"][0]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: _stage(c)["train_data"].update(per_class="2"),
+     "stages[0].train_data.per_class: expected an integer of at least 1, got '2'"),
+    (lambda c: _stage(c)["train_data"].update(size=0), "stages[0].train_data.size: expected an integer of at least 1"),
+    (lambda c: _stage(c)["train_data"].update(channels=3),
+     "stages[0].train_data: images of 3 channel(s), 28x28, do not fit the model"),
+    (lambda c: c["model"].update(depth=3), "model: unknown key(s) ['depth']; expected some of ['in_channels'"),
+    (lambda c: c["model"].update(width="4"), "model.width: expected a value of type int (default 32), got '4'"),
+    (lambda c: _stage(c)["train"].update(device="gpu0"), "stages[0].train: TrainConfig: device must name a torch"),
+    (lambda c: _stage(c)["train"].update(lr="abc"), "stages[0].train: TrainConfig: lr must be a finite number"),
+    (lambda c: c.update(model={"factory": "lowrank.finetune.models.SmallCNN"}),
+     "model.factory: expected 'package.module:function', got 'lowrank.finetune.models.SmallCNN'"),
+    (lambda c: c.update(output_dir=__file__), f"output_dir: {__file__} is a file; expected a directory"),
+    (lambda c: c.update(resume="yes"), "resume: expected true or false, got 'yes'"),
+])
+def test_cli_errors_are_one_line_naming_file_key_and_expectation(tmp_path, usps_root, capsys, change, message):
+    config = cli_config(tmp_path, usps_root)
+    change(config)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(config))
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and message in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_refuses_a_cuda_device_on_a_machine_without_one(tmp_path, usps_root, capsys):
+    config = cli_config(tmp_path, usps_root)
+    _stage(config)["train"]["device"] = "cuda"
+    (tmp_path / "bad.json").write_text(json.dumps(config))
+    assert main(["--config", str(tmp_path / "bad.json")]) == 2
+    assert "stages[0].train: TrainConfig: device 'cuda', but no CUDA device is visible" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model: {name: cnn\noutput_dir: run\n", r"bad.yaml, line 2, column \d+: not valid YAML"),
+    ("model: {name: cnn}\noutput_dir: a\nstages: []\noutput_dir: b\n",
+     r"bad.yaml, line 4: key 'output_dir' appears twice in one mapping \(first at line 2\)"),
+])
+def test_cli_yaml_errors_name_the_file_and_line(tmp_path, capsys, text, message):
+    pytest.importorskip("yaml")
+    (tmp_path / "bad.yaml").write_text(text)
+    assert main(["--config", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err), err
+
+
+def test_cli_yaml_reads_exponent_numbers_as_numbers(tmp_path):
+    pytest.importorskip("yaml")
+    from lowrank.finetune.cli import load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {name: cnn}\noutput_dir: run\n"
+                    "stages:\n- {name: a, train: {lr: 1e-3, weight_decay: 5E-4}}\n")
+    assert load_config(path)["stages"][0]["train"] == {"lr": 1e-3, "weight_decay": 5e-4}

@@ -204,6 +204,25 @@ def test_torch_compile_inductor_cpu():
     torch.testing.assert_close(compiled(h), adapter(h, w_down, b_down, w_up, b_up, "silu", 0.5, backend="torch"))
 
 
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("poisoned", [3, 4], ids=["w_up", "b_up"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d)[6:])
+def test_nan_propagates_at_zero_scaling(backend, residual, poisoned, dtype):
+    """s·(act(h·W_dᵀ + b_d)·W_uᵀ + b_u) is NaN where W_u or b_u holds a NaN, also at s=0: every backend
+    must say so (a GEMM with alpha=s or beta=s would skip that operand and hide it)."""
+    inputs = make_inputs((2, 9), 16, 4, dtype)
+    with torch.no_grad():
+        inputs[poisoned][3] = float("nan")
+    out = adapter(*inputs, "relu", 0.0, residual, backend=backend)
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    ref = adapter_reference(*ref_inputs, "relu", 0.0, residual)
+    grad_out = torch.randn_like(ref)
+    assert ref.isnan().any()
+    pairs = zip((out, *grads_of(out, inputs, grad_out.to(dtype))), (ref, *grads_of(ref, ref_inputs, grad_out)))
+    for ours, expected in pairs:
+        assert torch.equal(ours.isnan(), expected.isnan())
+
+
 # ---------------------------------------------------------------- dispatch and bad input
 
 
@@ -271,6 +290,10 @@ def test_unknown_activation_and_bad_scaling():
         adapter(*args, "tanh", 1.0)
     with pytest.raises(TypeError, match="scaling must be a Python number"):
         adapter(*args, "relu", torch.tensor(1.0))
+    with pytest.raises(TypeError, match="h must be a torch.Tensor, got list"):
+        adapter(args[0].tolist(), *args[1:], "relu", 1.0)
+    with pytest.raises(ValueError, match=r"adapter: backend must be None, 'auto' or one of .*, got 'nope'"):
+        adapter(*args, "relu", 1.0, backend="nope")
 
 
 @pytest.mark.skipif(lowrank._backends.EXTENSION is None, reason="C++ extension not built")

@@ -343,6 +343,11 @@ def test_module_rejects_bad_lambda(bad):
         layer.lambda_ = bad
 
 
+def test_module_rejects_an_unknown_backend_when_built():
+    with pytest.raises(ValueError, match=r"GradientReversal: backend must be None, 'auto' or one of .*, got 'nope'"):
+        GradientReversal(backend="nope")
+
+
 @pytest.mark.parametrize(
     "x, lambda_, error, message",
     [

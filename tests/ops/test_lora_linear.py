@@ -254,10 +254,12 @@ def test_autocast_runs_in_autocast_dtype():
 
 def test_env_selects_backend(monkeypatch):
     monkeypatch.setenv("LOWRANK_BACKEND", "torch")
-    assert lowrank._backends.resolve(None, torch.device("cpu")) == "torch"
+    assert lowrank._backends.resolve(None, torch.device("cpu"), "lora_linear") == "torch"
     monkeypatch.setenv("LOWRANK_BACKEND", "nonsense")
-    with pytest.raises(ValueError, match="unknown backend 'nonsense'"):
-        lowrank._backends.resolve(None, torch.device("cpu"))
+    x, weight, b, A, B = make_inputs((2,), 4, 3, 2, torch.float32)
+    with pytest.raises(ValueError, match="lora_linear: the environment variable LOWRANK_BACKEND: backend must be "
+                                         r"None, 'auto' or one of .*, got 'nonsense'"):
+        lora_linear(x, weight, b, A, B, 0.5)
 
 
 def test_backends_report_reason_for_each_unavailable():
@@ -288,10 +290,35 @@ def test_unavailable_or_wrong_device_backend_is_refused():
         (lambda t: {**t, "weight": t["weight"][None]}, ValueError, r"weight must be 2-D"),
         (lambda t: {**t, "p": 1.0}, ValueError, r"dropout_p must be in \[0, 1\)"),
         (lambda t: {**t, "x": t["x"].to("meta")}, ValueError, r"weight is on cpu but x is on meta"),
+        (lambda t: {**t, "x": t["x"][:, :0], "weight": t["weight"][:, :0], "A": t["A"][:, :0]}, ValueError,
+         r"x has 0 input features \(shape \(2, 0\)\); in_features must be >= 1"),
+        (lambda t: {**t, "x": t["x"].tolist()}, TypeError, r"x must be a torch.Tensor, got list"),
+        (lambda t: {**t, "s": True}, TypeError, r"scaling must be a Python number, got True"),
+        (lambda t: {**t, "backend": "nope"}, ValueError, r"lora_linear: backend must be None, 'auto' or one of"),
     ],
 )
 def test_bad_input_is_named(mutate, error, message):
     x, weight, b, A, B = (t.detach().cpu() for t in make_inputs((2,), 4, 3, 2, torch.float32))
-    t = mutate({"x": x, "weight": weight, "b": b, "A": A, "B": B, "p": 0.0})
+    t = mutate({"x": x, "weight": weight, "b": b, "A": A, "B": B, "p": 0.0, "s": 0.5, "backend": "torch"})
     with pytest.raises(error, match=message):
-        lora_linear(t["x"], t["weight"], t["b"], t["A"], t["B"], 0.5, t["p"], backend="torch")
+        lora_linear(t["x"], t["weight"], t["b"], t["A"], t["B"], t["s"], t["p"], backend=t["backend"])
+
+
+# Rows below and above K: the cpu backend adds the low-rank term to y, or merges it into W first.
+@pytest.mark.parametrize("lead,K,N,r", [((6,), 9, 7, 3), ((40,), 9, 7, 3)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("poisoned", ["lora_A", "lora_B"])
+def test_nan_propagates_at_zero_scaling(backend, lead, K, N, r, dtype, dropout_p, poisoned):
+    """s·(x·Aᵀ)·Bᵀ is NaN where A or B holds a NaN, also at s=0: every backend must say so (a GEMM
+    with alpha=s would skip the product and hide it)."""
+    inputs = make_inputs(lead, K, N, r, dtype)
+    with torch.no_grad():
+        inputs[3 if poisoned == "lora_A" else 4][1, 2] = float("nan")
+    (y, grads), (y_ref, grads_ref) = run_and_reference(backend, inputs, scaling=0.0, dropout_p=dropout_p)
+    assert y_ref.isnan().any()
+    for ours, ref in zip((y, *grads), (y_ref, *grads_ref)):
+        assert torch.equal(ours.isnan(), ref.isnan())
+    if dropout_p == 0.0:
+        with torch.no_grad():  # the forward-only op
+            assert torch.equal(lora_linear(*inputs, 0.0, backend=backend).isnan(), y_ref.isnan())

@@ -98,6 +98,7 @@ def test_houlsby_init_is_near_identity():
         (dict(dim=8, bottleneck=2, activation="tanh"), "unknown activation 'tanh'"),
         (dict(dim=8, bottleneck=2, init="xavier"), "unknown init 'xavier'"),
         (dict(dim=8, bottleneck=2, scaling=float("nan")), "scaling must be a finite number"),
+        (dict(dim=8, bottleneck=2, backend="nope"), r"backend must be None, 'auto' or one of .*, got 'nope'"),
     ],
 )
 def test_bad_hyperparameters(kwargs, message):
@@ -369,6 +370,10 @@ def test_torch_compile_fullgraph_through_hooks():
         (Net, dict(target_modules=["tail"], dim=12), ValueError,
          r"module 'tail' is a Sequential, whose children are its layers"),
         (Net, dict(bottle_neck=4), TypeError, r"unknown config keys \['bottle_neck'\]"),
+        (Net, dict(target_modules="inp(", bottleneck=4), ValueError,
+         r"target_modules='inp\(' is not a valid regular expression: missing \)"),
+        (Net, dict(target_modules=["inp"], bottleneck=4, backend="nope"), ValueError,
+         r"Adapter 'inp.adapter'.*backend must be None, 'auto' or one of"),
         ("gpt2", dict(placement="pfeiffer", bottleneck=17), ValueError,
          r"Adapter 'h.0.mlp.adapter'.*bottleneck \(17\)"),
     ],

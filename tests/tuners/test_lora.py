@@ -155,6 +155,10 @@ def test_errors():
         mark_only_lora_trainable(model, bias="some")
     with pytest.raises(ValueError, match="merge_lora: the model has no LoRA layers"):
         merge_lora(TinyLM())
+    with pytest.raises(ValueError, match="inject_lora: target_modules .* is not a valid regular expression"):
+        inject_lora(TinyLM(), r"blocks\.(q")
+    with pytest.raises(ValueError, match="inject_lora: backend must be None, 'auto' or one of"):
+        inject_lora(TinyLM(), ["q"], backend="nope")  # refused when injected, not at the first forward
 
 
 def test_failed_injection_leaves_model_untouched():

@@ -253,6 +253,22 @@ def _output_size(model: nn.Module, name: str, module: nn.Module, dim: int | None
     )
 
 
+def site_width(model: nn.Module, site_name: str, kind: str | None) -> int | None:
+    """The feature size an adapter of `kind` at `site_name` reads and writes: its block's hidden size
+    for a site of a detected block, else the site's output size; None where the model does not show it."""
+    parts = site_name.split(".")
+    for depth in range(len(parts) - 1, -1, -1):  # the innermost enclosing block
+        block = model.get_submodule(".".join(parts[:depth]))
+        style = next((s for s in _STYLES if s.matches(block)), None)
+        inside = ".".join(parts[depth:])
+        if style is not None and any((inside, kind) in sites for sites in style.sites.values()):
+            return style.dim(block)
+    try:
+        return _output_size(model, site_name, model.get_submodule(site_name), None)
+    except ValueError:
+        return None
+
+
 def _names(targets) -> bool:
     return bool(targets) and all(isinstance(t, str) and t for t in targets)
 
@@ -261,7 +277,10 @@ def _target_sites(model: nn.Module, config: BottleneckConfig) -> list[tuple[str,
     targets = config.target_modules
     named = [(n, m) for n, m in model.named_modules() if n and not _inside_adapter(n) and not isinstance(m, Adapter)]
     if isinstance(targets, str):
-        pattern = re.compile(targets)
+        try:
+            pattern = re.compile(targets)
+        except re.error as err:
+            raise ValueError(f"inject_bottleneck: target_modules={targets!r} is not a valid regular expression: {err}")
         matched = [(n, m) for n, m in named if pattern.fullmatch(n)]
     elif isinstance(targets, (list, tuple, set, frozenset)) and _names(targets):
         matched = [(n, m) for n, m in named if any(n == t or n.endswith("." + t) for t in targets)]

@@ -12,9 +12,9 @@ import json
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lowrank._files import read_json, read_tensors, require_fields, write_tensors
 from lowrank.nn.adapter import Adapter
 from lowrank.tuners.bottleneck.model import (
     CHILD,
@@ -25,6 +25,7 @@ from lowrank.tuners.bottleneck.model import (
     build_adapter,
     install_adapters,
     join_name,
+    site_width,
 )
 
 __all__ = ["save_bottleneck", "load_bottleneck"]
@@ -34,6 +35,8 @@ CONFIG_NAME = "bottleneck_adapters.json"
 _FORMAT = "lowrank-bottleneck-adapters"
 
 _PARAMS = ("down.weight", "down.bias", "up.weight", "up.bias")
+_RECORD_TYPES = {"kind": (str, type(None)), "dim": int, "bottleneck": int, "activation": str, "scaling": (int, float),
+                 "residual": bool}
 
 
 def _record(adapter: Adapter, kind: str | None) -> dict:
@@ -65,7 +68,7 @@ def save_bottleneck(model: nn.Module, directory: str | os.PathLike) -> None:
         "adapters": {name: _record(adapter, kinds.get(name)) for name, adapter in adapters.items()},
     }
     os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    write_tensors(os.path.join(directory, WEIGHTS_NAME), tensors)
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
 
@@ -75,14 +78,17 @@ def _read(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
     for path in paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"load_bottleneck: no {os.path.basename(path)} in {directory}")
-    with open(paths[0]) as f:
-        config = json.load(f)
+    config = read_json(paths[0], "load_bottleneck")
     if config.get("format") != _FORMAT or not isinstance(config.get("adapters"), dict):
         raise ValueError(f"load_bottleneck: {paths[0]} is not a lowrank bottleneck-adapter config")
     for name, record in config["adapters"].items():
-        if record.get("kind") not in (None, *KINDS):
-            raise ValueError(f"load_bottleneck: adapter {name!r} has unknown kind {record.get('kind')!r}")
-    return config["adapters"], load_file(paths[1])
+        if not isinstance(record, dict):
+            raise ValueError(f"load_bottleneck: {paths[0]} describes adapter {name!r} as {record!r}; "
+                             "expected an object")
+        require_fields(f"load_bottleneck (adapter {name!r})", paths[0], record, _RECORD_TYPES)
+        if record["kind"] not in (None, *KINDS):
+            raise ValueError(f"load_bottleneck: adapter {name!r} has unknown kind {record['kind']!r}")
+    return config["adapters"], read_tensors(paths[1], "load_bottleneck")
 
 
 def load_bottleneck(model: nn.Module, directory: str | os.PathLike, backend=None) -> nn.Module:
@@ -110,6 +116,12 @@ def load_bottleneck(model: nn.Module, directory: str | os.PathLike, backend=None
                 raise ValueError(
                     f"load_bottleneck: the saved adapter {name!r} sits at {site_name!r}, which the model lacks"
                 ) from None
+            width = site_width(model, site_name, record["kind"])
+            if width is not None and width != record["dim"]:
+                raise ValueError(
+                    f"load_bottleneck: adapter {name!r} was saved with dim={record['dim']}, but the model's "
+                    f"{site_name!r} carries {width} features"
+                )
             built[site_name] = (record["kind"], build_adapter(
                 "load_bottleneck", model, site_name, record["kind"], record["dim"], record["bottleneck"],
                 record["activation"], record["scaling"], backend=backend,

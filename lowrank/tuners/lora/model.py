@@ -53,6 +53,7 @@ from typing import Union
 import torch
 from torch import nn
 
+from lowrank import _backends
 from lowrank.nn.lora import (
     DEFAULT_ADAPTER,
     LoRAConv1D,
@@ -132,7 +133,12 @@ def _select_targets(model: nn.Module, target_modules) -> list[str]:
         head = _output_head_names(model)
         return [name for name, module in named if _is_linear(module) and name not in head]
     if isinstance(target_modules, str):
-        pattern = re.compile(target_modules)
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as exc:
+            raise ValueError(
+                f"inject_lora: target_modules {target_modules!r} is not a valid regular expression: {exc}"
+            ) from None
         return [name for name, _ in named if pattern.fullmatch(name)]
     if (
         isinstance(target_modules, (list, tuple, set, frozenset))
@@ -272,6 +278,7 @@ def inject_lora(
     """
     check_adapter_name("inject_lora", adapter_name)
     check_lora_hyperparameters("inject_lora", r, alpha, dropout)
+    _backends.check_name("inject_lora", backend)
     if init_lora_weights is not True:
         pissa_iterations(init_lora_weights)
     configs = getattr(model, "lora_configs", {})

@@ -34,9 +34,9 @@ import re
 from collections import Counter
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lowrank._files import read_json, read_tensors, write_tensors
 from lowrank.nn.lora import (
     DEFAULT_ADAPTER,
     LoRAConv1D,
@@ -158,7 +158,7 @@ def _save_one(model: nn.Module, adapter_name: str, directory: str) -> None:
         "inference_mode": True,
     }
     os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    write_tensors(os.path.join(directory, WEIGHTS_NAME), tensors)
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
 
@@ -198,8 +198,7 @@ def _adapter_directory(directory: str, adapter_name: str) -> str:
 
 def _read_config(directory: str) -> dict:
     path = os.path.join(directory, CONFIG_NAME)
-    with open(path) as f:
-        config = json.load(f)
+    config = read_json(path, "load_lora")
     if config.get("peft_type") != "LORA":
         raise ValueError(
             f"load_lora: {path}: peft_type {config.get('peft_type')!r} is not supported; only 'LORA' adapters load"
@@ -237,7 +236,7 @@ def _read_weights(directory: str) -> dict[str, dict[str, torch.Tensor]]:
         why = " (adapter_model.bin is pickle-based and is never loaded; re-save it as safetensors)" if pickled else ""
         raise FileNotFoundError(f"load_lora: no {WEIGHTS_NAME} in {directory}{why}")
     by_module: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(path).items():
+    for key, tensor in read_tensors(path, "load_lora").items():
         match = _KEY.fullmatch(key)
         if match is None:
             raise ValueError(

@@ -15,9 +15,9 @@ import json
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lowrank._files import read_json, read_tensors, write_tensors
 from lowrank.tuners.prompt.model import require_prompt_modules
 
 __all__ = ["save_prompt", "load_prompt"]
@@ -44,7 +44,7 @@ def save_prompt(model: nn.Module, directory: str | os.PathLike) -> None:
     modules = require_prompt_modules("save_prompt", model)
     tensors = {key: param.detach().contiguous() for key, param in _tensors_of(modules).items()}
     os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    write_tensors(os.path.join(directory, WEIGHTS_NAME), tensors)
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump({"format": FORMAT, "modules": _config_of(modules)}, f, indent=2, sort_keys=True)
 
@@ -56,11 +56,13 @@ def load_prompt(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     for file_name in (CONFIG_NAME, WEIGHTS_NAME):
         if not os.path.isfile(os.path.join(directory, file_name)):
             raise FileNotFoundError(f"load_prompt: no {file_name} in {directory}")
-    with open(os.path.join(directory, CONFIG_NAME)) as f:
-        saved = json.load(f)
+    saved = read_json(os.path.join(directory, CONFIG_NAME), "load_prompt")
     if saved.get("format") != FORMAT:
         raise ValueError(f"load_prompt: {CONFIG_NAME} has format {saved.get('format')!r}, expected {FORMAT!r}")
-    saved_modules, own_modules = saved.get("modules", {}), _config_of(modules)
+    saved_modules, own_modules = saved.get("modules"), _config_of(modules)
+    if not isinstance(saved_modules, dict):
+        raise ValueError(f"load_prompt: {os.path.join(directory, CONFIG_NAME)} has modules={saved_modules!r}; "
+                         "expected an object of prompt modules")
     if sorted(saved_modules) != sorted(own_modules):
         raise ValueError(
             f"load_prompt: the file has prompt modules {sorted(saved_modules)}, the model has {sorted(own_modules)}"
@@ -71,7 +73,7 @@ def load_prompt(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 f"load_prompt: prompt module {name!r} was saved as {saved_modules[name]}, the model's is {own}"
             )
 
-    tensors, params = load_file(os.path.join(directory, WEIGHTS_NAME)), _tensors_of(modules)
+    tensors, params = read_tensors(os.path.join(directory, WEIGHTS_NAME), "load_prompt"), _tensors_of(modules)
     if sorted(tensors) != sorted(params):
         raise ValueError(f"load_prompt: the file has tensors {sorted(tensors)}, the model expects {sorted(params)}")
     for key, param in params.items():
