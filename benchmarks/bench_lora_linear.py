@@ -168,12 +168,13 @@ def build_eager_peft_style(problem: Problem) -> Layer:
     return _module_layer(module, (module.lora_A.weight, module.lora_B.weight))
 
 
-def build_hf_peft(problem: Problem) -> Layer:
+def peft_layer(problem: Problem, **config) -> tuple[nn.Module, Tensor, Tensor]:
+    """(PEFT's LoRA layer with the problem's weights, its lora_A, its lora_B); `config`: further
+    LoraConfig options (use_dora=True for bench_dora_linear)."""
     import peft  # only when asked for: it pulls in transformers
 
-    config = peft.LoraConfig(
-        r=problem.shape.r, lora_alpha=problem.lora_alpha, target_modules=["proj"], lora_dropout=problem.dropout_p
-    )
+    config = peft.LoraConfig(r=problem.shape.r, lora_alpha=problem.lora_alpha, target_modules=["proj"],
+                             lora_dropout=problem.dropout_p, **config)
     layer = peft.get_peft_model(_OneLinear(_frozen_linear(problem)), config).base_model.model.proj
     # PEFT keeps bf16/fp16 adapters in fp32 by default; time it in the dtype every other provider uses.
     layer.to(problem.dtype)
@@ -181,6 +182,11 @@ def build_hf_peft(problem: Problem) -> Layer:
     with torch.no_grad():
         lora_A.copy_(problem.lora_A)
         lora_B.copy_(problem.lora_B)
+    return layer, lora_A, lora_B
+
+
+def build_hf_peft(problem: Problem) -> Layer:
+    layer, lora_A, lora_B = peft_layer(problem)
     return _module_layer(layer, (lora_A, lora_B))
 
 

@@ -2,10 +2,10 @@
 # One device call on an H100/H200: build the CUDA extension, run the GPU tests, benchmark, and
 # print a short table last.
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh [lora|adapter|all]     (default: all)
-#     lora      LoRA tests (single and mixed-batch multi-adapter); LoRA benchmark in bf16 (every
-#               shape, dropout rate and decode shape within a time budget, headline first) and
-#               fp16 (the headline shape); the mixed-batch multi-adapter benchmark (bf16, 1/4/16
-#               adapters); the Llama-style end-to-end step; DRAM bytes per step from ncu
+#     lora      LoRA, multi-adapter LoRA and DoRA tests; LoRA benchmark in bf16 (every shape,
+#               dropout rate and decode shape within a time budget, headline first) and fp16 (the
+#               headline shape); the mixed-batch multi-adapter benchmark (bf16, 1/4/16 adapters);
+#               the DoRA benchmark in bf16; the Llama-style end-to-end step; DRAM bytes per step from ncu
 #     adapter   adapter and gradient-reversal tests; the adapter benchmark in bf16 per activation,
 #               GRL bandwidth, the DANN step (LeNet and ViT-B encoders), the BERT-base adapter step
 # $OUT receives two files (the device tool brings back at most 8): logs.txt, and results.tgz
@@ -32,10 +32,10 @@ python -c "import lowrank; [print(f'{n:7s} {s.available!s:5s} {s.reason}') for n
 
 tests=()
 wants lora && tests+=(tests/test_gpu.py tests/ops/test_lora_linear.py tests/ops/test_lora_linear_triton.py
-                      tests/ops/test_multi_lora_linear.py)
+  tests/ops/test_multi_lora_linear.py tests/ops/test_dora_linear.py tests/ops/test_dora_linear_triton.py)
 wants adapter && tests+=(tests/ops/test_adapter.py tests/ops/test_grad_reverse.py)
 step "GPU tests: ${tests[*]}"
-timeout 300 python -m pytest "${tests[@]}" -q -p no:cacheprovider >>"$LOG" 2>&1
+timeout 420 python -m pytest "${tests[@]}" -q -p no:cacheprovider >>"$LOG" 2>&1
 tests_rc=$?
 grep -E "passed|failed|error" "$LOG" | tail -3
 
@@ -48,6 +48,7 @@ if wants lora; then
   bench benchmarks.bench_lora_linear --dtype bf16 --max-minutes 2.5 --plot
   bench benchmarks.bench_lora_linear --dtype fp16 --shapes 8192,4096,4096,16
   bench benchmarks.bench_multi_lora_linear --dtype bf16  # M=8192 K=N=4096 r=16, 1/4/16 adapters
+  bench benchmarks.bench_dora_linear --dtype bf16
   bench benchmarks.bench_lora_llama_step
   bench benchmarks.bench_lora_dram
 fi
@@ -69,7 +70,7 @@ import json, pathlib, sys
 results = pathlib.Path(sys.argv[1])
 lora = [json.loads(path.read_text()) for path in sorted(results.glob("lora_linear_*.json"))]
 for path in sorted(results.glob("*.md")):
-    if not path.name.startswith("lora_"):  # the LoRA reports get the compact summary below
+    if not path.name.startswith(("lora_", "dora_")):  # the LoRA and DoRA reports get the compact summary below
         print(f"\n{path.name}")
         print("\n".join(line for line in path.read_text().splitlines() if line.startswith("|")))
 nan = float("nan")
@@ -93,6 +94,14 @@ for report in lora:
     for (M, K, r, p, provider), ms in sorted(decode.items()):
         if provider == "linear_frozen":
             print(f"decode M={M} K=N={K} r={r}: auto/linear inference {decode.get((M, K, r, p, 'lowrank_auto'), nan) / ms:.3f}")
+for path in sorted(results.glob("dora_linear_*.json")):
+    report = json.loads(path.read_text())
+    print(f"\nDoRA, {report['device']['name']} {report['dtype']} (ratios measured in this run)")
+    for goal in report["goals"]:
+        shape, ratios = goal["shape"], [goal["dora_over_lora"], goal["peft_over_dora"]]
+        print(f"M={shape['M']} K={shape['K']} N={shape['N']} r={shape['r']} p={goal['dropout_p']:g}: "
+              + "  ".join(f"{name} {nan if value is None else value:.3f}"
+                          for name, value in zip(("auto/lora", "peft/auto"), ratios)))
 for name in ("lora_llama_step_*.md", "lora_dram_*.md"):
     for path in sorted(results.glob(name)):
         print(f"\n{path.name}")

@@ -3,7 +3,8 @@
 Two kernels serve training, a third serves inference:
 
   _lora_matmul_kernel  out = a·b + lora_scale·D⊙(l·r) + bias: the two big matmuls with the
-                       low-rank term folded in, so y and dx are each written once.
+                       low-rank term folded in, so y and dx are each written once (optionally
+                       with each output column scaled before the bias: DoRA's g, lowrank.kernels.dora_linear).
                          y  = x·Wᵀ  + s·(xa·Bᵀ)      + bias
                          dx = dy·W  + s·D⊙(dyB·A)
   matmul_kernel        (lowrank.kernels.matmul) c = alpha·a·b, split along K where the output is
@@ -45,19 +46,20 @@ from lowrank.ops import hash_dropout
 
 @triton.jit
 def _lora_matmul_kernel(
-    a_ptr, b_ptr, l_ptr, r_ptr, bias_ptr, seed_ptr, out_ptr,
+    a_ptr, b_ptr, l_ptr, r_ptr, bias_ptr, seed_ptr, scale_ptr, out_ptr,
     M, N, K, R,
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_lm, stride_lr, stride_rr, stride_rn,
-    stride_om, stride_on, stride_bias,
+    stride_om, stride_on, stride_bias, stride_scale,
     lora_scale: tl.float64, threshold,
     M_KEY, N_KEY, K_KEY,
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, COL_SCALE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """out[M, N] = a[M, K]·b[K, N] + lora_scale·D⊙(l[M, R]·r[R, N]) + bias[N]."""
+    """out[M, N] = a[M, K]·b[K, N] + lora_scale·D⊙(l[M, R]·r[R, N]) + bias[N], or with COL_SCALE
+    scale[N]⊙(a·b + lora_scale·D⊙(l·r)) + bias (scale in the accumulator dtype)."""
     offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     m_in = offs_m < M
     n_in = offs_n < N
@@ -75,6 +77,8 @@ def _lora_matmul_kernel(
     acc = accumulate_tile(acc, a_ptr, b_ptr, offs_m, offs_n, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                           ACC_DTYPE, DOT_PRECISION, BLOCK_K)
 
+    if COL_SCALE:
+        acc *= tl.load(scale_ptr + offs_n * stride_scale, mask=n_in, other=0.0).to(ACC_DTYPE)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_in, other=0.0).to(ACC_DTYPE)[None, :]
 
@@ -148,8 +152,9 @@ _lora_matmul_tuned = autotuned(
 _inference_tuned = autotuned(_inference_kernel, _INFERENCE_TILES, lambda options: 64)
 
 
-def _lora_matmul(a, b, left, right, bias, lora_scale, dropout_p=0.0, seed=None):
-    """a·b + lora_scale·D⊙(left·right) + bias for strided a [M, K], b [K, N], left [M, R], right [R, N]."""
+def _lora_matmul(a, b, left, right, bias, lora_scale, dropout_p=0.0, seed=None, col_scale=None):
+    """a·b + lora_scale·D⊙(left·right) + bias for strided a [M, K], b [K, N], left [M, R], right [R, N];
+    with col_scale [N], col_scale⊙(a·b + lora_scale·D⊙(left·right)) + bias."""
     (M, K), N, R = a.shape, b.shape[1], left.shape[1]
     out = torch.empty((M, N), dtype=a.dtype, device=a.device)
     if out.numel() == 0:
@@ -157,13 +162,14 @@ def _lora_matmul(a, b, left, right, bias, lora_scale, dropout_p=0.0, seed=None):
     block_r = fit(32 if _backends.triton_interpret() else _BLOCK_R, R)
     launch(
         _lora_matmul_kernel, _lora_matmul_tuned, a.dtype, M, N, K,
-        a, b, left, right, bias, seed, out,
+        a, b, left, right, bias, seed, col_scale, out,
         M, N, K, R,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         left.stride(0), left.stride(1), right.stride(0), right.stride(1),
         out.stride(0), out.stride(1), 0 if bias is None else bias.stride(0),
+        0 if col_scale is None else col_scale.stride(0),
         lora_scale, hash_dropout.threshold(dropout_p),
-        HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, BLOCK_R=block_r,
+        HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, COL_SCALE=col_scale is not None, BLOCK_R=block_r,
     )
     return out
 

@@ -237,7 +237,9 @@ def autotuned(kernel, tiles=GPU_TILES, accumulator_budget=lambda options: 128, f
     )(kernel)
 
 
-matmul_tuned = autotuned(matmul_kernel)
+# With dropout, the keep mask of the whole a tile is live beside the accumulator: a 256×128 tile
+# spilled on sm_90 (DoRA's dropped x·Wᵀ; LoRA's dropped products are skinny, pruned to small tiles).
+matmul_tuned = autotuned(matmul_kernel, accumulator_budget=lambda options: 64 if options["DROPOUT"] else 128)
 
 
 def dot_options(dtype: torch.dtype) -> dict:

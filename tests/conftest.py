@@ -40,6 +40,19 @@ def _poisoned_cuda_memory():
     yield
 
 
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty that returns NaNs, so any output element a kernel does not write shows up
+    (the Triton tests' counterpart of poison_cuda, for kernels that run in the interpreter)."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
 @pytest.fixture(scope="session")
 def benchmark_module():
     """benchmark_module("bench_lora_linear"): a module of benchmarks/, which is not part of the installed

@@ -76,4 +76,49 @@ __device__ __forceinline__ void load_tile(A (&tile)[kRows][kPitch], StridedMatri
                                     [&](int, int64_t row, int64_t col) { return load(m, row, col); });
 }
 
+// The rank-r products of one kRows x kCols output tile, for a block of kThreads threads:
+// out[row, col] = Σ_j left[row, j]·right[j, col], left [rows, r] and right [r, cols], both staged
+// kDepth ranks at a time in shared memory (entries outside read as 0). Each thread owns one
+// column of the tile, column(col_begin), and kRowsPerThread of its rows, local_row(q); a kernel
+// calls products() and then touches each of its output elements once (the low-rank updates of
+// lora_linear's dx and dora_linear's y).
+template <int kThreads, int kRows, int kCols, int kDepth>
+struct LowRankTile {
+  static constexpr int kBlockThreads = kThreads, kTileRows = kRows, kTileCols = kCols;
+  static constexpr int kRowGroups = kThreads / kCols;
+  static constexpr int kRowsPerThread = kRows / kRowGroups;
+  static_assert(kThreads % kCols == 0 && kRows % kRowGroups == 0, "the threads must tile the rows evenly");
+
+  __device__ static int64_t column(int64_t col_begin) { return col_begin + threadIdx.x % kCols; }
+  __device__ static int local_row(int q) { return threadIdx.x / kCols + kRowGroups * q; }
+
+  template <typename T>
+  __device__ static void products(accumulate_t<T> (&acc)[kRowsPerThread], StridedMatrix<const T> left,
+                                  StridedMatrix<const T> right, int64_t row_begin, int64_t col_begin, int64_t rows,
+                                  int64_t cols, int64_t r) {
+    using A = accumulate_t<T>;
+    __shared__ A left_tile[kRows][kDepth + 1];  // +1: the threads of a warp read one column of it
+    __shared__ A right_tile[kDepth][kCols];
+    const int col_lane = threadIdx.x % kCols;
+#pragma unroll
+    for (int q = 0; q < kRowsPerThread; ++q) {
+      acc[q] = A(0);
+    }
+    for (int64_t rank_begin = 0; rank_begin < r; rank_begin += kDepth) {
+      __syncthreads();  // previous tiles consumed
+      load_tile<kThreads, kRows, kDepth>(left_tile, left, row_begin, rank_begin, rows, r);
+      load_tile<kThreads, kDepth, kCols>(right_tile, right, rank_begin, col_begin, r, cols);
+      __syncthreads();
+#pragma unroll 8
+      for (int jj = 0; jj < kDepth; ++jj) {
+        const A right_value = right_tile[jj][col_lane];
+#pragma unroll
+        for (int q = 0; q < kRowsPerThread; ++q) {
+          acc[q] += left_tile[local_row(q)][jj] * right_value;
+        }
+      }
+    }
+  }
+};
+
 }  // namespace lowrank::cuda

@@ -16,6 +16,14 @@ __device__ __forceinline__ A dropout_factor(const HashDropout& dropout, uint32_t
   return dropout_keep(row_key, col, dropout.threshold) ? keep_scale : A(0);
 }
 
+// D[row, col]·value: 0 where dropped whatever value holds (a NaN too, as hash_dropout.apply_mask).
+template <typename A>
+__device__ __forceinline__ A apply_mask(const HashDropout& dropout, uint32_t row_key, int64_t col, A keep_scale,
+                                        A value) {
+  const A factor = dropout_factor(dropout, row_key, col, keep_scale);
+  return factor == A(0) ? A(0) : value * factor;
+}
+
 __device__ __forceinline__ uint32_t row_key_of(const HashDropout& dropout, int64_t row) {
   return dropout.seed == nullptr ? 0u : dropout_row_key(*dropout.seed, row);
 }
@@ -60,7 +68,7 @@ __global__ void __launch_bounds__(kXaThreads)
   for (int64_t k_begin = 0; k_begin < K; k_begin += kXaDepth) {
     __syncthreads();  // row_keys ready; previous tiles consumed
     fill_tile<kXaThreads, kXaRows, kXaDepth>(x_tile, row_begin, k_begin, M, K, [&](int i, int64_t row, int64_t col) {
-      return load(x, row, col) * dropout_factor(dropout, row_keys[i], col, keep_scale);
+      return apply_mask(dropout, row_keys[i], col, keep_scale, load(x, row, col));
     });
     load_tile<kXaThreads, kRankTile, kXaDepth>(a_tile, lora_A, rank_begin, k_begin, r, K);
     __syncthreads();
@@ -103,60 +111,34 @@ cudaError_t launch_xa_tile(int64_t M, int64_t K, int64_t r, StridedMatrix<const 
   return cudaGetLastError();
 }
 
-// ---- dx += D⊙(s·dyB·A): a block owns a [kAccRows, kAccCols] tile of dx, forms the rank-r
-// products from shared memory, and touches each dx element once in the epilogue.
-constexpr int kAccThreads = 256;
-constexpr int kAccRows = 32;
-constexpr int kAccCols = 64;
-constexpr int kAccDepth = 32;  // ranks staged in shared memory per step
-constexpr int kAccRowGroups = kAccThreads / kAccCols;
+// ---- dx += D⊙(s·dyB·A): a block owns a 32 x 64 tile of dx, forms the rank-r products from
+// shared memory (32 ranks a step), and touches each dx element once in the epilogue.
+using AccTile = LowRankTile</*kThreads=*/256, /*kRows=*/32, /*kCols=*/64, /*kDepth=*/32>;
 
 template <typename T>
-__global__ void __launch_bounds__(kAccThreads)
+__global__ void __launch_bounds__(AccTile::kBlockThreads)
     masked_lowrank_accumulate_kernel(int64_t M, int64_t K, int64_t r, StridedMatrix<const T> dyB,
                                      StridedMatrix<const T> lora_A, StridedMatrix<T> dx, accumulate_t<T> scaling,
                                      HashDropout dropout) {
   using A = accumulate_t<T>;
-  constexpr int kRowsPerThread = kAccRows / kAccRowGroups;
-  __shared__ A dyb_tile[kAccRows][kAccDepth + 1];
-  __shared__ A a_tile[kAccDepth][kAccCols];
-  __shared__ uint32_t row_keys[kAccRows];
+  __shared__ uint32_t row_keys[AccTile::kTileRows];
 
-  const int col_lane = threadIdx.x % kAccCols, row_group = threadIdx.x / kAccCols;
-  const int64_t row_begin = static_cast<int64_t>(blockIdx.x) * kAccRows;
-  const int64_t col_begin = static_cast<int64_t>(blockIdx.y) * kAccCols;
-  if (threadIdx.x < kAccRows) {
+  const int64_t row_begin = static_cast<int64_t>(blockIdx.x) * AccTile::kTileRows;
+  const int64_t col_begin = static_cast<int64_t>(blockIdx.y) * AccTile::kTileCols;
+  if (threadIdx.x < AccTile::kTileRows) {  // read after the barriers of products()
     row_keys[threadIdx.x] = row_key_of(dropout, row_begin + threadIdx.x);
   }
+  A acc[AccTile::kRowsPerThread];
+  AccTile::products(acc, dyB, lora_A, row_begin, col_begin, M, K, r);
 
-  A acc[kRowsPerThread];
-#pragma unroll
-  for (int q = 0; q < kRowsPerThread; ++q) {
-    acc[q] = A(0);
-  }
-  for (int64_t rank_begin = 0; rank_begin < r; rank_begin += kAccDepth) {
-    __syncthreads();  // previous tiles consumed
-    load_tile<kAccThreads, kAccRows, kAccDepth>(dyb_tile, dyB, row_begin, rank_begin, M, r);
-    load_tile<kAccThreads, kAccDepth, kAccCols>(a_tile, lora_A, rank_begin, col_begin, r, K);
-    __syncthreads();
-#pragma unroll 8
-    for (int jj = 0; jj < kAccDepth; ++jj) {
-      const A a_value = a_tile[jj][col_lane];
-#pragma unroll
-      for (int q = 0; q < kRowsPerThread; ++q) {
-        acc[q] += dyb_tile[row_group + kAccRowGroups * q][jj] * a_value;
-      }
-    }
-  }
-
-  const int64_t col = col_begin + col_lane;
+  const int64_t col = AccTile::column(col_begin);
   if (col >= K) {
     return;
   }
   const A keep_scale = static_cast<A>(dropout.keep_scale);
 #pragma unroll
-  for (int q = 0; q < kRowsPerThread; ++q) {
-    const int local_row = row_group + kAccRowGroups * q;
+  for (int q = 0; q < AccTile::kRowsPerThread; ++q) {
+    const int local_row = AccTile::local_row(q);
     const int64_t row = row_begin + local_row;
     const A factor = dropout_factor(dropout, row_keys[local_row], col, keep_scale);
     if (row < M && factor != A(0)) {  // dropped elements keep their dx: skip the write
@@ -179,8 +161,7 @@ __global__ void __launch_bounds__(kDropoutThreads)
     const int64_t row = row_offset + i;
     const uint32_t row_key = row_key_of(dropout, row);
     for (int64_t col = threadIdx.x; col < K; col += blockDim.x) {
-      const A value = load(x, row, col) * dropout_factor(dropout, row_key, col, keep_scale);
-      *element(out, i, col) = from_accumulate<T>(value);
+      *element(out, i, col) = from_accumulate<T>(apply_mask(dropout, row_key, col, keep_scale, load(x, row, col)));
     }
   }
 }
@@ -212,8 +193,9 @@ cudaError_t launch_masked_lowrank_accumulate(int64_t M, int64_t K, int64_t r, St
   if (M == 0 || K == 0 || r == 0) {
     return cudaSuccess;
   }
-  const dim3 grid(static_cast<unsigned>(ceil_div(M, kAccRows)), static_cast<unsigned>(ceil_div(K, kAccCols)));
-  masked_lowrank_accumulate_kernel<T><<<grid, kAccThreads, 0, stream>>>(
+  const dim3 grid(static_cast<unsigned>(ceil_div(M, AccTile::kTileRows)),
+                  static_cast<unsigned>(ceil_div(K, AccTile::kTileCols)));
+  masked_lowrank_accumulate_kernel<T><<<grid, AccTile::kBlockThreads, 0, stream>>>(
       M, K, r, dyB, lora_A, dx, static_cast<accumulate_t<T>>(scaling), dropout);
   return cudaGetLastError();
 }

@@ -1,33 +1,89 @@
 """LoRA drop-in layers: each subclasses (or mirrors) the layer it replaces and keeps its
-constructor and state_dict keys, adding `lora_A` and `lora_B` (as in loralib).
+constructor and state_dict keys, adding low-rank adapters beside them (as in loralib).
 
-    out = base(x) + scaling · B(A(dropout(x))),        scaling = alpha / r
+    out = base(x) + Σ over active adapters  scaling · B(A(dropout(x)))
 
-The base weight is frozen on construction; lora_A / lora_B are the trainable parameters.
-Initialisation follows HF PEFT: for Linear, Conv1D and Conv2d A is kaiming-uniform and B is
-zero; for Embedding A is zero and B is standard normal. Either way the layer starts out
-computing exactly what the base layer computes.
+scaling is alpha / r, or alpha / √r for an adapter with use_rslora (rank-stabilised LoRA, as PEFT).
+The base weight is frozen on construction. Initialisation follows HF PEFT: for Linear, Conv1D
+and Conv2d A is kaiming-uniform and B is zero; for Embedding A is zero and B is standard
+normal. Either way the layer starts out computing exactly what the base layer computes.
+init_lora_weights="pissa" (Linear, Conv1D) takes A and B from the top-r SVD of the weight and
+leaves the residual in the weight (PiSSA; "pissa_niter_K": K subspace iterations of a randomised
+SVD instead), as PEFT does.
 
-`merge()` folds scaling · B·A into the base weight (computed in float32 or wider, rounded
-once to the weight dtype) so inference runs the plain base layer; `unmerge()` subtracts the
-same, recomputed delta. The delta is a deterministic function of A and B, so repeated
-merge/unmerge cycles do not accumulate error: the weight settles after the first cycle,
+Named adapters. A layer holds any number of adapters by name (`lora_adapters`: name -> their
+settings, in the order they were added); `active_adapters` run in forward, the others are kept.
+Their tensors are registered flat on the layer:
+
+    adapter "default"    lora_A, lora_B, (pissa_A0, pissa_B0)
+    adapter "<name>"     lora_A_<name>, lora_B_<name>, (pissa_A0_<name>, pissa_B0_<name>)
+
+so a single-adapter layer has exactly the keys it always had and existing checkpoints with
+`<layer>.lora_A` / `.lora_B` load into its "default" adapter unchanged. (No part name is a prefix
+of another one followed by "_", so no two adapters' keys can collide.) pissa_A0 / pissa_B0 are
+the PiSSA adapter's initial A and B (buffers): scaling · B0·A0 is the part of the original weight
+that the adapter took out, so it is added back whenever that adapter is not running (inactive or
+disabled), and save_lora writes the adapter as a plain LoRA delta on the original weight.
+
+Several active adapters run as one adapter of rank Σr: their A's are concatenated along r and
+their B's, each multiplied by its scaling, likewise, so a Linear / Conv1D layer makes one fused
+lora_linear call and no extra pass over [M, N]. lora_linear draws one dropout mask for that call,
+so in training the adapters that share a dropout rate share a mask (PEFT draws one per adapter);
+each further dropout rate adds a plain PyTorch term (one more pass over [M, N]). At inference
+there is no dropout and always a single call.
+
+merge() folds the active adapters into the base weight (computed in float32 or wider, rounded
+once to the weight dtype) so inference runs the plain base layer; unmerge() subtracts the same,
+recomputed deltas in reverse order. The delta is a deterministic function of A and B, so
+repeated merge/unmerge cycles do not accumulate error: the weight settles after the first cycle,
 within one rounding of the original. (Remembering the delta actually applied in the weight
 dtype instead makes the error random-walk, measurably so.)
+
+Which adapters are merged is part of the state_dict: a merged layer's state_dict carries
+`lora_merged` (`lora_merged_<name>`: the adapter's position in the merge order), absent when
+nothing is merged. load_state_dict adopts the merged state that comes with the weight it loads,
+so a merged model's state_dict loaded into an unmerged LoRA model is merged there too instead
+of getting the update applied twice; LoRA tensors loaded without the base weight into a layer
+whose weight holds their old values merged are refused.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import sys
+from dataclasses import dataclass
+from typing import Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowrank import _backends
 from lowrank.ops import lora_linear
 
-__all__ = ["LoRALayer", "LoRALinear", "LoRAEmbedding", "LoRAConv1D", "LoRAConv2d", "is_hf_conv1d"]
+__all__ = [
+    "LoRAAdapter", "LoRALayer", "LoRALinear", "LoRAEmbedding", "LoRAConv1D", "LoRAConv2d", "is_hf_conv1d",
+    "DEFAULT_ADAPTER",
+]
+
+DEFAULT_ADAPTER = "default"
+MERGED = "lora_merged"
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def adapter_key(part: str, adapter_name: str) -> str:
+    """The attribute (and state_dict key) of an adapter's tensor `part` ("lora_A", "lora_B", ...)."""
+    return part if adapter_name == DEFAULT_ADAPTER else f"{part}_{adapter_name}"
+
+
+def check_adapter_name(owner: str, adapter_name) -> None:
+    """Raise ValueError naming `owner` unless the name can key tensors and name a folder."""
+    if not isinstance(adapter_name, str) or not _ADAPTER_NAME.fullmatch(adapter_name):
+        raise ValueError(
+            f"{owner}: adapter_name must be a non-empty string of letters, digits, '_' and '-', got {adapter_name!r}"
+        )
 
 
 def check_lora_hyperparameters(owner: str, r, alpha, dropout) -> None:
@@ -38,6 +94,38 @@ def check_lora_hyperparameters(owner: str, r, alpha, dropout) -> None:
         raise ValueError(f"{owner}: alpha must be a positive finite number (scaling = alpha / r), got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"{owner}: dropout must be a probability in [0, 1), got {dropout!r}")
+
+
+def pissa_iterations(init_lora_weights) -> Union[int, None]:
+    """None for "pissa" (a full SVD), K for "pissa_niter_K"; raise ValueError for anything else."""
+    if init_lora_weights == "pissa":
+        return None
+    match = _PISSA_NITER.fullmatch(init_lora_weights) if isinstance(init_lora_weights, str) else None
+    if match is None:
+        raise ValueError(
+            f"init_lora_weights must be True, 'pissa' or 'pissa_niter_<K>' (K a non-negative integer), "
+            f"got {init_lora_weights!r}"
+        )
+    return int(match[1])
+
+
+def is_pissa(init_lora_weights) -> bool:
+    return isinstance(init_lora_weights, str) and init_lora_weights.startswith("pissa")
+
+
+@dataclass
+class LoRAAdapter:
+    """One adapter's settings (its tensors live on the layer, see adapter_key)."""
+
+    r: int
+    alpha: float
+    dropout: float
+    use_rslora: bool = False
+    init_lora_weights: Union[bool, str] = True
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -54,144 +142,406 @@ def _check_base(owner: str, base: nn.Module, expected: str, is_expected: bool) -
         raise TypeError(f"{owner}: expected a {expected}, got {type(base).__name__}")
 
 
-class LoRALayer:
-    """State and merge logic shared by every LoRA layer (a mixin in front of the base class).
+# A low-rank term of the forward: (A, B, scaling, dropout probability).
+LowRankTerm = tuple[torch.Tensor, torch.Tensor, float, float]
 
-    Subclasses own `weight`, `lora_A`, `lora_B` and implement `delta_weight()`. Their
-    from_<base> constructors build the layer on the meta device (nothing allocated), hand it
-    the base layer's Parameters, then create lora_A / lora_B beside them.
+
+class LoRALayer:
+    """State, adapter management and merge logic shared by every LoRA layer (a mixin in front of
+    the base class).
+
+    Subclasses own `weight`, implement `_adapter_shapes(r)` and `delta_weight(name)`, and call
+    `_init_lora(adapter_name, r, alpha, dropout, **options)` after building the base layer. Their
+    from_<base> constructors build the layer on the meta device (nothing allocated), hand it the
+    base layer's Parameters, then create the adapter beside them (`_rebuild_adapter`).
     """
 
-    r: int
-    alpha: float
-    dropout: float
-    merged: bool
+    lora_adapters: dict[str, LoRAAdapter]
+    active_adapters: list[str]
+    merged_adapters: list[str]
+    adapters_disabled: bool
+    supports_pissa = False
 
-    def _add_lora(self, r, alpha, dropout, a_shape, b_shape) -> None:
-        check_lora_hyperparameters(type(self).__name__, r, alpha, dropout)
-        self.r, self.alpha, self.dropout = r, alpha, float(dropout)
-        self.merged = False
+    def _init_lora(self, adapter_name, r, alpha, dropout, **options) -> None:
+        self.lora_adapters, self.active_adapters, self.merged_adapters = {}, [], []
+        self.adapters_disabled = False
+        self.register_state_dict_post_hook(_record_merged_adapters)
+        self.register_load_state_dict_pre_hook(_adopt_merged_adapters)
+        self.add_adapter(adapter_name, r, alpha, dropout, **options)
+
+    def _rebuild_adapter(self, adapter_name, r, alpha, dropout, options) -> None:
+        """After the base Parameters were swapped in: the meta-device adapter made again beside them."""
+        self._remove_adapter_tensors(adapter_name)
+        self.lora_adapters, self.active_adapters = {}, []
+        self.add_adapter(adapter_name, r, alpha, dropout, **options)
+
+    # ------------------------------------------------------------------ adapters
+
+    def add_adapter(self, adapter_name, r, alpha, dropout=0.0, *, use_rslora=False, init_lora_weights=True) -> None:
+        """Add an adapter; the layer's first adapter becomes active, later ones are added inactive
+        and frozen (set_adapter activates them), as PEFT's add_adapter."""
+        self.check_new_adapter(adapter_name, r, alpha, dropout, use_rslora, init_lora_weights)
+        adapter = LoRAAdapter(r, alpha, float(dropout), use_rslora, init_lora_weights)
+        a_shape, b_shape = self._adapter_shapes(r)
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(a_shape, **factory))
-        self.lora_B = nn.Parameter(torch.empty(b_shape, **factory))
+        active = not self.active_adapters
+        for part, shape in (("lora_A", a_shape), ("lora_B", b_shape)):
+            tensor = nn.Parameter(torch.empty(shape, **factory), requires_grad=active)
+            self.register_parameter(adapter_key(part, adapter_name), tensor)
+        self.lora_adapters[adapter_name] = adapter
+        if active:
+            self.active_adapters = [adapter_name]
         self.weight.requires_grad_(False)
-        self.reset_lora_parameters()
+        if is_pissa(init_lora_weights):
+            self._pissa_init(adapter_name)
+        else:
+            self.reset_lora_parameters(adapter_name)
+
+    def check_new_adapter(self, adapter_name, r, alpha, dropout, use_rslora=False, init_lora_weights=True) -> None:
+        """Raise (naming the layer class) unless add_adapter would accept these arguments."""
+        owner = type(self).__name__
+        check_adapter_name(owner, adapter_name)
+        if adapter_name in self.lora_adapters:
+            raise ValueError(f"{owner}: the layer already has LoRA adapter {adapter_name!r}")
+        check_lora_hyperparameters(owner, r, alpha, dropout)
+        if not isinstance(use_rslora, bool):
+            raise TypeError(f"{owner}: use_rslora must be True or False, got {use_rslora!r}")
+        if init_lora_weights is not True:
+            pissa_iterations(init_lora_weights)
+            if not self.supports_pissa:
+                raise ValueError(f"{owner}: PiSSA init is implemented for Linear and Conv1D layers only")
+            if r > min(self.weight.shape):
+                raise ValueError(f"{owner}: PiSSA needs r <= min(weight shape) = {min(self.weight.shape)}, got r={r}")
+
+    def lora_parameters(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """(A, B) of an adapter."""
+        self._require_adapter(adapter_name)
+        return getattr(self, adapter_key("lora_A", adapter_name)), getattr(self, adapter_key("lora_B", adapter_name))
+
+    def pissa_initial(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A0, B0) of a PiSSA adapter: its values right after the SVD init."""
+        return tuple(getattr(self, adapter_key(part, adapter_name)) for part in ("pissa_A0", "pissa_B0"))
+
+    def set_adapter(self, adapter_names) -> None:
+        """Make these adapters (a name or a list; names this layer lacks are allowed, as in PEFT, and
+        do nothing here) the active ones, trainable, and every other adapter frozen. The caller
+        unmerges first (lowrank.set_adapter does)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if self.merged_adapters:
+            raise ValueError(f"{type(self).__name__}: unmerge before changing the active adapters")
+        self.active_adapters = names
+        for name in self.lora_adapters:
+            for param in self.lora_parameters(name):
+                param.requires_grad_(name in names)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter (not while merged). A PiSSA adapter's initial part goes back into the
+        weight, which then holds the original weight again (within one rounding)."""
+        self._require_adapter(adapter_name)
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"{type(self).__name__}: adapter {adapter_name!r} is merged; unmerge it first")
+        if is_pissa(self.lora_adapters[adapter_name].init_lora_weights):
+            initial_A, initial_B = self.pissa_initial(adapter_name)
+            with torch.no_grad():
+                scaling = self.lora_adapters[adapter_name].scaling
+                self.weight.copy_(self.weight + self._delta_layout(scaling * self._product(initial_B, initial_A)))
+        self._remove_adapter_tensors(adapter_name)
+        del self.lora_adapters[adapter_name]
+        if adapter_name in self.active_adapters:
+            self.active_adapters = [name for name in self.active_adapters if name != adapter_name]
+
+    def _remove_adapter_tensors(self, adapter_name: str) -> None:
+        for part in ("lora_A", "lora_B", "pissa_A0", "pissa_B0"):
+            key = adapter_key(part, adapter_name)
+            self._parameters.pop(key, None)
+            self._buffers.pop(key, None)
+
+    def _require_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.lora_adapters:
+            raise KeyError(
+                f"{type(self).__name__}: no LoRA adapter {adapter_name!r}; it has {list(self.lora_adapters)}"
+            )
+
+    def _only_adapter(self) -> LoRAAdapter:
+        if len(self.lora_adapters) != 1:  # (an AttributeError would be swallowed by nn.Module.__getattr__)
+            raise ValueError(
+                f"{type(self).__name__} has the adapters {list(self.lora_adapters)}; "
+                "read their settings from lora_adapters[name]"
+            )
+        return next(iter(self.lora_adapters.values()))
+
+    # A single-adapter layer's settings, read directly (layer.r, layer.scaling, ...).
+    r = property(lambda self: self._only_adapter().r)
+    alpha = property(lambda self: self._only_adapter().alpha)
+    dropout = property(lambda self: self._only_adapter().dropout)
+    scaling = property(lambda self: self._only_adapter().scaling)
 
     @property
-    def scaling(self) -> float:
-        return self.alpha / self.r
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
 
-    def reset_lora_parameters(self) -> None:
+    # ------------------------------------------------------------------ init
+
+    def reset_lora_parameters(self, adapter_name: str) -> None:
         """PEFT's default init: A kaiming-uniform, B zero (Embedding overrides)."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
-
-    def _compute_dtype(self) -> torch.dtype:
-        return torch.promote_types(self.lora_A.dtype, torch.float32)
-
-    def delta_weight(self) -> torch.Tensor:
-        """scaling · B·A in the base weight's layout, in float32 (float64 for float64 weights)."""
-        raise NotImplementedError
+        lora_A, lora_B = self.lora_parameters(adapter_name)
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        nn.init.zeros_(lora_B)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the LoRA update into the base weight (no-op if already merged)."""
-        if not self.merged:
-            self.weight.copy_(torch.add(self.weight, self.delta_weight()))
-            self.merged = True
+    def _pissa_init(self, adapter_name: str) -> None:
+        """PEFT's pissa_init: W = U·S·Vh, A = √(S_r/s)·Vh_r, B = U_r·√(S_r/s), W ← W − s·B·A."""
+        adapter = self.lora_adapters[adapter_name]
+        iterations = pissa_iterations(adapter.init_lora_weights)
+        weight = self._weight_out_in()
+        W = weight.to(torch.promote_types(weight.dtype, torch.float32))
+        if iterations is None:
+            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+            U_r, S_r, Vh_r = U[:, : adapter.r], S[: adapter.r] / adapter.scaling, Vh[: adapter.r]
+        else:
+            U_r, S_r, V_r = torch.svd_lowrank(W, adapter.r, niter=iterations)
+            S_r, Vh_r = S_r / adapter.scaling, V_r.t()
+        lora_A, lora_B = self.lora_parameters(adapter_name)
+        lora_A.copy_(torch.diag(torch.sqrt(S_r)) @ Vh_r)
+        lora_B.copy_(U_r @ torch.diag(torch.sqrt(S_r)))
+        weight.copy_(W - adapter.scaling * lora_B.to(W.dtype) @ lora_A.to(W.dtype))
+        self.register_buffer(adapter_key("pissa_A0", adapter_name), lora_A.detach().clone())
+        self.register_buffer(adapter_key("pissa_B0", adapter_name), lora_B.detach().clone())
+
+    def _weight_out_in(self) -> torch.Tensor:
+        """The base weight as [out, in] (a view for layouts that store it transposed)."""
+        return self.weight
+
+    # ------------------------------------------------------------------ forward terms and merging
+
+    def _lora_terms(self) -> list[LowRankTerm]:
+        """Every low-rank term the forward adds to the base layer: the running adapters (active,
+        enabled, not merged) and the initial part of each PiSSA adapter that is not running."""
+        terms = []
+        for name, adapter in self.lora_adapters.items():
+            if name in self.merged_adapters:
+                continue
+            if not self.adapters_disabled and name in self.active_adapters:
+                terms.append((*self.lora_parameters(name), adapter.scaling, adapter.dropout if self.training else 0.0))
+            elif is_pissa(adapter.init_lora_weights):
+                terms.append((*self.pissa_initial(name), adapter.scaling, 0.0))
+        return terms
+
+    def _compute_dtype(self) -> torch.dtype:
+        return torch.promote_types(self.weight.dtype, torch.float32)
+
+    def _product(self, lora_B: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
+        """B·A in float32 or wider, [out, in]-shaped (Conv2d overrides for its 4-D layout)."""
+        dtype = self._compute_dtype()
+        return lora_B.to(dtype) @ lora_A.to(dtype)
+
+    def _delta_layout(self, product: torch.Tensor) -> torch.Tensor:
+        """A B·A product in the base weight's layout (Linear: as it is)."""
+        return product
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """scaling · B·A of an adapter in the base weight's layout, in float32 (float64 for float64 weights)."""
+        lora_A, lora_B = self.lora_parameters(adapter_name)
+        return self._delta_layout(self.lora_adapters[adapter_name].scaling * self._product(lora_B, lora_A))
+
+    @torch.no_grad()
+    def merge(self, adapter_names=None) -> None:
+        """Fold adapters (default: the active ones this layer has) into the base weight; merged ones are skipped."""
+        names = self.active_adapters if adapter_names is None else adapter_names
+        for name in [name for name in names if name in self.lora_adapters and name not in self.merged_adapters]:
+            if self.adapters_disabled:
+                raise ValueError(f"{type(self).__name__}: cannot merge while the adapters are disabled")
+            self.weight.copy_(torch.add(self.weight, self.delta_weight(name)))
+            self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the LoRA update back out of the base weight (no-op if not merged)."""
-        if self.merged:
-            self.weight.copy_(torch.sub(self.weight, self.delta_weight()))
-            self.merged = False
+        """Take every merged adapter back out of the base weight, last merged first."""
+        while self.merged_adapters:
+            self.weight.copy_(torch.sub(self.weight, self.delta_weight(self.merged_adapters[-1])))
+            self.merged_adapters.pop()
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, dropout={self.dropout}, merged={self.merged}"
+        adapters = ", ".join(
+            f"{name}(r={a.r}, alpha={a.alpha}, dropout={a.dropout}"
+            + (", rslora" if a.use_rslora else "")
+            + (f", init={a.init_lora_weights}" if a.init_lora_weights is not True else "")
+            + ")"
+            for name, a in self.lora_adapters.items()
+        )
+        return (
+            f"{self._base_repr()}, adapters=[{adapters}], active={self.active_adapters}, merged={self.merged_adapters}"
+            + (", disabled" if self.adapters_disabled else "")
+        )
+
+    def _base_repr(self) -> str:
+        return super().extra_repr()
+
+
+def _record_merged_adapters(module: LoRALayer, state_dict, prefix, local_metadata) -> None:
+    """state_dict post-hook: the merged adapters, by merge position (no key when nothing is merged)."""
+    for position, name in enumerate(module.merged_adapters):
+        state_dict[prefix + adapter_key(MERGED, name)] = torch.tensor(position)
+
+
+def _adopt_merged_adapters(module: LoRALayer, state_dict, prefix, *_) -> None:
+    """load_state_dict pre-hook: take the merged state that comes with the base weight (see the module docstring)."""
+    incoming = {}
+    for key in [key for key in state_dict if key.startswith(prefix + MERGED)]:
+        part = key[len(prefix) :]
+        name = DEFAULT_ADAPTER if part == MERGED else part[len(MERGED) + 1 :]
+        incoming[name] = int(state_dict.pop(key))
+    if prefix + "weight" not in state_dict:  # the base weight stays: so does what it holds
+        stale = [
+            name for name in module.merged_adapters
+            if any(prefix + adapter_key(part, name) in state_dict for part in ("lora_A", "lora_B"))
+        ]  # fmt: skip
+        if stale:
+            raise ValueError(
+                f"load_state_dict: {prefix or 'the layer'} has adapters {stale} merged into its weight, and the "
+                f"state_dict replaces their A / B but not {prefix}weight; unmerge first"
+            )
+        return
+    merged = sorted(incoming, key=incoming.get)
+    for name in merged:
+        missing = [
+            prefix + adapter_key(part, name) for part in ("lora_A", "lora_B")
+            if prefix + adapter_key(part, name) not in state_dict
+        ]  # fmt: skip
+        if name not in module.lora_adapters or missing:
+            problem = "the layer has no such adapter" if name not in module.lora_adapters else f"it lacks {missing}"
+            raise ValueError(
+                f"load_state_dict: {prefix}weight has adapter {name!r} merged into it "
+                f"({prefix + adapter_key(MERGED, name)}), but {problem}; load it into a model with that adapter, "
+                "or unmerge before saving"
+            )
+    module.merged_adapters = merged
+
+
+def _dropout_groups(terms: list[LowRankTerm]) -> list[list[LowRankTerm]]:
+    groups: dict[float, list[LowRankTerm]] = {}
+    for term in terms:
+        groups.setdefault(term[3], []).append(term)
+    return list(groups.values())
+
+
+def _concatenated(terms: list[LowRankTerm]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Terms sharing a dropout rate as one of rank Σr: A's stacked, B's (times their scaling) side by side."""
+    if len(terms) == 1:
+        lora_A, lora_B, scaling, _ = terms[0]
+        return lora_A, lora_B, scaling
+    lora_A = torch.cat([term[0] for term in terms])
+    lora_B = torch.cat([term[1] * term[2] for term in terms], dim=1)
+    return lora_A, lora_B, 1.0
+
+
+def linear_with_terms(x, weight, bias, terms: list[LowRankTerm], backend) -> torch.Tensor:
+    """x·Wᵀ + b + the low-rank terms: one fused lora_linear call per dropout rate (see the module docstring)."""
+    if not terms:
+        return F.linear(x, weight, bias)
+    first, *others = _dropout_groups(terms)
+    lora_A, lora_B, scaling = _concatenated(first)
+    out = lora_linear(x, weight, bias, lora_A, lora_B, scaling, first[0][3], backend=backend)
+    for group in others:
+        lora_A, lora_B, scaling = _concatenated(group)
+        out = out + scaling * ((F.dropout(x, group[0][3], training=True) @ lora_A.t()) @ lora_B.t())
+    return out
 
 
 class LoRALinear(LoRALayer, nn.Linear):
-    """nn.Linear with a LoRA update: lora_A [r, in_features], lora_B [out_features, r]."""
+    """nn.Linear with LoRA adapters: lora_A [r, in_features], lora_B [out_features, r] each."""
+
+    supports_pissa = True
 
     def __init__(
-        self, in_features, out_features, r=8, alpha=16, dropout=0.0, bias=True, device=None, dtype=None, backend=None
-    ):
+        self, in_features, out_features, r=8, alpha=16, dropout=0.0, bias=True, device=None, dtype=None, backend=None,
+        *, adapter_name=DEFAULT_ADAPTER, **adapter_options,
+    ):  # fmt: skip
+        _backends.check_name(type(self).__name__, backend)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.backend = backend
-        self._add_lora(r, alpha, dropout, (r, in_features), (out_features, r))
+        self._init_lora(adapter_name, r, alpha, dropout, **adapter_options)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, r=8, alpha=16, dropout=0.0, backend=None) -> LoRALinear:
-        """Wrap `linear`, sharing its weight and bias Parameters (no copy)."""
+    def from_linear(
+        cls, linear: nn.Linear, r=8, alpha=16, dropout=0.0, backend=None, *, adapter_name=DEFAULT_ADAPTER,
+        **adapter_options,
+    ) -> LoRALinear:  # fmt: skip
+        """Wrap `linear`, sharing its weight and bias Parameters (no copy). adapter_options: use_rslora,
+        init_lora_weights (see LoRALayer.add_adapter)."""
         _check_base(f"{cls.__name__}.from_linear", linear, "torch.nn.Linear", isinstance(linear, nn.Linear))
         module = cls(
             linear.in_features, linear.out_features, r, alpha, dropout,
             bias=linear.bias is not None, device="meta", dtype=linear.weight.dtype, backend=backend,
+            adapter_name=adapter_name,
         )  # fmt: skip
         module.weight, module.bias = linear.weight, linear.bias
-        module._add_lora(r, alpha, dropout, (r, linear.in_features), (linear.out_features, r))
+        module._rebuild_adapter(adapter_name, r, alpha, dropout, adapter_options)
         return module
 
-    def delta_weight(self) -> torch.Tensor:
-        dtype = self._compute_dtype()
-        return self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))
+    def _adapter_shapes(self, r):
+        return (r, self.in_features), (self.out_features, r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return F.linear(x, self.weight, self.bias)
-        dropout_p = self.dropout if self.training else 0.0
-        return lora_linear(
-            x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, dropout_p, backend=self.backend
-        )
+        return linear_with_terms(x, self.weight, self.bias, self._lora_terms(), self.backend)
 
 
 class LoRAConv1D(LoRALayer, nn.Module):
-    """transformers' GPT-2 `Conv1D(nf, nx)` with LoRA: same `weight` [nx, nf] (= [in, out]) and
-    `bias` [nf] keys, plus lora_A [r, nx] and lora_B [nf, r] (PEFT's fan_in_fan_out layout).
+    """transformers' GPT-2 `Conv1D(nf, nx)` with LoRA adapters: same `weight` [nx, nf] (= [in, out])
+    and `bias` [nf] keys, plus lora_A [r, nx] and lora_B [nf, r] each (PEFT's fan_in_fan_out layout).
 
     It mirrors Conv1D rather than subclassing it, so lowrank does not depend on transformers.
     """
 
-    def __init__(self, nf, nx, r=8, alpha=16, dropout=0.0, device=None, dtype=None, backend=None):
+    supports_pissa = True
+
+    def __init__(
+        self, nf, nx, r=8, alpha=16, dropout=0.0, device=None, dtype=None, backend=None,
+        *, adapter_name=DEFAULT_ADAPTER, **adapter_options,
+    ):  # fmt: skip
+        _backends.check_name(type(self).__name__, backend)
         super().__init__()
         self.nf, self.nx = nf, nx
         self.weight = nn.Parameter(torch.empty(nx, nf, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(nf, device=device, dtype=dtype))
         nn.init.normal_(self.weight, std=0.02)  # as transformers' Conv1D
         self.backend = backend
-        self._add_lora(r, alpha, dropout, (r, nx), (nf, r))
+        self._init_lora(adapter_name, r, alpha, dropout, **adapter_options)
 
     @classmethod
-    def from_conv1d(cls, conv1d: nn.Module, r=8, alpha=16, dropout=0.0, backend=None) -> LoRAConv1D:
+    def from_conv1d(
+        cls, conv1d: nn.Module, r=8, alpha=16, dropout=0.0, backend=None, *, adapter_name=DEFAULT_ADAPTER,
+        **adapter_options,
+    ) -> LoRAConv1D:  # fmt: skip
         """Wrap a transformers Conv1D, sharing its weight and bias Parameters (no copy)."""
         _check_base(f"{cls.__name__}.from_conv1d", conv1d, "transformers Conv1D", is_hf_conv1d(conv1d))
-        module = cls(conv1d.nf, conv1d.nx, r, alpha, dropout, device="meta", dtype=conv1d.weight.dtype, backend=backend)
+        module = cls(
+            conv1d.nf, conv1d.nx, r, alpha, dropout, device="meta", dtype=conv1d.weight.dtype, backend=backend,
+            adapter_name=adapter_name,
+        )  # fmt: skip
         module.weight, module.bias = conv1d.weight, conv1d.bias
-        module._add_lora(r, alpha, dropout, (r, conv1d.nx), (conv1d.nf, r))
+        module._rebuild_adapter(adapter_name, r, alpha, dropout, adapter_options)
         return module
 
-    def delta_weight(self) -> torch.Tensor:
-        dtype = self._compute_dtype()
-        return self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype)).t()
+    def _adapter_shapes(self, r):
+        return (r, self.nx), (self.nf, r)
+
+    def _weight_out_in(self) -> torch.Tensor:
+        return self.weight.t()
+
+    def _delta_layout(self, product: torch.Tensor) -> torch.Tensor:
+        return product.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # weight.t() is a transposed view of the [in, out] storage, not a copy.
-        if self.merged:
-            return F.linear(x, self.weight.t(), self.bias)
-        dropout_p = self.dropout if self.training else 0.0
-        return lora_linear(
-            x, self.weight.t(), self.bias, self.lora_A, self.lora_B, self.scaling, dropout_p, backend=self.backend
-        )
+        return linear_with_terms(x, self.weight.t(), self.bias, self._lora_terms(), self.backend)
 
-    def extra_repr(self) -> str:
-        return (
-            f"nf={self.nf}, nx={self.nx}, r={self.r}, alpha={self.alpha}, dropout={self.dropout}, merged={self.merged}"
-        )
+    def _base_repr(self) -> str:
+        return f"nf={self.nf}, nx={self.nx}"
 
 
 class LoRAEmbedding(LoRALayer, nn.Embedding):
-    """nn.Embedding with a LoRA update (PEFT semantics):
+    """nn.Embedding with LoRA adapters (PEFT semantics):
     lora_A [r, num_embeddings], lora_B [embedding_dim, r], out = emb(x) + scaling · A.T[x] · B.T.
 
     There is no dropout: a lookup has no input features to drop (PEFT ignores lora_dropout here too).
@@ -199,16 +549,19 @@ class LoRAEmbedding(LoRALayer, nn.Embedding):
 
     def __init__(
         self, num_embeddings, embedding_dim, r=8, alpha=16, padding_idx=None, max_norm=None, norm_type=2.0,
-        scale_grad_by_freq=False, sparse=False, device=None, dtype=None,
+        scale_grad_by_freq=False, sparse=False, device=None, dtype=None, *, adapter_name=DEFAULT_ADAPTER,
+        **adapter_options,
     ):  # fmt: skip
         super().__init__(
             num_embeddings, embedding_dim, padding_idx=padding_idx, max_norm=max_norm, norm_type=norm_type,
             scale_grad_by_freq=scale_grad_by_freq, sparse=sparse, device=device, dtype=dtype,
         )  # fmt: skip
-        self._add_lora(r, alpha, 0.0, (r, num_embeddings), (embedding_dim, r))
+        self._init_lora(adapter_name, r, alpha, 0.0, **adapter_options)
 
     @classmethod
-    def from_embedding(cls, embedding: nn.Embedding, r=8, alpha=16) -> LoRAEmbedding:
+    def from_embedding(
+        cls, embedding: nn.Embedding, r=8, alpha=16, *, adapter_name=DEFAULT_ADAPTER, **adapter_options
+    ) -> LoRAEmbedding:
         """Wrap `embedding`, sharing its weight Parameter (no copy; weight tying survives)."""
         _check_base(
             f"{cls.__name__}.from_embedding", embedding, "torch.nn.Embedding", isinstance(embedding, nn.Embedding)
@@ -216,31 +569,37 @@ class LoRAEmbedding(LoRALayer, nn.Embedding):
         module = cls(
             embedding.num_embeddings, embedding.embedding_dim, r, alpha, padding_idx=embedding.padding_idx,
             max_norm=embedding.max_norm, norm_type=embedding.norm_type, scale_grad_by_freq=embedding.scale_grad_by_freq,
-            sparse=embedding.sparse, device="meta", dtype=embedding.weight.dtype,
+            sparse=embedding.sparse, device="meta", dtype=embedding.weight.dtype, adapter_name=adapter_name,
         )  # fmt: skip
         module.weight = embedding.weight
-        module._add_lora(r, alpha, 0.0, (r, embedding.num_embeddings), (embedding.embedding_dim, r))
+        module._rebuild_adapter(adapter_name, r, alpha, 0.0, adapter_options)
         return module
 
-    def reset_lora_parameters(self) -> None:
-        nn.init.zeros_(self.lora_A)
-        nn.init.normal_(self.lora_B)
+    def add_adapter(self, adapter_name, r, alpha, dropout=0.0, **options) -> None:
+        super().add_adapter(adapter_name, r, alpha, 0.0, **options)  # a lookup has no dropout
 
-    def delta_weight(self) -> torch.Tensor:
-        dtype = self._compute_dtype()
-        return self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype)).t()
+    def _adapter_shapes(self, r):
+        return (r, self.num_embeddings), (self.embedding_dim, r)
+
+    def reset_lora_parameters(self, adapter_name: str) -> None:
+        lora_A, lora_B = self.lora_parameters(adapter_name)
+        nn.init.zeros_(lora_A)
+        nn.init.normal_(lora_B)
+
+    def _delta_layout(self, product: torch.Tensor) -> torch.Tensor:
+        return product.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
-        if self.merged:
-            return out
-        # padding_idx / scale_grad_by_freq shape the gradient of A the way they shape the base's.
-        after_A = F.embedding(x, self.lora_A.t(), self.padding_idx, scale_grad_by_freq=self.scale_grad_by_freq)
-        return out + self.scaling * (after_A @ self.lora_B.t())
+        for lora_A, lora_B, scaling, _ in self._lora_terms():
+            # padding_idx / scale_grad_by_freq shape the gradient of A the way they shape the base's.
+            after_A = F.embedding(x, lora_A.t(), self.padding_idx, scale_grad_by_freq=self.scale_grad_by_freq)
+            out = out + scaling * (after_A @ lora_B.t())
+        return out
 
 
 class LoRAConv2d(LoRALayer, nn.Conv2d):
-    """nn.Conv2d with a LoRA update in PEFT's layout: lora_A [r, in_channels, kh, kw] applied with the
+    """nn.Conv2d with LoRA adapters in PEFT's layout: lora_A [r, in_channels, kh, kw] applied with the
     base conv's stride, padding, dilation and padding_mode; lora_B [out_channels, r, 1, 1] a 1x1 conv.
 
     Only groups=1: a grouped base weight cannot absorb the dense B·A update, so merging would be
@@ -249,7 +608,8 @@ class LoRAConv2d(LoRALayer, nn.Conv2d):
 
     def __init__(
         self, in_channels, out_channels, kernel_size, r=8, alpha=16, dropout=0.0, stride=1, padding=0, dilation=1,
-        groups=1, bias=True, padding_mode="zeros", device=None, dtype=None,
+        groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, *, adapter_name=DEFAULT_ADAPTER,
+        **adapter_options,
     ):  # fmt: skip
         if groups != 1:
             raise ValueError(f"{type(self).__name__}: only groups=1 convolutions are supported, got groups={groups}")
@@ -257,31 +617,34 @@ class LoRAConv2d(LoRALayer, nn.Conv2d):
             in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=groups,
             bias=bias, padding_mode=padding_mode, device=device, dtype=dtype,
         )  # fmt: skip
-        self._add_lora(r, alpha, dropout, (r, in_channels, *self.kernel_size), (out_channels, r, 1, 1))
+        self._init_lora(adapter_name, r, alpha, dropout, **adapter_options)
 
     @classmethod
-    def from_conv2d(cls, conv: nn.Conv2d, r=8, alpha=16, dropout=0.0) -> LoRAConv2d:
+    def from_conv2d(
+        cls, conv: nn.Conv2d, r=8, alpha=16, dropout=0.0, *, adapter_name=DEFAULT_ADAPTER, **adapter_options
+    ) -> LoRAConv2d:
         """Wrap `conv`, sharing its weight and bias Parameters (no copy)."""
         _check_base(f"{cls.__name__}.from_conv2d", conv, "torch.nn.Conv2d", isinstance(conv, nn.Conv2d))
         module = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, r, alpha, dropout, stride=conv.stride,
             padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
-            padding_mode=conv.padding_mode, device="meta", dtype=conv.weight.dtype,
+            padding_mode=conv.padding_mode, device="meta", dtype=conv.weight.dtype, adapter_name=adapter_name,
         )  # fmt: skip
         module.weight, module.bias = conv.weight, conv.bias
-        module._add_lora(r, alpha, dropout, (r, conv.in_channels, *conv.kernel_size), (conv.out_channels, r, 1, 1))
+        module._rebuild_adapter(adapter_name, r, alpha, dropout, adapter_options)
         return module
 
-    def delta_weight(self) -> torch.Tensor:
+    def _adapter_shapes(self, r):
+        return (r, self.in_channels, *self.kernel_size), (self.out_channels, r, 1, 1)
+
+    def _product(self, lora_B: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
         dtype = self._compute_dtype()
-        delta = self.lora_B.to(dtype).flatten(1) @ self.lora_A.to(dtype).flatten(1)
-        return self.scaling * delta.view(self.weight.shape)
+        return (lora_B.to(dtype).flatten(1) @ lora_A.to(dtype).flatten(1)).view(self.weight.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
-        if self.merged:
-            return out
-        x_lora = F.dropout(x, self.dropout, self.training)
-        # _conv_forward applies this layer's stride/padding/dilation/padding_mode to the A kernel.
-        after_A = self._conv_forward(x_lora, self.lora_A, None)
-        return out + self.scaling * F.conv2d(after_A, self.lora_B)
+        for lora_A, lora_B, scaling, dropout in self._lora_terms():
+            x_lora = F.dropout(x, dropout, self.training)
+            # _conv_forward applies this layer's stride/padding/dilation/padding_mode to the A kernel.
+            out = out + scaling * F.conv2d(self._conv_forward(x_lora, lora_A, None), lora_B)
+        return out

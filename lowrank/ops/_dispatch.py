@@ -55,6 +55,17 @@ def native_op(name: str) -> Callable:
     return call
 
 
+def inference_through(forward: Callable) -> Callable:
+    """inference(*args) of a backend without a kernel of its own for it: the output of
+    forward(*args, dropout_p=0.0, seed=None), the training forward (whose last two arguments
+    those are) without dropout."""
+
+    def inference(*args):
+        return forward(*args, 0.0, None)[0]
+
+    return inference
+
+
 def empty_if_skipped(grads: tuple[Optional[Tensor], ...], needed: tuple[bool, ...], like: Tensor) -> tuple[Tensor, ...]:
     """Custom ops cannot return None: a gradient that is not needed travels as an empty tensor."""
     return tuple(grad if need else like.new_empty(0) for grad, need in zip(grads, needed))

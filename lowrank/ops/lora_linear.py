@@ -33,6 +33,7 @@ from lowrank.ops._dispatch import (
     OpBackends,
     empty_if_skipped,
     fake_gradients,
+    inference_through,
     native_op,
     none_if_skipped,
     register_fakes,
@@ -87,20 +88,11 @@ def _torch_backward(
     return dx, dW, db, dA, dB
 
 
-def _inference_through(forward):
-    """inference() of a backend that has no kernel of its own for it: forward without dropout."""
-
-    def inference(x, weight, bias, lora_A, lora_B, scaling):
-        return forward(x, weight, bias, lora_A, lora_B, scaling, 0.0, None)[0]
-
-    return inference
-
-
 _native_forward = native_op("lora_linear_forward_native")
 _BACKENDS = OpBackends(
-    torch=dict(forward=_torch_forward, backward=_torch_backward, inference=_inference_through(_torch_forward)),
+    torch=dict(forward=_torch_forward, backward=_torch_backward, inference=inference_through(_torch_forward)),
     native=dict(forward=_native_forward, backward=native_op("lora_linear_backward_native"),
-                inference=_inference_through(_native_forward)),
+                inference=inference_through(_native_forward)),
     triton_module="lowrank.kernels.lora_linear",
 )
 
@@ -208,53 +200,54 @@ _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------- public API
 
 
-def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+def check_lora_inputs(op, x, weight, bias, lora_A, lora_B, scaling, dropout_p, **vectors):
+    """The checks of a LoRA-style op `op` (lora_linear, dora_linear): each bad input raises an
+    error naming it. vectors: the op's further [out_features] tensors (DoRA's magnitude), checked
+    as bias is: shape, x's dtype and device."""
     named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
     if bias is not None:
         named["bias"] = bias
+    named.update(vectors)
     for name, t in named.items():
         if not isinstance(t, Tensor):
-            raise TypeError(f"lora_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
-            raise TypeError(f"lora_linear: {name} must be a floating-point tensor, got dtype {t.dtype}")
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
     if x.dim() < 1:
-        raise ValueError("lora_linear: x must have at least one dimension [..., in_features], got a 0-dim tensor")
+        raise ValueError(f"{op}: x must have at least one dimension [..., in_features], got a 0-dim tensor")
     for name in ("weight", "lora_A", "lora_B"):
         if named[name].dim() != 2:
-            raise ValueError(f"lora_linear: {name} must be 2-D, got shape {tuple(named[name].shape)}")
+            raise ValueError(f"{op}: {name} must be 2-D, got shape {tuple(named[name].shape)}")
     in_features, out_features, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
     if in_features == 0:
-        raise ValueError(f"lora_linear: x has 0 input features (shape {tuple(x.shape)}); in_features must be >= 1")
+        raise ValueError(f"{op}: x has 0 input features (shape {tuple(x.shape)}); in_features must be >= 1")
+    if weight.shape[1] != in_features:
+        raise ValueError(
+            f"{op}: x has {in_features} input features (shape {tuple(x.shape)}) but weight expects "
+            f"{weight.shape[1]} (weight shape {tuple(weight.shape)} = [out_features, in_features])"
+        )
     expected = {
         "weight": (out_features, in_features),
         "lora_A": (r, in_features),
         "lora_B": (out_features, r),
+        **{name: (out_features,) for name in ("bias", *vectors)},
     }
-    if weight.shape[1] != in_features:
-        raise ValueError(
-            f"lora_linear: x has {in_features} input features (shape {tuple(x.shape)}) but weight expects "
-            f"{weight.shape[1]} (weight shape {tuple(weight.shape)} = [out_features, in_features])"
-        )
     for name, shape in expected.items():
-        if tuple(named[name].shape) != shape:
-            raise ValueError(f"lora_linear: {name} must have shape {shape}, got {tuple(named[name].shape)}")
+        if name in named and tuple(named[name].shape) != shape:
+            raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(named[name].shape)}")
     if r == 0:
-        raise ValueError("lora_linear: lora_A has rank r=0; r must be >= 1")
-    if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(f"lora_linear: bias must have shape ({out_features},), got {tuple(bias.shape)}")
+        raise ValueError(f"{op}: lora_A has rank r=0; r must be >= 1")
     for name, t in named.items():
         if t.dtype != x.dtype:
-            raise TypeError(
-                f"lora_linear: {name} has dtype {t.dtype} but x has {x.dtype}; all tensors must share one dtype"
-            )
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but x has {x.dtype}; all tensors must share one dtype")
         if t.device != x.device:
             raise ValueError(
-                f"lora_linear: {name} is on {t.device} but x is on {x.device}; all tensors must be on one device"
+                f"{op}: {name} is on {t.device} but x is on {x.device}; all tensors must be on one device"
             )
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
-        raise TypeError(f"lora_linear: scaling must be a Python number, got {scaling!r}")
+        raise TypeError(f"{op}: scaling must be a Python number, got {scaling!r}")
 
 
 def lora_linear(
@@ -267,7 +260,7 @@ def lora_linear(
     lowrank.autotune), or None (LOWRANK_BACKEND, else "auto"). Pass dropout_p=0 at inference.
     """
     x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
-    _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    check_lora_inputs("lora_linear", x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     backend = _backends.resolve(backend, x.device, "lora_linear")
     lead_shape, x2d = x.shape[:-1], x.reshape(-1, x.shape[-1])
     tensors = (x, weight, bias, lora_A, lora_B)

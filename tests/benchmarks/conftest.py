@@ -54,3 +54,23 @@ def quick_report(quick_run, bench):
     assert report["failed_checks"] == []
     assert report["skipped"] == bench.skip_reasons(torch.device(report["device"]["type"]))
     return report
+
+
+@pytest.fixture(scope="module")
+def agrees_with_reference(bench, harness):
+    """agrees_with_reference(problem, providers): each provider of the benchmark passes its check
+    against the reference on `problem` (run with its dropout off), and its dropout switch is real:
+    switching it off changes the output exactly when the problem has dropout."""
+
+    def check(problem, providers):
+        for provider in providers:
+            layer = bench.build_layer(provider, problem)
+            bench.check_against_reference(layer, problem)
+            x, _ = harness.make_inputs(problem, 1, seed=5)[0]
+            with torch.no_grad():
+                with_dropout = layer.forward(x)
+                layer.set_dropout(False)
+                without = layer.forward(x)
+            assert torch.equal(with_dropout, without) == (problem.dropout_p == 0), provider
+
+    return check

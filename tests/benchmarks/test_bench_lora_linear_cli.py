@@ -83,24 +83,14 @@ def test_triton_interpreter_is_never_timed(bench, harness, monkeypatch):
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_every_provider_matches_the_reference_with_and_without_dropout(bench, harness, dropout_p):
+def test_every_provider_matches_the_reference_with_and_without_dropout(bench, agrees_with_reference, dropout_p):
     """Named providers too: the compiled baselines (slow on CPU, so off by default there) and
     Unsloth's recipe, whose backward is written by hand. With dropout each is checked with it off."""
     problem = bench.make_problem(bench.Shape(48, 40, 36, 4), torch.device("cpu"), torch.float32,
-                                      dropout_p=dropout_p)
+                                 dropout_p=dropout_p)
     providers = ["unsloth_style", "eager_peft_style_compiled", "lowrank_torch", "eager_peft_style"]
-    for provider in providers:
-        if dropout_p and provider in bench.DROPOUT_FREE_PROVIDERS:
-            continue
-        layer = bench.build_layer(provider, problem)
-        bench.check_against_reference(layer, problem)
-        x, _ = harness.make_inputs(problem, 1, seed=5)[0]
-        with torch.no_grad():
-            with_dropout = layer.forward(x)
-        layer.set_dropout(False)
-        with torch.no_grad():
-            without = layer.forward(x)
-        assert torch.equal(with_dropout, without) == (dropout_p == 0), provider  # the switch is real
+    agrees_with_reference(problem, [provider for provider in providers
+                                    if not (dropout_p and provider in bench.DROPOUT_FREE_PROVIDERS)])
 
 
 def test_decode_shapes_time_inference_only_and_the_budget_is_reported(bench, tmp_path):

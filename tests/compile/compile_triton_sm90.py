@@ -86,7 +86,7 @@ class Recorder:
 
 def scenarios(quick: bool):
     """(name, thunk) pairs: realistic launches of every kernel through its host code."""
-    from lowrank.kernels import adapter, grad_reverse, lora_linear, multi_lora_linear
+    from lowrank.kernels import adapter, dora_linear, grad_reverse, lora_linear, multi_lora_linear
 
     def empty(*shape, dtype=torch.bfloat16):
         return torch.empty(shape, dtype=dtype)
@@ -107,6 +107,19 @@ def scenarios(quick: bool):
             yield (f"lora backward {name} M={M} K=N={K} r={r} p={p}",
                    lambda p=p, x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, grad_y=grad_y, xa=xa:
                    lora_linear.backward(grad_y, x, xa, weight, lora_A, lora_B, 2.0, p, seed, True, False, False))
+        # DoRA: the column-scaled _lora_matmul_kernel, the column sums (recovering z from y, or
+        # summing dy⊙z under dropout) and the dropout path's masked add.
+        magnitude = empty(N, dtype=dtype)
+        norm = empty(N, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        for p in (0.0, 0.1):
+            yield (f"dora train {name} M={M} K=N={K} r={r} p={p}",
+                   lambda p=p, x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, magnitude=magnitude,
+                   norm=norm: dora_linear.forward(x, weight, bias, lora_A, lora_B, magnitude, norm, 2.0, p, seed))
+            yield (f"dora backward {name} M={M} K=N={K} r={r} p={p}",
+                   lambda p=p, x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, grad_y=grad_y, xa=xa,
+                   magnitude=magnitude, norm=norm:
+                   dora_linear.backward(grad_y, x, xa, grad_y, weight, bias, lora_A, lora_B, magnitude, norm, 2.0, p,
+                                        seed, True, True, True))
         # Mixed adapters: every row a valid adapter, so the host code's grouping passes.
         adapters = 16
         index = torch.arange(M) % adapters
@@ -197,8 +210,8 @@ def describe(options: dict) -> tuple[str, str]:
     if tile is None:
         config = f"BLOCK={options.get('BLOCK')} w{options.get('num_warps')}"
     else:
-        config = (f"{options['BLOCK_M']}x{options['BLOCK_N']}x{options['BLOCK_K']} "
-                  f"w{options.get('num_warps', 4)} s{options.get('num_stages', 3)}")
+        tile = "x".join(str(options[key]) for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if key in options)
+        config = f"{tile} w{options.get('num_warps', 4)} s{options.get('num_stages', 3)}"
     return variant, config
 
 

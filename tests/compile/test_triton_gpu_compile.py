@@ -38,6 +38,7 @@ def test_every_kernel_is_covered(compiled):
     kernels = {record["kernel"] for record in report["kernels"]}
     assert kernels == {
         "_lora_matmul_kernel", "matmul_kernel", "_inference_kernel",
+        "_column_dots_kernel", "_add_dropped_kernel",
         "_down_projection_kernel", "_residual_matmul_kernel", "_activation_grad_kernel",
         "_grad_reverse_kernel", "_rows_times_adapter_kernel", "_adapter_matmul_kernel", "_segment_reduce_kernel",
     }

@@ -1,13 +1,16 @@
 """LoRA layers in lowrank.nn against float64 references: outputs, gradients, merge, init, errors."""
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowrank.nn import LoRAConv1D, LoRAConv2d, LoRAEmbedding, LoRALinear
+from lowrank.ops import lora_linear
 
 BACKEND = "torch"
 
@@ -100,7 +103,7 @@ def test_starts_as_base_layer_with_frozen_weight(kind):
         hf_conv1d()
     torch.manual_seed(0)
     layer, x = make_layer(kind)
-    layer.reset_lora_parameters()
+    layer.reset_lora_parameters("default")
     assert not layer.weight.requires_grad
     assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
     if kind == "embedding":  # PEFT: A zeros, B normal
@@ -201,13 +204,13 @@ def test_100_merge_unmerge_cycles_do_not_drift(kind):
     # The delta is recomputed identically each time, so the weight stops moving after one cycle...
     assert torch.equal(layer.weight, after_one)
     # ...and that cycle moved it by at most a rounding of the merged weight.
-    merged_magnitude = (original.double() + layer.delta_weight().double()).abs().max()
+    merged_magnitude = (original.double() + layer.delta_weight("default").double()).abs().max()
     assert (after_one - original).abs().max() <= 2 * torch.finfo(torch.float32).eps * merged_magnitude
 
 
 def test_dropout_only_in_training():
     layer, x = make_layer("linear")
-    layer.dropout = 0.5
+    layer.lora_adapters["default"].dropout = 0.5
     layer.train()
     assert not torch.allclose(layer(x), layer(x))  # a fresh mask per call
     layer.eval()
@@ -218,7 +221,7 @@ def test_dropout_only_in_training():
 def test_conv2d_dropout_only_in_training():
     layer, x = make_layer("conv2d")
     expected = layer(x)
-    layer.dropout = 0.5
+    layer.lora_adapters["default"].dropout = 0.5
     layer.train()
     assert not torch.allclose(layer(x), expected)
     layer.eval()
@@ -263,3 +266,210 @@ def test_wrong_base_type_raises():
 def test_grouped_conv2d_is_refused():
     with pytest.raises(ValueError, match="LoRAConv2d: only groups=1"):
         LoRAConv2d.from_conv2d(nn.Conv2d(4, 4, 3, groups=2))
+
+
+# ------------------------------------------------------------------ named adapters
+
+
+def test_named_adapters_keep_the_default_keys_and_add_suffixed_ones():
+    layer = LoRALinear(12, 10, r=4)
+    layer.add_adapter("other", 2, 4)
+    assert list(layer.state_dict()) == ["weight", "bias", "lora_A", "lora_B", "lora_A_other", "lora_B_other"]
+    assert layer.lora_adapters["other"].r == 2 and layer.active_adapters == ["default"]
+    assert not layer.lora_A_other.requires_grad  # added inactive and frozen, as PEFT's add_adapter
+    with pytest.raises(ValueError, match=r"adapters \['default', 'other'\]; read their settings"):
+        layer.r
+    with pytest.raises(ValueError, match="already has LoRA adapter 'other'"):
+        layer.add_adapter("other", 2, 4)
+    with pytest.raises(ValueError, match="adapter_name must be a non-empty string"):
+        layer.add_adapter("a.b", 2, 4)
+
+
+def multi_adapter_layer(kind, dropouts=(0.0, 0.0)):
+    """A layer with adapters "default" (r=4, alpha=8) and "other" (r=3, alpha=6, rsLoRA), both active."""
+    layer, x = make_layer(kind, dtype=torch.float64)
+    layer.lora_adapters["default"].dropout = dropouts[0]
+    layer.add_adapter("other", 3, 6, dropouts[1], use_rslora=True)
+    with torch.no_grad():
+        layer.lora_A_other.normal_(std=0.2)
+        layer.lora_B_other.normal_(std=0.2)
+    layer.set_adapter(["default", "other"])
+    return layer, x
+
+
+def multi_adapter_reference(kind, layer, x, dropped_x=None):
+    """float64 forward: the base layer plus both adapters' terms, written from the formula."""
+    geometry = {"stride": 2, "padding": 1, "dilation": 2}
+    if kind == "linear":
+        out = F.linear(x, layer.weight, layer.bias)
+    elif kind == "conv1d":
+        out = x @ layer.weight + layer.bias
+    elif kind == "embedding":
+        out = F.embedding(x, layer.weight, layer.padding_idx)
+    else:
+        out = F.conv2d(x, layer.weight, layer.bias, **geometry)
+    for name, scaling in (("default", 8 / 4), ("other", 6 / math.sqrt(3))):
+        lora_A, lora_B = layer.lora_parameters(name)
+        x_lora = dropped_x if (name == "other" and dropped_x is not None) else x
+        if kind == "embedding":
+            out = out + scaling * F.embedding(x, lora_A.t(), layer.padding_idx) @ lora_B.t()
+        elif kind == "conv2d":
+            out = out + scaling * F.conv2d(F.conv2d(x_lora, lora_A, **geometry), lora_B)
+        else:
+            out = out + scaling * (x_lora @ lora_A.t()) @ lora_B.t()
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_several_active_adapters_add_up_with_their_own_scaling(kind, monkeypatch):
+    if kind == "conv1d":
+        hf_conv1d()
+    layer, x = multi_adapter_layer(kind)
+    if x.is_floating_point():
+        x = x.double().requires_grad_()
+    calls = []
+    monkeypatch.setattr("lowrank.nn.lora.lora_linear", lambda *a, **k: calls.append(a) or lora_linear(*a, **k))
+    out = layer(x)
+    expected = multi_adapter_reference(kind, layer, x)
+    torch.testing.assert_close(out, expected)
+    params = [p for name in ("default", "other") for p in layer.lora_parameters(name)]
+    grads = torch.autograd.grad(out.square().sum(), params)
+    grads_expected = torch.autograd.grad(expected.square().sum(), params)
+    for grad, grad_expected in zip(grads, grads_expected):
+        torch.testing.assert_close(grad, grad_expected)
+    if kind in ("linear", "conv1d"):  # one fused call of rank 4 + 3, scaling folded into B
+        assert len(calls) == 1 and calls[0][3].shape[0] == 7 and calls[0][5] == 1.0
+
+
+def test_several_adapters_with_different_dropouts_in_training(monkeypatch):
+    layer, x = multi_adapter_layer("linear", dropouts=(0.0, 0.5))
+    layer.train()
+    calls = []
+    monkeypatch.setattr("lowrank.nn.lora.lora_linear", lambda *a, **k: calls.append(a) or lora_linear(*a, **k))
+    torch.manual_seed(3)
+    out = layer(x)
+    torch.manual_seed(3)  # the second rate's term draws its mask from torch's generator, after the fused call
+    dropped = F.dropout(x, 0.5, training=True)
+    torch.testing.assert_close(out, multi_adapter_reference("linear", layer, x, dropped_x=dropped))
+    assert len(calls) == 1 and calls[0][3].shape[0] == 4  # the fused call runs the dropout-free adapter
+
+
+def test_inactive_adapter_does_nothing_and_set_adapter_freezes_it():
+    layer, x = multi_adapter_layer("linear")
+    layer.set_adapter("other")
+    assert layer.active_adapters == ["other"]
+    assert not layer.lora_A.requires_grad and layer.lora_A_other.requires_grad
+    lora_A, lora_B = layer.lora_parameters("other")
+    expected = F.linear(x, layer.weight, layer.bias) + 6 / math.sqrt(3) * (x @ lora_A.t()) @ lora_B.t()
+    torch.testing.assert_close(layer(x), expected)
+    layer.delete_adapter("other")
+    assert layer.active_adapters == [] and list(layer.state_dict()) == ["weight", "bias", "lora_A", "lora_B"]
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merging_several_adapters_and_unmerging(kind):
+    if kind == "conv1d":
+        hf_conv1d()
+    layer, x = multi_adapter_layer(kind)
+    expected = layer(x)
+    original = layer.weight.detach().clone()
+    layer.merge()
+    assert layer.merged_adapters == ["default", "other"]
+    torch.testing.assert_close(layer(x), expected)
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, original)
+
+
+# ------------------------------------------------------------------ merged state in the state_dict (issue 17, class 7)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merged_state_dict_loaded_into_unmerged_layer_is_not_applied_twice(kind, tmp_path):
+    if kind == "conv1d":
+        hf_conv1d()
+    source, x = make_layer(kind)
+    expected = source(x)
+    source.merge()
+    # Through a safetensors file, as a Trainer checkpoint or a user's save_file would go.
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "merged.safetensors")
+    target, _ = make_layer(kind)
+    with torch.no_grad():
+        target.lora_B.zero_()  # different values, so the load must bring them
+    target.load_state_dict(load_file(tmp_path / "merged.safetensors"))
+    torch.testing.assert_close(target(x), expected, rtol=1e-5, atol=1e-5)
+    assert target.merged_adapters == ["default"]
+    target.unmerge()  # and the merge can be undone, back to the unmerged layer's output
+    torch.testing.assert_close(target(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unmerged_state_dict_loaded_into_merged_layer_unmerges_it():
+    source, x = make_layer("linear")
+    expected = source(x)
+    target, _ = make_layer("linear")
+    target.merge()
+    target.load_state_dict(source.state_dict())
+    assert not target.merged
+    torch.testing.assert_close(target(x), expected)
+
+
+def test_lora_tensors_alone_into_a_merged_layer_are_refused():
+    source, _ = make_layer("linear")
+    target, _ = make_layer("linear")
+    target.merge()
+    with pytest.raises(ValueError, match=r"adapters \['default'\] merged into its weight.*not weight; unmerge first"):
+        target.load_state_dict({"lora_A": source.lora_A, "lora_B": source.lora_B}, strict=False)
+
+
+def test_merged_adapter_the_receiving_layer_lacks_is_refused():
+    source, _ = multi_adapter_layer("linear")
+    source.merge()
+    target, _ = make_layer("linear", dtype=torch.float64)
+    with pytest.raises(ValueError, match="weight has adapter 'other' merged into it .*no such adapter"):
+        target.load_state_dict(source.state_dict(), strict=False)
+
+
+# ------------------------------------------------------------------ rsLoRA and PiSSA
+
+
+def test_rslora_scaling():
+    layer = LoRALinear(12, 10, r=16, alpha=8, use_rslora=True)
+    assert layer.scaling == 8 / 4 and LoRALinear(12, 10, r=16, alpha=8).scaling == 0.5
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_3"])
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_pissa_init_keeps_the_output_and_leaves_the_residual(kind, init):
+    if kind == "conv1d":
+        Conv1D = hf_conv1d()
+        base = Conv1D(10, 12)
+        layer = LoRAConv1D.from_conv1d(copy.deepcopy(base), r=3, alpha=6, init_lora_weights=init)
+        weight = base.weight.t()
+    else:
+        base = nn.Linear(12, 10)
+        layer = LoRALinear.from_linear(copy.deepcopy(base), r=3, alpha=6, init_lora_weights=init)
+        weight = base.weight
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(layer(x), base(x), rtol=1e-5, atol=1e-5)
+    residual = layer.weight.t() if kind == "conv1d" else layer.weight
+    torch.testing.assert_close(residual + 2.0 * layer.lora_B @ layer.lora_A, weight, rtol=1e-5, atol=1e-5)
+    if init == "pissa":  # A and B hold the top-3 singular directions: the residual has the rest
+        singular = torch.linalg.svdvals(weight.detach())
+        torch.testing.assert_close(torch.linalg.svdvals(residual.detach())[:3], singular[3:6], rtol=1e-4, atol=1e-5)
+    initial_A, initial_B = layer.pissa_initial("default")
+    assert torch.equal(initial_A, layer.lora_A) and torch.equal(initial_B, layer.lora_B)
+
+
+def test_pissa_is_refused_where_it_is_not_implemented():
+    with pytest.raises(ValueError, match="PiSSA init is implemented for Linear and Conv1D layers only"):
+        LoRAEmbedding(10, 4, r=2, init_lora_weights="pissa")
+    with pytest.raises(ValueError, match="PiSSA needs r <= min\\(weight shape\\) = 4"):
+        LoRALinear(4, 6, r=5, init_lora_weights="pissa")
+    with pytest.raises(ValueError, match="init_lora_weights must be True, 'pissa' or 'pissa_niter_<K>'"):
+        LoRALinear(4, 6, r=2, init_lora_weights="olora")
+
+
+def test_several_active_adapters_compile_fullgraph(compiles_like_eager):
+    layer, x = multi_adapter_layer("linear")
+    layer.float()
+    compiles_like_eager(lambda x: layer(x).square().sum(), x.float(), [layer.lora_A, layer.lora_B_other])

@@ -19,6 +19,7 @@ SHAPES = [
     ((2, 3), 17, 19, 5),
 ]
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+GRAD_NAMES = ("dx", "dW", "db", "dA", "dB")
 
 
 def make_inputs(lead, K, N, r, dtype, bias=True, weight_grad=True, seed=0):
@@ -34,44 +35,15 @@ def make_inputs(lead, K, N, r, dtype, bias=True, weight_grad=True, seed=0):
     return x, weight, b, rand(r, K), rand(N, r)
 
 
-def grads_of(y, inputs, grad_y):
-    wanted = [t for t in inputs if t is not None and t.requires_grad]
-    return torch.autograd.grad(y, wanted, grad_y, allow_unused=False)
-
-
-def run_and_reference(backend, inputs, scaling=0.7, dropout_p=0.0, grad_y=None):
-    """Our op (through backend) and the float64 reference with the same dropout seed."""
-    torch.manual_seed(1234)
-    y = lora_linear(*inputs, scaling, dropout_p, backend=backend)
-    torch.manual_seed(1234)
-    seed = torch.randint(0, 2**31 - 1, (), device=DEVICE) if dropout_p > 0 else None
-    ref_inputs = [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
-    y_ref = lora_linear_reference(*ref_inputs, scaling, dropout_p, seed)
-    if grad_y is None:
-        grad_y = torch.randn_like(y_ref)
-    return (y, grads_of(y, inputs, grad_y.to(y.dtype))), (y_ref, grads_of(y_ref, ref_inputs, grad_y))
-
-
-def assert_close(ours, ref, dtype):
-    tol = TOLERANCE[dtype]
-    scale = max(ref.abs().max().item(), 1.0) if ref.numel() else 1.0
-    assert ours.shape == ref.shape
-    torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol * scale)
-
-
-def check_against_reference(backend, inputs, dtype, **kwargs):
-    (y, grads), (y_ref, grads_ref) = run_and_reference(backend, inputs, **kwargs)
-    assert y.dtype == dtype
-    assert_close(y, y_ref, dtype)
-    for g, g_ref in zip(grads, grads_ref):
-        assert g.dtype == dtype
-        assert_close(g, g_ref, dtype)
+@pytest.fixture(scope="module")
+def reference(reference_check):
+    return reference_check(lora_linear, lora_linear_reference, TOLERANCE, GRAD_NAMES)
 
 
 @pytest.mark.parametrize("lead,K,N,r", SHAPES)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
-def test_float64_matches_reference(backend, lead, K, N, r, dropout_p):
-    check_against_reference(backend, make_inputs(lead, K, N, r, torch.float64), torch.float64, dropout_p=dropout_p)
+def test_float64_matches_reference(backend, lead, K, N, r, dropout_p, reference):
+    reference.check(backend, make_inputs(lead, K, N, r, torch.float64), torch.float64, dropout_p=dropout_p)
 
 
 def _supports(backend, dtype):
@@ -80,18 +52,18 @@ def _supports(backend, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
-def test_low_precision_matches_reference(backend, dtype):
+def test_low_precision_matches_reference(backend, dtype, reference):
     if not _supports(backend, dtype):
         pytest.skip("half precision in the Triton interpreter is not faithful; tested on the GPU")
-    check_against_reference(backend, make_inputs((3, 11), 40, 24, 8, dtype), dtype, dropout_p=0.1)
+    reference.check(backend, make_inputs((3, 11), 40, 24, 8, dtype), dtype, dropout_p=0.1)
 
 
-def test_frozen_weight_no_bias(backend):
+def test_frozen_weight_no_bias(backend, reference):
     inputs = make_inputs((9,), 12, 10, 4, torch.float64, bias=False, weight_grad=False)
-    check_against_reference(backend, inputs, torch.float64)
+    reference.check(backend, inputs, torch.float64)
 
 
-def test_non_contiguous_inputs(backend):
+def test_non_contiguous_inputs(backend, reference):
     def strided(*shape):
         return torch.randn(*shape, dtype=torch.float64, device=DEVICE)
 
@@ -102,14 +74,14 @@ def test_non_contiguous_inputs(backend):
     b = strided(30)[::2]
     inputs = tuple(t.requires_grad_() for t in (x, weight, b, A, B))
     assert not any(t.is_contiguous() for t in inputs)
-    check_against_reference(backend, inputs, torch.float64, dropout_p=0.2)
+    reference.check(backend, inputs, torch.float64, dropout_p=0.2)
 
 
-def test_expanded_grad_output(backend):
+def test_expanded_grad_output(backend, reference):
     """y.sum().backward() hands the backward a stride-0 gradient."""
     inputs = make_inputs((7,), 9, 11, 3, torch.float64)
     expanded = torch.ones((), dtype=torch.float64, device=DEVICE).expand(7, 11)
-    check_against_reference(backend, inputs, torch.float64, dropout_p=0.3, grad_y=expanded)
+    reference.check(backend, inputs, torch.float64, dropout_p=0.3, grad_y=expanded)
 
 
 def test_gradcheck(backend):
@@ -166,13 +138,13 @@ def test_torch_compile_inductor_cpu():
 
 
 @pytest.mark.parametrize("lead,K,N,r", SHAPES + [((300,), 20, 18, 5), ((4,), 16, 16, 70)])
-def test_inference_matches_reference(backend, lead, K, N, r):
+def test_inference_matches_reference(backend, lead, K, N, r, reference):
     """No gradient and no dropout: the forward-only op (Triton: one launch up to 256 rows)."""
     x, weight, b, A, B = (t.detach() for t in make_inputs(lead, K, N, r, torch.float64))
     x = x.transpose(-1, -2).contiguous().transpose(-1, -2) if x.dim() == 2 else x  # column-major x
     with torch.no_grad():
         y = lora_linear(x, weight, b, A, B, 0.7, backend=backend)
-    assert_close(y, lora_linear_reference(x, weight, b, A, B, 0.7), torch.float64)
+    reference.assert_close(y, lora_linear_reference(x, weight, b, A, B, 0.7), torch.float64)
 
 
 def test_inference_runs_the_forward_only_op(monkeypatch):
@@ -309,13 +281,13 @@ def test_bad_input_is_named(mutate, error, message):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 @pytest.mark.parametrize("poisoned", ["lora_A", "lora_B"])
-def test_nan_propagates_at_zero_scaling(backend, lead, K, N, r, dtype, dropout_p, poisoned):
+def test_nan_propagates_at_zero_scaling(backend, lead, K, N, r, dtype, dropout_p, poisoned, reference):
     """s·(x·Aᵀ)·Bᵀ is NaN where A or B holds a NaN, also at s=0: every backend must say so (a GEMM
     with alpha=s would skip the product and hide it)."""
     inputs = make_inputs(lead, K, N, r, dtype)
     with torch.no_grad():
         inputs[3 if poisoned == "lora_A" else 4][1, 2] = float("nan")
-    (y, grads), (y_ref, grads_ref) = run_and_reference(backend, inputs, scaling=0.0, dropout_p=dropout_p)
+    (y, grads), (y_ref, grads_ref) = reference.run(backend, inputs, scaling=0.0, dropout_p=dropout_p)
     assert y_ref.isnan().any()
     for ours, ref in zip((y, *grads), (y_ref, *grads_ref)):
         assert torch.equal(ours.isnan(), ref.isnan())

@@ -1,5 +1,5 @@
-"""lowrank.ops.multi_lora_linear: every available backend against the float64 reference (a loop
-over the adapters with row masks), and the property the op exists for: in a mixed batch each
+"""lowrank.ops.multi_lora_linear: every available backend against the float64 reference (each
+adapter's term on its own rows), and the property the op exists for: in a mixed batch each
 adapter gets exactly the gradients it gets from training alone on its own rows."""
 
 import pytest
@@ -22,13 +22,7 @@ SHAPES = [
     ((200,), 20, 12, 4, 2),
 ]
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
-
-
-def assert_close(ours, ref, dtype):
-    tol = TOLERANCE[dtype]
-    scale = max(ref.abs().max().item(), 1.0) if ref.numel() else 1.0
-    assert ours.shape == ref.shape
-    torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol * scale)
+GRAD_NAMES = ("dx", "dW", "db", "dA", "dB")
 
 
 def make_inputs(lead, K, N, r, count, dtype, bias=True, weight_grad=True, seed=0):
@@ -55,39 +49,28 @@ def rates(count, p):
     return [p] * count if p is not None else [0.1 * (a % 4) for a in range(count)]
 
 
-def grads_of(y, inputs, grad_y):
-    wanted = [t for t in inputs if t is not None and t.requires_grad]
-    return torch.autograd.grad(y, wanted, grad_y)
+@pytest.fixture(scope="module")
+def reference(reference_check):
+    """reference(index): the op against its float64 reference (tests/ops/conftest.py), the rows'
+    adapters bound to `index`."""
 
+    def bind(index):
+        def op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend):
+            return multi_lora_linear(x, weight, bias, index, lora_A, lora_B, scaling, dropout_p, backend=backend)
 
-def run_and_reference(backend, inputs, index, scaling, dropout_p=0.0, grad_y=None):
-    """Our op (through backend) and the float64 reference with the same dropout seed."""
-    torch.manual_seed(1234)
-    y = multi_lora_linear(*inputs[:3], index, *inputs[3:], scaling, dropout_p, backend=backend)
-    torch.manual_seed(1234)
-    p = dropout_p if isinstance(dropout_p, list) else [dropout_p]
-    seed = torch.randint(0, 2**31 - 1, (), device=DEVICE) if any(v > 0 for v in p) else None
-    ref_inputs = [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
-    y_ref = multi_lora_linear_reference(*ref_inputs[:3], index, *ref_inputs[3:], scaling, dropout_p, seed)
-    if grad_y is None:
-        grad_y = torch.randn_like(y_ref)
-    return (y, grads_of(y, inputs, grad_y.to(y.dtype))), (y_ref, grads_of(y_ref, ref_inputs, grad_y))
+        def formula(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+            return multi_lora_linear_reference(x, weight, bias, index, lora_A, lora_B, scaling, dropout_p, seed)
 
+        return reference_check(op, formula, TOLERANCE, GRAD_NAMES)
 
-def check_against_reference(backend, inputs, index, dtype, **kwargs):
-    """The output and every gradient: dtype, shape and values."""
-    count = inputs[3].shape[0]
-    (y, grads), (y_ref, grads_ref) = run_and_reference(backend, inputs, index, scalings(count), **kwargs)
-    for ours, ref in zip((y, *grads), (y_ref, *grads_ref)):
-        assert ours.dtype == dtype
-        assert_close(ours, ref, dtype)
+    return bind
 
 
 @pytest.mark.parametrize("lead,K,N,r,count", SHAPES)
 @pytest.mark.parametrize("p", [0.0, None], ids=["no-dropout", "dropout-per-adapter"])
-def test_float64_matches_reference(backend, lead, K, N, r, count, p):
+def test_float64_matches_reference(backend, lead, K, N, r, count, p, reference):
     inputs, index = make_inputs(lead, K, N, r, count, torch.float64)
-    check_against_reference(backend, inputs, index, torch.float64, dropout_p=rates(count, p))
+    reference(index).check(backend, inputs, torch.float64, scaling=scalings(count), dropout_p=rates(count, p))
 
 
 def _supports(backend, dtype):
@@ -97,19 +80,19 @@ def _supports(backend, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("p", [0.0, None], ids=["no-dropout", "dropout-per-adapter"])
-def test_low_precision_matches_reference(backend, dtype, p):
+def test_low_precision_matches_reference(backend, dtype, p, reference):
     if not _supports(backend, dtype):
         pytest.skip("half precision in the Triton interpreter is not faithful; tested on the GPU")
     inputs, index = make_inputs((3, 31), 40, 24, 8, 5, dtype)
-    check_against_reference(backend, inputs, index, dtype, dropout_p=rates(5, p))
+    reference(index).check(backend, inputs, dtype, scaling=scalings(5), dropout_p=rates(5, p))
 
 
-def test_frozen_weight_no_bias_int32_index(backend):
+def test_frozen_weight_no_bias_int32_index(backend, reference):
     inputs, index = make_inputs((9,), 12, 10, 4, 3, torch.float64, bias=False, weight_grad=False)
-    check_against_reference(backend, inputs, index.int(), torch.float64)
+    reference(index.int()).check(backend, inputs, torch.float64, scaling=scalings(3))
 
 
-def test_non_contiguous_inputs(backend):
+def test_non_contiguous_inputs(backend, reference):
     def strided(*shape):
         return torch.randn(*shape, dtype=torch.float64, device=DEVICE)
 
@@ -121,14 +104,14 @@ def test_non_contiguous_inputs(backend):
     index = torch.tensor([0, 2, -1, 2, 0, 1] * 2, device=DEVICE)[::2]
     inputs = tuple(t.requires_grad_() for t in (x, weight, b, A, B))
     assert not any(t.is_contiguous() for t in (*inputs, index))
-    check_against_reference(backend, inputs, index, torch.float64, dropout_p=[0.2, 0.0, 0.4])
+    reference(index).check(backend, inputs, torch.float64, scaling=scalings(3), dropout_p=[0.2, 0.0, 0.4])
 
 
-def test_expanded_grad_output(backend):
+def test_expanded_grad_output(backend, reference):
     """y.sum().backward() hands the backward a stride-0 gradient."""
     inputs, index = make_inputs((7,), 9, 11, 3, 3, torch.float64)
     expanded = torch.ones((), dtype=torch.float64, device=DEVICE).expand(7, 11)
-    check_against_reference(backend, inputs, index, torch.float64, dropout_p=0.3, grad_y=expanded)
+    reference(index).check(backend, inputs, torch.float64, scaling=scalings(3), dropout_p=0.3, grad_y=expanded)
 
 
 # ---------------------------------------------------------------- the mixed-batch properties
@@ -371,7 +354,7 @@ def test_bad_input_is_named(mutate, error, message):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 @pytest.mark.parametrize("poisoned", ["lora_A", "lora_B"])
-def test_nan_propagates_at_zero_scaling(backend, dtype, dropout_p, poisoned):
+def test_nan_propagates_at_zero_scaling(backend, dtype, dropout_p, poisoned, reference):
     """s[a]·(x·A[a]ᵀ)·B[a]ᵀ is NaN where A[a] or B[a] holds a NaN, also at s[a]=0, and on adapter
     a's rows only: every backend must say so (a GEMM with alpha=s would skip the product and hide
     it; a product of the zeros of other rows with a's factor would carry it into them). Adapter
@@ -381,7 +364,7 @@ def test_nan_propagates_at_zero_scaling(backend, dtype, dropout_p, poisoned):
     with torch.no_grad():
         factor = inputs[3 if poisoned == "lora_A" else 4]
         factor[1, 1, 2] = factor[2, 0, 1] = float("nan")
-    (y, grads), (y_ref, grads_ref) = run_and_reference(backend, inputs, index, [0.5, 0.0, 1.5], dropout_p=dropout_p)
+    (y, grads), (y_ref, grads_ref) = reference(index).run(backend, inputs, [0.5, 0.0, 1.5], dropout_p)
     assert y_ref[index == 1].isnan().any() and not y_ref[index != 1].isnan().any()
     for ours, ref in zip((y, *grads), (y_ref, *grads_ref)):
         assert torch.equal(ours.isnan(), ref.isnan())
@@ -407,20 +390,10 @@ def test_native_ops_check_their_inputs():
 
 @pytest.mark.skipif(not AVAILABLE["triton"].available, reason=AVAILABLE["triton"].reason)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_triton_writes_every_output_element(monkeypatch, dropout_p):
-    """torch.empty returns NaN: an element the Triton kernels forget to write shows up. Rows
-    without an adapter, an adapter without rows, and segment reductions split into slices (200
-    rows over 2 adapters) are the risky ones."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        out = real_empty(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(torch, "empty", empty)
+def test_triton_writes_every_output_element(dropout_p, poisoned_empty, reference):
+    """torch.empty returns NaN (poisoned_empty): an element the Triton kernels forget to write
+    shows up. Rows without an adapter, an adapter without rows, and segment reductions split into
+    slices (200 rows over 2 adapters) are the risky ones."""
     inputs, index = make_inputs((200,), 20, 12, 4, 3, torch.float64)
     assert (index == -1).any() and not (index == 2).any()
-    (y, grads), (y_ref, grads_ref) = run_and_reference("triton", inputs, index, scalings(3), dropout_p=dropout_p)
-    for ours, ref in zip((y, *grads), (y_ref, *grads_ref)):
-        assert not ours.isnan().any()
-        assert_close(ours, ref, torch.float64)
+    reference(index).check("triton", inputs, torch.float64, scaling=scalings(3), dropout_p=dropout_p)

@@ -87,7 +87,7 @@ def test_replaces_in_place_and_keeps_output_and_state_dict_keys():
     added = set(model.state_dict()) - keys_before
     assert keys_before <= set(model.state_dict())
     assert added == {f"{name}.lora_{ab}" for name in ("blocks.0.q", "blocks.1.q", "embed") for ab in "AB"}
-    assert model.lora_config == LoRAConfig(2, 4, 0.1, ["embed", "blocks.0.q", "blocks.1.q"])
+    assert model.lora_configs == {"default": LoRAConfig(2, 4, 0.1, ["embed", "blocks.0.q", "blocks.1.q"])}
 
 
 def test_torchvision_style_model_trains_only_lora():
@@ -145,7 +145,7 @@ def test_errors():
     with pytest.raises(ValueError, match="'blocks.0.act' is a ReLU; supported layers are"):
         inject_lora(TinyLM(), ["act"])
     model = inject_lora(TinyLM(), ["q"], backend=BACKEND)
-    with pytest.raises(ValueError, match="'blocks.0.q' already has LoRA"):
+    with pytest.raises(ValueError, match="cannot add LoRA to 'blocks.0.q': .*already has LoRA adapter 'default'"):
         inject_lora(model, ["q"])
     with pytest.raises(ValueError, match="inject_lora: r .* must be a positive integer"):
         inject_lora(TinyLM(), ["q"], r=0)
@@ -155,6 +155,10 @@ def test_errors():
         mark_only_lora_trainable(model, bias="some")
     with pytest.raises(ValueError, match="merge_lora: the model has no LoRA layers"):
         merge_lora(TinyLM())
+    with pytest.raises(ValueError, match="inject_lora: target_modules .* is not a valid regular expression"):
+        inject_lora(TinyLM(), r"blocks\.(q")
+    with pytest.raises(ValueError, match="inject_lora: backend must be None, 'auto' or one of"):
+        inject_lora(TinyLM(), ["q"], backend="nope")  # refused when injected, not at the first forward
 
 
 def test_failed_injection_leaves_model_untouched():
@@ -162,7 +166,7 @@ def test_failed_injection_leaves_model_untouched():
     model[0][2][0] = nn.Conv2d(8, 8, 3, groups=2)
     with pytest.raises(ValueError, match="cannot add LoRA to '0.2.0': LoRAConv2d: only groups=1"):
         inject_lora(model, ["0.0", "0.2.0"], backend=BACKEND)
-    assert not lora_layers(model) and not hasattr(model, "lora_config")
+    assert not lora_layers(model) and not hasattr(model, "lora_configs")
 
 
 # ------------------------------------------------------------------ Hugging Face models

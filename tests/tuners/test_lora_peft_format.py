@@ -74,7 +74,7 @@ def test_saved_by_peft_loads_in_ours(tiny_hf_model, case, tmp_path):
     peft_model.save_pretrained(tmp_path)
 
     ours = load_lora(base, tmp_path, backend=BACKEND)
-    assert len(lora_layers(ours)) > 0 and ours.lora_config.r == 4
+    assert len(lora_layers(ours)) > 0 and ours.lora_configs["default"].r == 4
     x = make_input()
     torch.testing.assert_close(output(ours(x)), output(peft_model(x)), rtol=1e-5, atol=1e-5)
 
@@ -128,7 +128,7 @@ def test_shape_mismatch_names_key_and_both_shapes(tiny_hf_model, tmp_path):
     message = str(error.value)
     assert "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight" in message
     assert "(4, 16)" in message and "(4, 32)" in message
-    assert not lora_layers(model) and not hasattr(model, "lora_config")  # nothing was installed
+    assert not lora_layers(model) and not hasattr(model, "lora_configs")  # nothing was installed
 
 
 def test_missing_and_unexpected_modules(tiny_hf_model, tmp_path):
@@ -150,26 +150,92 @@ def test_missing_and_unexpected_modules(tiny_hf_model, tmp_path):
 def test_merged_model_is_refused(tiny_hf_model, tmp_path):
     directory = saved_adapter(tiny_hf_model("bert"), tmp_path)
     model = merge_lora(inject_lora(tiny_hf_model("bert"), ["query"], r=4, backend=BACKEND))
-    with pytest.raises(ValueError, match="merged into their base weights; call unmerge_lora first"):
+    with pytest.raises(ValueError, match="is merged into the base weights of .*; call unmerge_lora first"):
         load_lora(model, directory)
 
 
-@pytest.mark.parametrize(
-    "field, value, match",
-    [
-        ("peft_type", "IA3", "peft_type 'IA3' is not supported"),
-        ("use_dora", True, "uses use_dora=True"),
-        ("bias", "all", "uses bias='all'"),
-    ],
-)
-def test_unsupported_config_is_refused(tiny_hf_model, tmp_path, field, value, match):
-    directory = saved_adapter(tiny_hf_model("bert"), tmp_path)
-    config_path = directory / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    config[field] = value
-    config_path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=match):
-        load_lora(tiny_hf_model("bert"), directory)
+# ------------------------------------------------------------------ adapter_config.json allow-list (issue 17, class 1)
+
+
+def test_real_alora_adapter_is_refused_naming_key_and_file(tiny_hf_model, tmp_path):
+    """PEFT's activated LoRA applies the adapter only from the invocation tokens on: loading it as plain
+    LoRA gave logits 0.42 away from PEFT's."""
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"], alora_invocation_tokens=[5, 6], task_type="CAUSAL_LM")
+    peft.get_peft_model(tiny_hf_model("llama", head=True), config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError) as error:
+        load_lora(tiny_hf_model("llama", head=True), tmp_path)
+    assert "alora_invocation_tokens=[5, 6]" in str(error.value)
+    assert str(tmp_path / "adapter_config.json") in str(error.value)
+
+
+def peft_config_value(**options):
+    """The value PEFT 0.21 itself writes for one LoraConfig option (first keyword)."""
+    key = next(iter(options))
+    return key, peft.LoraConfig(r=4, target_modules=["query"], **options).to_dict()[key]
+
+
+def with_config(directory, **changes):
+    path = directory / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+    return path
+
+
+REFUSED = [
+    peft_config_value(use_qalora=True),
+    peft_config_value(use_bdlora=peft.BdLoraConfig()),
+    peft_config_value(arrow_config=peft.ArrowConfig()),
+    peft_config_value(kasa_config=peft.KasaConfig()),
+    peft_config_value(velora_config=peft.VeloraConfig()),
+    peft_config_value(monteclora_config=peft.MontecloraConfig()),
+    ("use_dora", True),
+    ("bias", "all"),
+    ("lora_bias", True),
+    ("modules_to_save", ["classifier"]),
+    ("layer_replication", [[0, 1]]),
+    ("qalora_group_size", 32),
+    ("init_lora_weights", "olora"),
+    ("init_lora_weights", "loftq"),
+    ("an_option_from_a_later_peft", 1),
+    ("an_option_from_a_later_peft", "on"),
+]
+
+
+@pytest.mark.parametrize("key, value", REFUSED, ids=[f"{key}={value!r}"[:40] for key, value in REFUSED])
+def test_options_lowrank_does_not_implement_are_refused(tiny_hf_model, tmp_path, key, value):
+    path = with_config(saved_adapter(tiny_hf_model("bert"), tmp_path), **{key: value})
+    model = tiny_hf_model("bert")
+    with pytest.raises(ValueError) as error:
+        load_lora(model, tmp_path)
+    assert f"{key}=" in str(error.value) and str(path) in str(error.value)
+    assert not lora_layers(model)
+
+
+UNUSED = [
+    peft_config_value(use_qalora=False),
+    ("use_bdlora", None), ("arrow_config", None), ("kasa_config", None), ("velora_config", None),
+    ("monteclora_config", None), ("alora_invocation_tokens", None), ("loftq_config", {}), ("modules_to_save", []),
+    ("an_option_from_a_later_peft", None), ("an_option_from_a_later_peft", False),
+    ("init_lora_weights", "gaussian"), ("task_type", "FEATURE_EXTRACTION"), ("layers_to_transform", [0, 1]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("key, value", UNUSED, ids=[f"{key}={value!r}"[:40] for key, value in UNUSED])
+def test_options_at_their_unused_value_load(tiny_hf_model, tmp_path, key, value):
+    source = inject_lora(tiny_hf_model("bert"), ["query"], r=4, backend=BACKEND)
+    randomize_lora_parameters(source)
+    save_lora(source, tmp_path)
+    with_config(tmp_path, **{key: value})
+    model = load_lora(tiny_hf_model("bert"), tmp_path, backend=BACKEND)
+    ids = torch.randint(0, 40, (2, 6))
+    torch.testing.assert_close(model(ids).last_hidden_state, source(ids).last_hidden_state)
+
+
+def test_peft_type_must_be_lora(tiny_hf_model, tmp_path):
+    with_config(saved_adapter(tiny_hf_model("bert"), tmp_path), peft_type="IA3")
+    with pytest.raises(ValueError, match="peft_type 'IA3' is not supported"):
+        load_lora(tiny_hf_model("bert"), tmp_path)
 
 
 def test_pickle_file_is_never_loaded(tiny_hf_model, tmp_path):

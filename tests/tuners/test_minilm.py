@@ -6,7 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank import inject_lora, load_lora, mark_only_lora_trainable, merge_lora, save_lora, unmerge_lora
+from lowrank import (
+    disable_adapters,
+    inject_lora,
+    load_lora,
+    mark_only_lora_trainable,
+    merge_lora,
+    save_lora,
+    set_adapter,
+    unmerge_lora,
+)
 from lowrank.nn import LoRALinear
 from lowrank.tuners.lora.model import lora_layers
 
@@ -50,6 +59,20 @@ def randomize_lora_B(model, std=0.02):
             layer.lora_B.normal_(std=std)
 
 
+def peft_model_with_trained_B(peft, base, **more_adapters):
+    """A PEFT model (eval mode) with adapter "default" (r=4 on TARGETS) and `more_adapters` (name=LoraConfig),
+    every lora_B drawn from N(0, 0.02²) so that each adapter changes the output."""
+    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    for name, config in more_adapters.items():
+        peft_model.add_adapter(name, config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.02)
+    return peft_model.eval()
+
+
 def test_injection_leaves_outputs_unchanged(base_and_batch):
     base, batch = base_and_batch
     model = lora_model(base)
@@ -74,16 +97,11 @@ def test_outputs_match_peft_with_the_same_adapter(base_and_batch, tmp_path):
 def test_adapter_saved_by_peft_gives_peft_outputs(base_and_batch, tmp_path):
     peft = pytest.importorskip("peft")
     base, batch = base_and_batch
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
-    peft_model = peft.get_peft_model(copy.deepcopy(base), config).eval()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.02)
+    peft_model = peft_model_with_trained_B(peft, base)
     peft_model.save_pretrained(tmp_path)
     model = load_lora(copy.deepcopy(base), tmp_path, backend=BACKEND)
-    assert sorted(model.lora_config.target_modules) == sorted(lora_layers(model)) and len(lora_layers(model)) == 18
+    assert sorted(model.lora_configs["default"].target_modules) == sorted(lora_layers(model))
+    assert len(lora_layers(model)) == 18
     with torch.no_grad():
         torch.testing.assert_close(hidden_states(model, batch), hidden_states(peft_model, batch), **FP32_NOISE)
 
@@ -137,3 +155,21 @@ def test_torch_compile_fullgraph_with_lora_linear():
             for grad, eager_grad in zip((p.grad for p in model.parameters() if p.requires_grad), eager_grads):
                 torch.testing.assert_close(grad, eager_grad, rtol=1e-5, atol=1e-5)
         model.zero_grad()
+
+
+def test_named_adapters_match_peft(base_and_batch, tmp_path):
+    """Two adapters from one PEFT directory (the second rsLoRA, in a sub-folder): each alone, both, none."""
+    peft = pytest.importorskip("peft")
+    base, batch = base_and_batch
+    second = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["value", "dense"], use_rslora=True)
+    peft_model = peft_model_with_trained_B(peft, base, sts=second)
+    peft_model.save_pretrained(tmp_path)
+    model = load_lora(copy.deepcopy(base), tmp_path, backend=BACKEND)
+    load_lora(model, tmp_path, adapter_name="sts")
+    with torch.no_grad():
+        for active in ("default", "sts", ["default", "sts"]):
+            peft_model.base_model.set_adapter(active)
+            set_adapter(model, active)
+            torch.testing.assert_close(hidden_states(model, batch), hidden_states(peft_model, batch), **FP32_NOISE)
+        with disable_adapters(model):
+            torch.testing.assert_close(hidden_states(model, batch), hidden_states(base, batch), **FP32_NOISE)

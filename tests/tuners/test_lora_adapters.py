@@ -1,0 +1,301 @@
+"""Named LoRA adapters, rsLoRA, PiSSA and PEFT's multi-adapter directories, against HF PEFT 0.21 on tiny
+BERT, GPT-2 and Llama models: equal outputs both ways."""
+
+import copy
+import json
+import os
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lowrank
+from lowrank import (
+    active_adapters,
+    add_weighted_adapter,
+    delete_adapter,
+    disable_adapters,
+    inject_lora,
+    load_lora,
+    mark_only_lora_trainable,
+    merge_and_unload_lora,
+    merge_lora,
+    save_lora,
+    set_adapter,
+)
+from lowrank.tuners.lora.model import lora_layers
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+BACKEND = "torch"
+CLOSE = dict(rtol=1e-5, atol=1e-5)
+
+# family: (targets of "default", targets of "other"), "other" overlapping "default" on one kind of module
+TARGETS = {
+    "bert": (["query", "value"], ["value", "intermediate.dense"]),
+    "gpt2": (["c_attn"], ["c_attn", "mlp.c_fc"]),
+    "llama": (["q_proj", "v_proj"], ["v_proj", "down_proj"]),
+}
+FAMILIES = list(TARGETS)
+
+
+def hidden(model, ids):
+    return model(ids).last_hidden_state
+
+
+def randomize(model, seed=1):
+    """Nonzero values for every LoRA tensor (so that each adapter changes the output)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+def peft_with_two_adapters(base, family):
+    """A PEFT model with "default" (r=4, alpha=8) and "other" (r=2, alpha=4, rsLoRA), randomized."""
+    default_targets, other_targets = TARGETS[family]
+    conv1d = {"fan_in_fan_out": family == "gpt2"}
+    model = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=default_targets, **conv1d)
+    )
+    other = peft.LoraConfig(r=2, lora_alpha=4, target_modules=other_targets, use_rslora=True, **conv1d)
+    model.add_adapter("other", other)
+    randomize(model)
+    return model.eval()
+
+
+ACTIVE_SETS = ["default", "other", ["default", "other"]]
+
+
+def assert_same_outputs(peft_model, ours, ids, active_sets=ACTIVE_SETS):
+    for active in active_sets:
+        peft_model.base_model.set_adapter(active)
+        set_adapter(ours, active)
+        torch.testing.assert_close(hidden(ours, ids), hidden(peft_model, ids), **CLOSE, msg=str(active))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_peft_directory_with_two_adapters_loads_with_equal_outputs(tiny_hf_model, family, tmp_path):
+    base = tiny_hf_model(family)
+    peft_model = peft_with_two_adapters(base, family)
+    peft_model.save_pretrained(tmp_path)
+    assert os.path.isfile(tmp_path / "other" / "adapter_config.json")  # PEFT's layout: the others in sub-folders
+
+    ours = load_lora(copy.deepcopy(base), tmp_path, backend=BACKEND)
+    load_lora(ours, tmp_path, adapter_name="other")
+    assert active_adapters(ours) == ["default"]  # a later adapter joins inactive, as PEFT's load_adapter
+    assert sorted(ours.lora_configs) == ["default", "other"] and ours.lora_configs["other"].use_rslora
+    ids = torch.randint(0, 40, (2, 6))
+    assert_same_outputs(peft_model, ours, ids)
+    with peft_model.disable_adapter(), disable_adapters(ours):
+        torch.testing.assert_close(hidden(ours, ids), hidden(base, ids), **CLOSE)
+    torch.testing.assert_close(hidden(ours, ids), hidden(peft_model, ids), **CLOSE)  # enabled again on exit
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_our_two_adapters_load_in_peft_with_equal_outputs(tiny_hf_model, family, tmp_path):
+    base = tiny_hf_model(family)
+    default_targets, other_targets = TARGETS[family]
+    ours = inject_lora(copy.deepcopy(base), default_targets, r=4, alpha=8, backend=BACKEND)
+    inject_lora(ours, other_targets, r=2, alpha=4, adapter_name="other", use_rslora=True, backend=BACKEND)
+    randomize(ours)
+    save_lora(ours, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors", "other"]
+    assert json.loads((tmp_path / "other" / "adapter_config.json").read_text())["use_rslora"] is True
+
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    peft_model.load_adapter(tmp_path, adapter_name="other", subfolder="other")
+    assert_same_outputs(peft_model, ours, torch.randint(0, 40, (2, 6)))
+
+
+@pytest.mark.parametrize("combination_type", ["linear", "cat", "svd"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_add_weighted_adapter_matches_peft(tiny_hf_model, family, combination_type, tmp_path):
+    base = tiny_hf_model(family)
+    peft_model = peft_with_two_adapters(base, family)
+    if combination_type == "linear":  # needs one rank: a second r=4 adapter instead of "other"
+        peft_model.delete_adapter("other")
+        peft_model.add_adapter("other", peft.LoraConfig(
+            r=4, lora_alpha=2, target_modules=TARGETS[family][1], fan_in_fan_out=family == "gpt2"))  # fmt: skip
+        randomize(peft_model, seed=2)
+    peft_model.save_pretrained(tmp_path)
+    ours = load_lora(copy.deepcopy(base), tmp_path, backend=BACKEND)
+    load_lora(ours, tmp_path, adapter_name="other")
+
+    args = (["default", "other"], [0.7, -0.4], "mix")
+    peft_model.base_model.add_weighted_adapter(*args, combination_type=combination_type)
+    add_weighted_adapter(ours, *args, combination_type=combination_type)
+    assert active_adapters(ours) == ["default"]
+    assert not any(p.requires_grad for n, p in ours.named_parameters() if n.endswith("_mix"))  # frozen, as PEFT
+    assert_same_outputs(peft_model, ours, torch.randint(0, 40, (2, 6)), ["mix"])
+    with pytest.raises(ValueError, match="already has an adapter 'mix'"):
+        add_weighted_adapter(ours, *args, combination_type=combination_type)
+
+
+def test_add_weighted_adapter_of_rslora_adapters_is_the_weighted_sum(tiny_hf_model):
+    """PEFT 0.21 scales such a combination by √r (it keeps use_rslora while setting alpha = r); ours is exact."""
+    model = inject_lora(tiny_hf_model("llama"), ["q_proj"], r=4, alpha=8, use_rslora=True, backend=BACKEND)
+    randomize(model)
+    add_weighted_adapter(model, ["default"], [0.5], "half", combination_type="cat")
+    layer = model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(layer.delta_weight("half"), 0.5 * layer.delta_weight("default"))
+
+
+def test_delete_adapter_like_peft(tiny_hf_model, tmp_path):
+    base = tiny_hf_model("llama")
+    peft_model = peft_with_two_adapters(base, "llama")
+    peft_model.save_pretrained(tmp_path)
+    ours = load_lora(copy.deepcopy(base), tmp_path, backend=BACKEND)
+    load_lora(ours, tmp_path, adapter_name="other")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model.delete_adapter("default")
+    with pytest.warns(UserWarning, match="'default' was the active one; 'other' is active now"):
+        delete_adapter(ours, "default")
+    assert active_adapters(ours) == ["other"] and list(ours.lora_configs) == ["other"]
+    assert not any(".lora_A" in key and not key.endswith("_other") for key in ours.state_dict())
+    ids = torch.randint(0, 40, (2, 6))
+    # (PeftModel's own forward wants its "default" config back: call the LoraModel under it)
+    torch.testing.assert_close(hidden(ours, ids), hidden(peft_model.base_model, ids), **CLOSE)
+    with pytest.raises(ValueError, match=r"no LoRA adapter\(s\) \['default'\]"):
+        set_adapter(ours, "default")
+
+
+def test_mark_only_lora_trainable_trains_only_the_active_adapter(tiny_hf_model, trains_only_what_it_should):
+    model = inject_lora(tiny_hf_model("llama"), ["q_proj", "v_proj"], r=4, backend=BACKEND)
+    inject_lora(model, ["v_proj", "o_proj"], r=2, adapter_name="task", backend=BACKEND)
+    set_adapter(model, "task")
+    mark_only_lora_trainable(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"layers.{i}.self_attn.{m}.lora_{ab}_task" for i in (0, 1) for m in ("v_proj", "o_proj") for ab in "AB"
+    }
+    ids = torch.randint(0, 40, (2, 6))
+    trains_only_what_it_should(model, lambda: hidden(model, ids).square().mean(), trainable)
+
+
+def test_set_adapter_unmerges_and_disable_adapters_remerges(tiny_hf_model):
+    model = inject_lora(tiny_hf_model("bert"), ["query"], r=4, backend=BACKEND)
+    inject_lora(model, ["query"], r=2, adapter_name="other", backend=BACKEND)
+    randomize(model)
+    ids = torch.randint(0, 40, (2, 6))
+    expected = hidden(model, ids)
+    merge_lora(model)
+    with disable_adapters(model):
+        assert not any(layer.merged for layer in lora_layers(model).values())
+        base_output = hidden(model, ids)
+    assert all(layer.merged_adapters == ["default"] for layer in lora_layers(model).values())
+    torch.testing.assert_close(hidden(model, ids), expected, **CLOSE)
+    set_adapter(model, "other")
+    assert not any(layer.merged for layer in lora_layers(model).values())
+    with disable_adapters(model):
+        torch.testing.assert_close(hidden(model, ids), base_output)
+
+
+# ------------------------------------------------------------------ PiSSA
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pissa_init_equals_peft_and_saves_as_lora_on_the_original_base(tiny_hf_model, family, tmp_path):
+    base = tiny_hf_model(family)
+    targets = TARGETS[family][0]
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights="pissa", fan_in_fan_out=family == "gpt2"
+    )
+    peft_model = peft.get_peft_model(copy.deepcopy(base), config)
+    ours = inject_lora(copy.deepcopy(base), targets, r=4, alpha=8, init_lora_weights="pissa", backend=BACKEND)
+    peft_state = peft_model.state_dict()
+    for name, layer in lora_layers(ours).items():
+        prefix = f"base_model.model.{name}"
+        torch.testing.assert_close(layer.lora_A, peft_state[f"{prefix}.lora_A.default.weight"], rtol=0, atol=0)
+        torch.testing.assert_close(layer.lora_B, peft_state[f"{prefix}.lora_B.default.weight"], rtol=0, atol=0)
+        torch.testing.assert_close(layer.weight, peft_state[f"{prefix}.base_layer.weight"], rtol=0, atol=0)
+    ids = torch.randint(0, 40, (2, 6))
+    torch.testing.assert_close(hidden(ours, ids), hidden(base, ids), **CLOSE)
+
+    randomize(ours, seed=5)  # "training"
+    save_lora(ours, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (8, 16, True)
+    on_original = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    torch.testing.assert_close(hidden(on_original, ids), hidden(ours, ids), **CLOSE)
+    with disable_adapters(ours):  # the residual weight gets its initial part back: the original model
+        torch.testing.assert_close(hidden(ours, ids), hidden(base, ids), **CLOSE)
+    merged = merge_and_unload_lora(copy.deepcopy(ours))
+    torch.testing.assert_close(hidden(merged, ids), hidden(ours, ids), **CLOSE)
+
+
+def test_pissa_niter_with_rslora_saves_as_lora_on_the_original_base(tiny_hf_model, tmp_path):
+    base = tiny_hf_model("llama")
+    ours = inject_lora(
+        copy.deepcopy(base), ["q_proj", "down_proj"], r=2, alpha=4, use_rslora=True,
+        init_lora_weights="pissa_niter_4", backend=BACKEND,
+    )  # fmt: skip
+    ids = torch.randint(0, 40, (2, 6))
+    torch.testing.assert_close(hidden(ours, ids), hidden(base, ids), **CLOSE)
+    randomize(ours, seed=5)
+    save_lora(ours, tmp_path)
+    on_original = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    torch.testing.assert_close(hidden(on_original, ids), hidden(ours, ids), **CLOSE)
+    reloaded = load_lora(copy.deepcopy(base), tmp_path, backend=BACKEND)
+    torch.testing.assert_close(hidden(reloaded, ids), hidden(ours, ids), **CLOSE)
+
+
+def test_peft_pissa_file_loads_onto_the_original_base(tiny_hf_model, tmp_path):
+    base = tiny_hf_model("gpt2")
+    config = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["c_attn"], init_lora_weights="pissa", fan_in_fan_out=True
+    )
+    peft_model = peft.get_peft_model(copy.deepcopy(base), config)
+    randomize(peft_model)
+    peft_model.save_pretrained(tmp_path / "full")
+    ours = load_lora(copy.deepcopy(base), tmp_path / "full", backend=BACKEND)  # residual rebuilt, as PEFT does
+    ids = torch.randint(0, 40, (2, 6))
+    torch.testing.assert_close(hidden(ours, ids), hidden(peft_model.eval(), ids), **CLOSE)
+
+    config.init_lora_weights = "pissa_niter_2"
+    peft.get_peft_model(copy.deepcopy(base), config).save_pretrained(tmp_path / "niter")
+    with pytest.raises(ValueError, match="init_lora_weights='pissa_niter_2' is not supported: the randomised SVD"):
+        load_lora(copy.deepcopy(base), tmp_path / "niter")
+
+
+def test_embed_tokens_saved_with_base_layer_weights(tiny_hf_model, tmp_path):
+    """PEFT saves a targeted embed_tokens with its base weights; they load into the layer, as in PEFT."""
+    base = tiny_hf_model("llama")
+    peft_model = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
+    )
+    randomize(peft_model)
+    with torch.no_grad():  # a base embedding changed after loading (e.g. resized and trained rows)
+        peft_model.base_model.model.embed_tokens.base_layer.weight.mul_(1.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Setting save_embedding_layers to True"
+        peft_model.save_pretrained(tmp_path)
+    assert "base_model.model.embed_tokens.base_layer.weight" in load_file(tmp_path / "adapter_model.safetensors")
+    ours = load_lora(copy.deepcopy(base), tmp_path, backend=BACKEND)
+    ids = torch.randint(0, 40, (2, 6))
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    torch.testing.assert_close(hidden(ours, ids), hidden(reloaded, ids), **CLOSE)
+    torch.testing.assert_close(hidden(ours, ids), hidden(peft_model.eval(), ids), **CLOSE)
+
+
+# ------------------------------------------------------------------ merged state (issue 17, class 7)
+
+
+def test_merged_model_state_dict_into_unmerged_model_is_not_applied_twice(tiny_hf_model, tmp_path):
+    base = tiny_hf_model("gpt2")
+    source = inject_lora(copy.deepcopy(base), ["c_attn", "wte"], r=4, backend=BACKEND)
+    randomize(source)
+    ids = torch.randint(0, 40, (2, 6))
+    expected = hidden(source, ids)
+    merge_lora(source)
+    torch.save(source.state_dict(), tmp_path / "merged.pt")
+    target = inject_lora(copy.deepcopy(base), ["c_attn", "wte"], r=4, backend=BACKEND)
+    target.load_state_dict(torch.load(tmp_path / "merged.pt"))
+    torch.testing.assert_close(hidden(target, ids), expected, **CLOSE)
+    assert all(layer.merged for layer in lora_layers(target).values())
+    lowrank.unmerge_lora(target)
+    torch.testing.assert_close(hidden(target, ids), expected, **CLOSE)
