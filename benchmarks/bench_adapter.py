@@ -220,8 +220,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     report = run_benchmark(args)
-    name = f"adapter_{report['device']['slug']}_{report['dtype']}_{report['activation']}"
-    name += "" if report["onednn"] else "_no-onednn"
+    name = harness.report_name(report, report["activation"], None if report["onednn"] else "no-onednn")
     summary = harness.console_summary(report, markdown_table(report))
     return harness.publish(report, args.out_dir, name, markdown_report(report), summary)
 

@@ -112,8 +112,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     report = run_benchmark(args)
-    name = "_".join(["autotune", report["device"]["slug"], report["dtype"]])
-    status = harness.publish(report, args.out_dir, name, markdown_report(report),
+    status = harness.publish(report, args.out_dir, harness.report_name(report), markdown_report(report),
                              harness.console_summary(report, markdown_table(report)))
     too_slow = [row for row in report["shapes"] if row["auto_over_best"] > 1 + TOLERANCE]
     return 1 if status or (too_slow and not args.quick) else 0

@@ -223,9 +223,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     report = run_benchmark(args)
-    name = "_".join(["dora_linear", report["device"]["slug"], report["dtype"]] + ([args.tag] if args.tag else []))
-    summary = "\n".join(["", *goal_lines(report), harness.console_summary(report, markdown_table(report))])
-    return harness.publish(report, args.out_dir, name, markdown_report(report), summary)
+    return harness.publish_with_goals(report, args, markdown_report(report), markdown_table(report), goal_lines(report))
 
 
 if __name__ == "__main__":

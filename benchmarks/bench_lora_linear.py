@@ -432,8 +432,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     report = run_benchmark(args)
-    name = "_".join(["lora_linear", report["device"]["slug"], report["dtype"]] + ([args.tag] if args.tag else []))
-    stem = harness.write_reports(args.out_dir, name, report, markdown_report(report))
+    stem = harness.write_reports(args.out_dir, harness.report_name(report, args.tag), report, markdown_report(report))
     if args.plot and report["results"]:
         if write_plot(report, Path(f"{stem}.png")):
             print(f"wrote {stem}.png")

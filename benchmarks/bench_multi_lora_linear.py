@@ -279,18 +279,22 @@ def markdown_table(report: dict) -> str:
 
 
 def goal_lines(report: dict) -> list[str]:
-    """The goals' ratios and auto's picks, as a markdown list."""
-    lines = [f"- {Shape(**goal['shape'])}: {goal['what']} = {goal['ratio']:.3f}"
-             + ("" if goal["goal"] is None else f" (goal {goal['goal']}: {'met' if goal['met'] else 'NOT met'})")
-             for goal in report["goals"]]
-    return lines + [f"- auto picked {pick[-1]} for {pick[:-1]}" for pick in report["auto_picks"]]
+    """The goals' ratios, as a markdown list."""
+    return [f"- {Shape(**goal['shape'])}: {goal['what']} = {goal['ratio']:.3f}"
+            + ("" if goal["goal"] is None else f" (goal {goal['goal']}: {'met' if goal['met'] else 'NOT met'})")
+            for goal in report["goals"]]
+
+
+def pick_lines(report: dict) -> list[str]:
+    """What backend="auto" picked for each problem key, as a markdown list."""
+    return [f"- auto picked {pick[-1]} for {pick[:-1]}" for pick in report["auto_picks"]]
 
 
 def markdown_report(report: dict) -> str:
     context = (f"{report['dtype']}; rows of each batch spread uniformly at random over the adapters. "
                f"{harness.measurement_sentence(report, SOFTWARE)} {report['memory']}. Ratios are of medians measured "
                "in this run.")
-    table = "\n".join([markdown_table(report), "", *goal_lines(report)])
+    table = "\n".join([markdown_table(report), "", *goal_lines(report), *pick_lines(report)])
     return harness.markdown_document(report, "Mixed-batch multi-adapter LoRA benchmark", context, table)
 
 
@@ -319,9 +323,8 @@ def run_benchmark(args) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     report = run_benchmark(args)
-    name = "_".join(["multi_lora_linear", report["device"]["slug"], report["dtype"]] + ([args.tag] if args.tag else []))
-    summary = "\n".join(["", *goal_lines(report), harness.console_summary(report, markdown_table(report))])
-    return harness.publish(report, args.out_dir, name, markdown_report(report), summary)
+    notes = goal_lines(report) + pick_lines(report)
+    return harness.publish_with_goals(report, args, markdown_report(report), markdown_table(report), notes)
 
 
 if __name__ == "__main__":

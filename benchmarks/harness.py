@@ -585,6 +585,13 @@ def console_summary(report: dict, table: str) -> str:
     return "\n".join(["", *report_notes(report), "", table])
 
 
+def report_name(report: dict, *variants: Optional[str]) -> str:
+    """A layer benchmark's file stem, <benchmark>_<device slug>_<dtype>[_<variant>...], leaving out
+    variants that are None (an option not given)."""
+    parts = [report["benchmark"], report["device"]["slug"], report["dtype"], *variants]
+    return "_".join(part for part in parts if part)
+
+
 def write_reports(out_dir: Path, name: str, report: dict, markdown: str) -> Path:
     """<out_dir>/<name>.json (every raw number) and .md; the stem, for further files."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -600,3 +607,10 @@ def publish(report: dict, out_dir: Path, name: str, markdown: str, summary: str)
     write_reports(out_dir, name, report, markdown)
     print(summary)
     return 1 if report.get("failed_checks") else 0
+
+
+def publish_with_goals(report: dict, args: argparse.Namespace, markdown: str, table: str, goals: list[str]) -> int:
+    """publish for a layer benchmark with goal ratios: the files named by report_name with --tag,
+    then the goals (markdown list lines) and the console summary printed, the table last."""
+    summary = "\n".join(["", *goals, console_summary(report, table)])
+    return publish(report, args.out_dir, report_name(report, args.tag), markdown, summary)

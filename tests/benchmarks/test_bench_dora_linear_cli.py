@@ -8,16 +8,11 @@ import torch.nn.functional as F
 
 from lowrank.ops import dora_linear
 
-BENCHMARK = "bench_dora_linear"  # the `bench` and `quick_run` fixtures of conftest.py
+BENCHMARK = "bench_dora_linear"  # the `bench`, `quick_run` and `quick_report` fixtures of conftest.py
 
 
-def test_quick_run_reports_every_runnable_provider_and_the_goal_ratios(quick_run, bench):
+def test_quick_run_reports_every_runnable_provider_and_the_goal_ratios(quick_run, quick_report, bench):
     completed, report, out_dir = quick_run
-    assert completed.returncode == 0, f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
-    assert report is not None, "expected exactly one dora_linear_<device>_<dtype>.json in the out dir"
-    assert report["failed_checks"] == []
-    device = torch.device(report["device"]["type"])
-    assert report["skipped"] == bench.skip_reasons(device)  # the subprocess inherits TRITON_INTERPRET
     timed = [row["provider"] for row in report["results"]]
     assert sorted(timed) == sorted(set(bench.PROVIDERS) - set(report["skipped"]))
     assert {"hf_peft", "eager_dora", "lowrank_lora", "lowrank_torch", "lowrank_auto"} <= set(timed)
