@@ -13,6 +13,7 @@ from lowrank.nn import LoRAConv1D, LoRAConv2d, LoRAEmbedding, LoRALinear
 from lowrank.ops import dora_linear, dora_linear_reference, lora_linear
 
 BACKEND = "torch"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the `backend` fixture's backends run
 
 
 def randomize_lora(layer, std=0.2):
@@ -512,6 +513,7 @@ def assert_same_gradients(out, expected, params):
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 def test_dora_adapter_matches_the_formula_on_every_backend(kind, backend, monkeypatch):
     layer, x = dora_layer(kind, backend)
+    layer, x = layer.to(DEVICE), x.to(DEVICE)
     calls = []
     monkeypatch.setattr("lowrank.nn.lora.dora_linear", lambda *a, **k: calls.append(k) or dora_linear(*a, **k))
     x = x.requires_grad_()
