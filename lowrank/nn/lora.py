@@ -11,12 +11,19 @@ init_lora_weights="pissa" (Linear, Conv1D) takes A and B from the top-r SVD of t
 leaves the residual in the weight (PiSSA; "pissa_niter_K": K subspace iterations of a randomised
 SVD instead), as PEFT does.
 
+DoRA (use_dora=True; Linear and Conv1D): the adapter also has a magnitude m [out_features] (PEFT's
+lora_magnitude_vector, initialised to ‖W + s·B·A‖ of each output row) and the layer computes
+g ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + b with g = m / ‖W + s·B·A‖_row, through the fused lowrank.ops.dora_linear
+with ‖W‖²_row cached per layer (WeightNormCache: recomputed only when the weight changes). One DoRA
+adapter runs at a time; other running adapters add their terms to its output (PEFT computes the
+same when the DoRA adapter is first in its active list). A layer has DoRA or PiSSA adapters, not both.
+
 Named adapters. A layer holds any number of adapters by name (`lora_adapters`: name -> their
 settings, in the order they were added); `active_adapters` run in forward, the others are kept.
 Their tensors are registered flat on the layer:
 
-    adapter "default"    lora_A, lora_B, (pissa_A0, pissa_B0)
-    adapter "<name>"     lora_A_<name>, lora_B_<name>, (pissa_A0_<name>, pissa_B0_<name>)
+    adapter "default"    lora_A, lora_B, (pissa_A0, pissa_B0), (lora_magnitude_vector, lora_dora_scale)
+    adapter "<name>"     lora_A_<name>, lora_B_<name>, (pissa_A0_<name>, ...), (lora_magnitude_vector_<name>, ...)
 
 so a single-adapter layer has exactly the keys it always had and existing checkpoints with
 `<layer>.lora_A` / `.lora_B` load into its "default" adapter unchanged. (No part name is a prefix
@@ -24,6 +31,8 @@ of another one followed by "_", so no two adapters' keys can collide.) pissa_A0 
 the PiSSA adapter's initial A and B (buffers): scaling · B0·A0 is the part of the original weight
 that the adapter took out, so it is added back whenever that adapter is not running (inactive or
 disabled), and save_lora writes the adapter as a plain LoRA delta on the original weight.
+lora_magnitude_vector is a DoRA adapter's m (a Parameter, trained with A and B); lora_dora_scale
+is the g of a merged DoRA adapter (a buffer, present only while it is merged).
 
 Several active adapters run as one adapter of rank Σr: their A's are concatenated along r and
 their B's, each multiplied by its scaling, likewise, so a Linear / Conv1D layer makes one fused
@@ -37,7 +46,10 @@ once to the weight dtype) so inference runs the plain base layer; unmerge() subt
 recomputed deltas in reverse order. The delta is a deterministic function of A and B, so
 repeated merge/unmerge cycles do not accumulate error: the weight settles after the first cycle,
 within one rounding of the original. (Remembering the delta actually applied in the weight
-dtype instead makes the error random-walk, measurably so.)
+dtype instead makes the error random-walk, measurably so.) A DoRA adapter merges first, onto the
+unmerged weight: W' = g ⊙ (W + s·B·A) (+ the plain adapters' deltas, as the forward adds them), and
+unmerges as W = W'/g − s·B·A with the g of its merge (the norm of W cannot be recomputed from W'):
+within one rounding, not bit for bit.
 
 Which adapters are merged is part of the state_dict: a merged layer's state_dict carries
 `lora_merged` (`lora_merged_<name>`: the adapter's position in the merge order), absent when
@@ -60,7 +72,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank import _backends
-from lowrank.ops import lora_linear
+from lowrank.ops import dora_linear, lora_linear
+from lowrank.ops.dora_linear import WeightNormCache, dora_magnitude, dora_merged_weight, dora_unmerged_weight
 
 __all__ = [
     "LoRAAdapter", "LoRALayer", "LoRALinear", "LoRAEmbedding", "LoRAConv1D", "LoRAConv2d", "is_hf_conv1d",
@@ -69,6 +82,8 @@ __all__ = [
 
 DEFAULT_ADAPTER = "default"
 MERGED = "lora_merged"
+DORA_MAGNITUDE = "lora_magnitude_vector"  # DoRA's m [out_features], PEFT's name
+DORA_SCALE = "lora_dora_scale"  # g = m / ‖W + s·B·A‖_row of a merged DoRA adapter, the unmerge needs it
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
@@ -122,6 +137,7 @@ class LoRAAdapter:
     dropout: float
     use_rslora: bool = False
     init_lora_weights: Union[bool, str] = True
+    use_dora: bool = False
 
     @property
     def scaling(self) -> float:
@@ -160,11 +176,12 @@ class LoRALayer:
     active_adapters: list[str]
     merged_adapters: list[str]
     adapters_disabled: bool
-    supports_pissa = False
+    supports_pissa = supports_dora = False
 
     def _init_lora(self, adapter_name, r, alpha, dropout, **options) -> None:
         self.lora_adapters, self.active_adapters, self.merged_adapters = {}, [], []
         self.adapters_disabled = False
+        self._weight_norm_sq = WeightNormCache()  # ‖W‖²_row of the frozen weight, for DoRA
         self.register_state_dict_post_hook(_record_merged_adapters)
         self.register_load_state_dict_pre_hook(_adopt_merged_adapters)
         self.add_adapter(adapter_name, r, alpha, dropout, **options)
@@ -177,11 +194,14 @@ class LoRALayer:
 
     # ------------------------------------------------------------------ adapters
 
-    def add_adapter(self, adapter_name, r, alpha, dropout=0.0, *, use_rslora=False, init_lora_weights=True) -> None:
+    def add_adapter(
+        self, adapter_name, r, alpha, dropout=0.0, *, use_rslora=False, init_lora_weights=True, use_dora=False
+    ) -> None:
         """Add an adapter; the layer's first adapter becomes active, later ones are added inactive
-        and frozen (set_adapter activates them), as PEFT's add_adapter."""
-        self.check_new_adapter(adapter_name, r, alpha, dropout, use_rslora, init_lora_weights)
-        adapter = LoRAAdapter(r, alpha, float(dropout), use_rslora, init_lora_weights)
+        and frozen (set_adapter activates them), as PEFT's add_adapter. use_dora: DoRA, whose
+        magnitude starts at ‖W + s·B·A‖_row (PEFT's init), so the layer's output does not change."""
+        self.check_new_adapter(adapter_name, r, alpha, dropout, use_rslora, init_lora_weights, use_dora)
+        adapter = LoRAAdapter(r, alpha, float(dropout), use_rslora, init_lora_weights, use_dora)
         a_shape, b_shape = self._adapter_shapes(r)
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
         active = not self.active_adapters
@@ -196,27 +216,69 @@ class LoRALayer:
             self._pissa_init(adapter_name)
         else:
             self.reset_lora_parameters(adapter_name)
+        if use_dora:
+            weight = self._weight_out_in()
+            magnitude = dora_magnitude(weight, *self.lora_parameters(adapter_name), adapter.scaling,
+                                       self._weight_norm_sq(weight))  # fmt: skip
+            self.register_parameter(adapter_key(DORA_MAGNITUDE, adapter_name), nn.Parameter(magnitude, active))
 
-    def check_new_adapter(self, adapter_name, r, alpha, dropout, use_rslora=False, init_lora_weights=True) -> None:
+    def check_new_adapter(
+        self, adapter_name, r, alpha, dropout, use_rslora=False, init_lora_weights=True, use_dora=False
+    ) -> None:
         """Raise (naming the layer class) unless add_adapter would accept these arguments."""
-        owner = type(self).__name__
-        check_adapter_name(owner, adapter_name)
         if adapter_name in self.lora_adapters:
-            raise ValueError(f"{owner}: the layer already has LoRA adapter {adapter_name!r}")
+            raise ValueError(f"{type(self).__name__}: the layer already has LoRA adapter {adapter_name!r}")
+        if use_dora and self.merged_adapters:  # the magnitude starts from the unmerged weight's norm
+            raise ValueError(f"{type(self).__name__}: unmerge before adding a DoRA adapter")
+        self.check_adapter_options(
+            self.weight, self.lora_adapters.values(), adapter_name, r, alpha, dropout, use_rslora, init_lora_weights,
+            use_dora,
+        )  # fmt: skip
+
+    @classmethod
+    def check_adapter_options(
+        cls, weight, others, adapter_name, r, alpha, dropout, use_rslora=False, init_lora_weights=True,
+        use_dora=False,
+    ) -> None:  # fmt: skip
+        """Raise (naming the layer class) unless an adapter with these arguments can join the layer with this
+        base weight and these `others` (LoRAAdapter); also checks a module that is not a LoRA layer yet."""
+        owner = cls.__name__
+        check_adapter_name(owner, adapter_name)
         check_lora_hyperparameters(owner, r, alpha, dropout)
-        if not isinstance(use_rslora, bool):
-            raise TypeError(f"{owner}: use_rslora must be True or False, got {use_rslora!r}")
+        for option, value in (("use_rslora", use_rslora), ("use_dora", use_dora)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{owner}: {option} must be True or False, got {value!r}")
         if init_lora_weights is not True:
             pissa_iterations(init_lora_weights)
-            if not self.supports_pissa:
+            if not cls.supports_pissa:
                 raise ValueError(f"{owner}: PiSSA init is implemented for Linear and Conv1D layers only")
-            if r > min(self.weight.shape):
-                raise ValueError(f"{owner}: PiSSA needs r <= min(weight shape) = {min(self.weight.shape)}, got r={r}")
+            if r > min(weight.shape):
+                raise ValueError(f"{owner}: PiSSA needs r <= min(weight shape) = {min(weight.shape)}, got r={r}")
+        if use_dora and not cls.supports_dora:
+            raise ValueError(f"{owner}: DoRA is implemented for Linear and Conv1D layers only (PEFT also has it for "
+                             "Embedding and Conv layers; lowrank does not)")  # fmt: skip
+        adapters = [*others, LoRAAdapter(r, alpha, dropout, use_rslora, init_lora_weights, use_dora)]
+        if any(a.use_dora for a in adapters) and any(is_pissa(a.init_lora_weights) for a in adapters):
+            # DoRA's norm is of the base weight, which a PiSSA adapter turns into a residual.
+            raise ValueError(f"{owner}: DoRA and PiSSA adapters cannot share a layer")
 
     def lora_parameters(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
         """(A, B) of an adapter."""
         self._require_adapter(adapter_name)
         return getattr(self, adapter_key("lora_A", adapter_name)), getattr(self, adapter_key("lora_B", adapter_name))
+
+    def adapter_parts(self, adapter_name: str) -> list[str]:
+        """The names of an adapter's trained tensors: lora_A, lora_B and, for DoRA, lora_magnitude_vector."""
+        return ["lora_A", "lora_B", *([DORA_MAGNITUDE] if self.lora_adapters[adapter_name].use_dora else [])]
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        """Every trained tensor of an adapter: A, B and, for DoRA, the magnitude."""
+        self._require_adapter(adapter_name)
+        return [getattr(self, adapter_key(part, adapter_name)) for part in self.adapter_parts(adapter_name)]
+
+    def dora_magnitude(self, adapter_name: str) -> nn.Parameter:
+        """m [out_features] of a DoRA adapter (PEFT's lora_magnitude_vector)."""
+        return getattr(self, adapter_key(DORA_MAGNITUDE, adapter_name))
 
     def pissa_initial(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A0, B0) of a PiSSA adapter: its values right after the SVD init."""
@@ -229,10 +291,18 @@ class LoRALayer:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         if self.merged_adapters:
             raise ValueError(f"{type(self).__name__}: unmerge before changing the active adapters")
+        self.check_active_adapters(names)
         self.active_adapters = names
         for name in self.lora_adapters:
-            for param in self.lora_parameters(name):
+            for param in self.adapter_parameters(name):
                 param.requires_grad_(name in names)
+
+    def check_active_adapters(self, names: list[str]) -> None:
+        """Raise unless these adapters can run together: at most one DoRA adapter (its output is scaled by its g;
+        another DoRA adapter would scale it again, in an order PEFT's active list decides)."""
+        dora = [name for name in names if name in self.lora_adapters and self.lora_adapters[name].use_dora]
+        if len(dora) > 1:
+            raise ValueError(f"{type(self).__name__}: one DoRA adapter can be active at a time, got {dora}")
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter (not while merged). A PiSSA adapter's initial part goes back into the
@@ -251,7 +321,7 @@ class LoRALayer:
             self.active_adapters = [name for name in self.active_adapters if name != adapter_name]
 
     def _remove_adapter_tensors(self, adapter_name: str) -> None:
-        for part in ("lora_A", "lora_B", "pissa_A0", "pissa_B0"):
+        for part in ("lora_A", "lora_B", DORA_MAGNITUDE, DORA_SCALE, "pissa_A0", "pissa_B0"):
             key = adapter_key(part, adapter_name)
             self._parameters.pop(key, None)
             self._buffers.pop(key, None)
@@ -314,18 +384,41 @@ class LoRALayer:
 
     # ------------------------------------------------------------------ forward terms and merging
 
+    def _running(self) -> list[str]:
+        """The adapters the forward runs: active, enabled, not merged."""
+        if self.adapters_disabled:
+            return []
+        merged = self.merged_adapters
+        return [name for name in self.active_adapters if name in self.lora_adapters and name not in merged]
+
+    def _dropout(self, adapter: LoRAAdapter) -> float:
+        return adapter.dropout if self.training else 0.0
+
     def _lora_terms(self) -> list[LowRankTerm]:
-        """Every low-rank term the forward adds to the base layer: the running adapters (active,
-        enabled, not merged) and the initial part of each PiSSA adapter that is not running."""
-        terms = []
+        """Every low-rank term the forward adds to the base layer: the running plain (not DoRA) adapters
+        and the initial part of each PiSSA adapter that is not running."""
+        running, terms = self._running(), []
         for name, adapter in self.lora_adapters.items():
-            if name in self.merged_adapters:
-                continue
-            if not self.adapters_disabled and name in self.active_adapters:
-                terms.append((*self.lora_parameters(name), adapter.scaling, adapter.dropout if self.training else 0.0))
-            elif is_pissa(adapter.init_lora_weights):
+            if name in running and not adapter.use_dora:
+                terms.append((*self.lora_parameters(name), adapter.scaling, self._dropout(adapter)))
+            elif is_pissa(adapter.init_lora_weights) and name not in running and name not in self.merged_adapters:
                 terms.append((*self.pissa_initial(name), adapter.scaling, 0.0))
         return terms
+
+    def _linear_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Linear and Conv1D (weight [out, in]): without a running DoRA adapter, the base layer and the low-rank
+        terms in fused lora_linear calls; with one, its fused dora_linear call (‖W‖² from the layer's cache)
+        and the other adapters' terms added to its output."""
+        dora = [name for name in self._running() if self.lora_adapters[name].use_dora]
+        terms = self._lora_terms()
+        if not dora:
+            return linear_with_terms(x, weight, self.bias, terms, self.backend)
+        adapter = self.lora_adapters[dora[0]]
+        out = dora_linear(
+            x, weight, self.bias, *self.lora_parameters(dora[0]), self.dora_magnitude(dora[0]), adapter.scaling,
+            self._dropout(adapter), weight_norm_sq=self._weight_norm_sq(weight), backend=self.backend,
+        )  # fmt: skip
+        return add_low_rank_terms(out, x, _dropout_groups(terms))
 
     def _compute_dtype(self) -> torch.dtype:
         return torch.promote_types(self.weight.dtype, torch.float32)
@@ -346,25 +439,60 @@ class LoRALayer:
 
     @torch.no_grad()
     def merge(self, adapter_names=None) -> None:
-        """Fold adapters (default: the active ones this layer has) into the base weight; merged ones are skipped."""
+        """Fold adapters (default: the active ones this layer has) into the base weight; merged ones are skipped.
+
+        A DoRA adapter merges first, onto the unmerged weight (adapters merged before are taken out and put
+        back after it): W' = g ⊙ (W + s·B·A) + the plain adapters' deltas, which is what the forward computes.
+        """
         names = self.active_adapters if adapter_names is None else adapter_names
-        for name in [name for name in names if name in self.lora_adapters and name not in self.merged_adapters]:
-            if self.adapters_disabled:
-                raise ValueError(f"{type(self).__name__}: cannot merge while the adapters are disabled")
-            self.weight.copy_(torch.add(self.weight, self.delta_weight(name)))
+        names = [name for name in names if name in self.lora_adapters and name not in self.merged_adapters]
+        if not names:
+            return
+        owner = type(self).__name__
+        if self.adapters_disabled:
+            raise ValueError(f"{owner}: cannot merge while the adapters are disabled")
+        dora = [name for name in self.merged_adapters + names if self.lora_adapters[name].use_dora]
+        if len(dora) > 1:
+            raise ValueError(f"{owner}: one DoRA adapter can be merged at a time, got {dora}")
+        left_running = [name for name in self._running() if self.lora_adapters[name].use_dora and name not in names]
+        if left_running:  # its norm would be taken of the merged weight
+            raise ValueError(f"{owner}: merge the running DoRA adapter {left_running[0]!r} too, or first")
+        if dora and dora[0] in names:
+            replay = list(self.merged_adapters)
+            self.unmerge()
+            names = dora + replay + [name for name in names if name != dora[0]]
+        for name in names:
+            adapter = self.lora_adapters[name]
+            if adapter.use_dora:  # g is kept as a buffer: the unmerge needs it, and it travels with the state_dict
+                weight = self._weight_out_in()
+                merged, scale = dora_merged_weight(weight, *self.lora_parameters(name), self.dora_magnitude(name),
+                                                   adapter.scaling, self._weight_norm_sq(weight))  # fmt: skip
+                weight.copy_(merged)
+                self.register_buffer(adapter_key(DORA_SCALE, name), scale)
+            else:
+                self.weight.copy_(torch.add(self.weight, self.delta_weight(name)))
             self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take every merged adapter back out of the base weight, last merged first."""
+        """Take every merged adapter back out of the base weight, last merged first (DoRA: W = W'/g − s·B·A with
+        the merge's g, since the norm of W cannot be recomputed from W')."""
         while self.merged_adapters:
-            self.weight.copy_(torch.sub(self.weight, self.delta_weight(self.merged_adapters[-1])))
+            name = self.merged_adapters[-1]
+            adapter = self.lora_adapters[name]
+            if adapter.use_dora:
+                weight, scale = self._weight_out_in(), getattr(self, adapter_key(DORA_SCALE, name))
+                weight.copy_(dora_unmerged_weight(weight, *self.lora_parameters(name), scale, adapter.scaling))
+                del self._buffers[adapter_key(DORA_SCALE, name)]
+            else:
+                self.weight.copy_(torch.sub(self.weight, self.delta_weight(name)))
             self.merged_adapters.pop()
 
     def extra_repr(self) -> str:
         adapters = ", ".join(
             f"{name}(r={a.r}, alpha={a.alpha}, dropout={a.dropout}"
             + (", rslora" if a.use_rslora else "")
+            + (", dora" if a.use_dora else "")
             + (f", init={a.init_lora_weights}" if a.init_lora_weights is not True else "")
             + ")"
             for name, a in self.lora_adapters.items()
@@ -394,20 +522,20 @@ def _adopt_merged_adapters(module: LoRALayer, state_dict, prefix, *_) -> None:
     if prefix + "weight" not in state_dict:  # the base weight stays: so does what it holds
         stale = [
             name for name in module.merged_adapters
-            if any(prefix + adapter_key(part, name) in state_dict for part in ("lora_A", "lora_B"))
+            if any(prefix + adapter_key(part, name) in state_dict for part in module.adapter_parts(name))
         ]  # fmt: skip
         if stale:
             raise ValueError(
                 f"load_state_dict: {prefix or 'the layer'} has adapters {stale} merged into its weight, and the "
-                f"state_dict replaces their A / B but not {prefix}weight; unmerge first"
+                f"state_dict replaces their A / B (DoRA: magnitude) but not {prefix}weight; unmerge first"
             )
         return
     merged = sorted(incoming, key=incoming.get)
     for name in merged:
-        missing = [
-            prefix + adapter_key(part, name) for part in ("lora_A", "lora_B")
-            if prefix + adapter_key(part, name) not in state_dict
-        ]  # fmt: skip
+        parts = module.adapter_parts(name) if name in module.lora_adapters else []
+        if parts and module.lora_adapters[name].use_dora:
+            parts.append(DORA_SCALE)
+        missing = [key for key in (prefix + adapter_key(part, name) for part in parts) if key not in state_dict]
         if name not in module.lora_adapters or missing:
             problem = "the layer has no such adapter" if name not in module.lora_adapters else f"it lacks {missing}"
             raise ValueError(
@@ -415,6 +543,12 @@ def _adopt_merged_adapters(module: LoRALayer, state_dict, prefix, *_) -> None:
                 f"({prefix + adapter_key(MERGED, name)}), but {problem}; load it into a model with that adapter, "
                 "or unmerge before saving"
             )
+    for name in module.merged_adapters:  # the g of merges the loaded weight does not hold
+        module._buffers.pop(adapter_key(DORA_SCALE, name), None)
+    for name in merged:  # room for the g of the loaded weight's DoRA merge, which load_state_dict then copies
+        if module.lora_adapters[name].use_dora:
+            key = adapter_key(DORA_SCALE, name)
+            module.register_buffer(key, torch.empty_like(state_dict[prefix + key], device=module.weight.device))
     module.merged_adapters = merged
 
 
@@ -435,6 +569,14 @@ def _concatenated(terms: list[LowRankTerm]) -> tuple[torch.Tensor, torch.Tensor,
     return lora_A, lora_B, 1.0
 
 
+def add_low_rank_terms(out, x, groups: list[list[LowRankTerm]]) -> torch.Tensor:
+    """out + each group's scaling·(dropout(x)·Aᵀ)·Bᵀ in plain PyTorch: one more pass over [M, N] per group."""
+    for group in groups:
+        lora_A, lora_B, scaling = _concatenated(group)
+        out = out + scaling * ((F.dropout(x, group[0][3], training=True) @ lora_A.t()) @ lora_B.t())
+    return out
+
+
 def linear_with_terms(x, weight, bias, terms: list[LowRankTerm], backend) -> torch.Tensor:
     """x·Wᵀ + b + the low-rank terms: one fused lora_linear call per dropout rate (see the module docstring)."""
     if not terms:
@@ -442,16 +584,13 @@ def linear_with_terms(x, weight, bias, terms: list[LowRankTerm], backend) -> tor
     first, *others = _dropout_groups(terms)
     lora_A, lora_B, scaling = _concatenated(first)
     out = lora_linear(x, weight, bias, lora_A, lora_B, scaling, first[0][3], backend=backend)
-    for group in others:
-        lora_A, lora_B, scaling = _concatenated(group)
-        out = out + scaling * ((F.dropout(x, group[0][3], training=True) @ lora_A.t()) @ lora_B.t())
-    return out
+    return add_low_rank_terms(out, x, others)
 
 
 class LoRALinear(LoRALayer, nn.Linear):
     """nn.Linear with LoRA adapters: lora_A [r, in_features], lora_B [out_features, r] each."""
 
-    supports_pissa = True
+    supports_pissa = supports_dora = True
 
     def __init__(
         self, in_features, out_features, r=8, alpha=16, dropout=0.0, bias=True, device=None, dtype=None, backend=None,
@@ -483,7 +622,7 @@ class LoRALinear(LoRALayer, nn.Linear):
         return (r, self.in_features), (self.out_features, r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_with_terms(x, self.weight, self.bias, self._lora_terms(), self.backend)
+        return self._linear_forward(x, self.weight)
 
 
 class LoRAConv1D(LoRALayer, nn.Module):
@@ -493,7 +632,7 @@ class LoRAConv1D(LoRALayer, nn.Module):
     It mirrors Conv1D rather than subclassing it, so lowrank does not depend on transformers.
     """
 
-    supports_pissa = True
+    supports_pissa = supports_dora = True
 
     def __init__(
         self, nf, nx, r=8, alpha=16, dropout=0.0, device=None, dtype=None, backend=None,
@@ -534,7 +673,7 @@ class LoRAConv1D(LoRALayer, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # weight.t() is a transposed view of the [in, out] storage, not a copy.
-        return linear_with_terms(x, self.weight.t(), self.bias, self._lora_terms(), self.backend)
+        return self._linear_forward(x, self.weight.t())
 
     def _base_repr(self) -> str:
         return f"nf={self.nf}, nx={self.nx}"

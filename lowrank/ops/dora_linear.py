@@ -134,6 +134,11 @@ class WeightNormCache:
             self._owner, self._key = weakref.ref(owner), key
         return self._value
 
+    def __getstate__(self) -> dict:
+        """Pickled (torch.save of a module, deepcopy) empty: a weakref cannot be pickled, and a copy's
+        weight is another tensor anyway."""
+        return {"_key": None, "_owner": None, "_value": None}
+
 
 def column_norm(weight_norm_sq: Tensor, weight_times_a: Tensor, lora_A: Tensor, lora_B: Tensor,
                 scaling: float) -> Tensor:

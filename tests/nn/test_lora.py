@@ -10,9 +10,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowrank.nn import LoRAConv1D, LoRAConv2d, LoRAEmbedding, LoRALinear
-from lowrank.ops import lora_linear
+from lowrank.ops import dora_linear, dora_linear_reference, lora_linear
 
 BACKEND = "torch"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the `backend` fixture's backends run
 
 
 def randomize_lora(layer, std=0.2):
@@ -473,3 +474,231 @@ def test_several_active_adapters_compile_fullgraph(compiles_like_eager):
     layer, x = multi_adapter_layer("linear")
     layer.float()
     compiles_like_eager(lambda x: layer(x).square().sum(), x.float(), [layer.lora_A, layer.lora_B_other])
+
+
+# ------------------------------------------------------------------ DoRA
+
+
+def dora_layer(kind, backend=BACKEND, dtype=torch.float64):
+    """A layer whose active adapter "dora" (r=3, alpha=6) has nonzero A and B and a magnitude away from the
+    weight norm; its plain adapter "default" (r=4, alpha=8) is inactive."""
+    if kind == "conv1d":
+        hf_conv1d()
+    layer, x = make_layer(kind, dtype=dtype)
+    layer.backend = backend
+    layer.add_adapter("dora", 3, 6, use_dora=True)
+    with torch.no_grad():
+        layer.lora_A_dora.normal_(std=0.2)
+        layer.lora_B_dora.normal_(std=0.2)
+        layer.lora_magnitude_vector_dora.mul_(1 + 0.1 * torch.randn_like(layer.lora_magnitude_vector_dora))
+    layer.set_adapter("dora")
+    return layer, x
+
+
+def dora_formula(layer, x):
+    """DoRA as PEFT writes it, W + s·B·A formed and its row norm detached (adapter "dora": s = 6 / 3)."""
+    weight = layer._weight_out_in()
+    lora_A, lora_B = layer.lora_parameters("dora")
+    norm = torch.linalg.vector_norm(weight + 2.0 * lora_B @ lora_A, dim=1).detach()
+    magnitude = layer.lora_magnitude_vector_dora
+    return (magnitude / norm) * (x @ weight.t() + 2.0 * (x @ lora_A.t()) @ lora_B.t()) + layer.bias
+
+
+def assert_same_gradients(out, expected, params):
+    grads = torch.autograd.grad(out.square().sum(), params, retain_graph=True)
+    for grad, grad_expected in zip(grads, torch.autograd.grad(expected.square().sum(), params, retain_graph=True)):
+        torch.testing.assert_close(grad, grad_expected)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_dora_adapter_matches_the_formula_on_every_backend(kind, backend, monkeypatch):
+    layer, x = dora_layer(kind, backend)
+    layer, x = layer.to(DEVICE), x.to(DEVICE)
+    calls = []
+    monkeypatch.setattr("lowrank.nn.lora.dora_linear", lambda *a, **k: calls.append(k) or dora_linear(*a, **k))
+    x = x.requires_grad_()
+    out, expected = layer(x), dora_formula(layer, x)
+    torch.testing.assert_close(out, expected)
+    params = [x, *layer.adapter_parameters("dora")]
+    assert len(params) == 4 and all(p.requires_grad for p in params)
+    assert_same_gradients(out, expected, params)
+    layer(x)
+    assert len(calls) == 2 and calls[0]["backend"] == backend
+    assert calls[1]["weight_norm_sq"] is calls[0]["weight_norm_sq"]  # the cached ‖W‖², not recomputed
+
+
+def test_dora_weight_norm_is_recomputed_after_the_weight_changes():
+    layer, x = dora_layer("linear")
+    layer(x)
+    with torch.no_grad():
+        layer.weight.mul_(1.5)  # in place, as an optimizer step or load_state_dict
+    torch.testing.assert_close(layer(x), dora_formula(layer, x))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_dora_starts_as_the_base_layer_with_peft_key_names(kind):
+    if kind == "conv1d":
+        base = hf_conv1d()(10, 12)
+        layer = LoRAConv1D.from_conv1d(copy.deepcopy(base), r=4, use_dora=True, adapter_name="d")
+        weight = base.weight.t()
+    else:
+        base = nn.Linear(12, 10)
+        layer = LoRALinear.from_linear(copy.deepcopy(base), r=4, use_dora=True, adapter_name="d")
+        weight = base.weight
+    assert list(layer.state_dict()) == ["weight", "bias", "lora_A_d", "lora_B_d", "lora_magnitude_vector_d"]
+    assert layer.lora_magnitude_vector_d.requires_grad and not layer.weight.requires_grad
+    torch.testing.assert_close(layer.lora_magnitude_vector_d, torch.linalg.vector_norm(weight, dim=1))
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(layer(x), base(x))
+    assert "dora" in repr(layer)
+
+
+def test_dora_dropout_only_in_training():
+    layer, x = dora_layer("linear")
+    layer.lora_adapters["dora"].dropout = 0.3
+    layer.train()
+    torch.manual_seed(4)
+    out = layer(x)
+    torch.manual_seed(4)
+    seed = torch.randint(0, 2**31 - 1, ())  # the seed dora_linear draws
+    inputs = (layer.weight, layer.bias, *layer.lora_parameters("dora"), layer.lora_magnitude_vector_dora, 2.0)
+    x2d = x.reshape(-1, 12)
+    torch.testing.assert_close(out.reshape(-1, 10), dora_linear_reference(x2d, *inputs, 0.3, seed))
+    layer.eval()
+    torch.testing.assert_close(layer(x), dora_formula(layer, x))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_dora_merge_is_exact_and_unmerge_restores_the_weight(kind):
+    layer, x = dora_layer(kind)
+    original = layer.weight.detach().clone()
+    expected = layer(x)
+    layer.merge()
+    assert layer.merged_adapters == ["dora"] and "lora_dora_scale_dora" in layer.state_dict()
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, original, rtol=1e-12, atol=1e-12)
+    assert "lora_dora_scale_dora" not in layer.state_dict()
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_dora_unmerge_in_bfloat16_is_within_one_rounding():
+    """Merge and unmerge compute in fp32: W' = g ⊙ (W + s·B·A) rounded once to bf16, W = W'/g − s·B·A rounded once."""
+    layer, _ = dora_layer("linear", dtype=torch.bfloat16)
+    original = layer.weight.detach().double()
+    delta = 2.0 * layer.lora_B_dora.double() @ layer.lora_A_dora.double()
+    largest = torch.stack([original.abs(), delta.abs(), (original + delta).abs()]).amax(0)
+    ulp = torch.finfo(torch.bfloat16).eps * torch.exp2(torch.floor(torch.log2(largest)))
+    layer.merge()
+    layer.unmerge()
+    assert ((layer.weight.double() - original).abs() <= ulp).all()
+
+
+def test_dora_beside_a_plain_adapter_adds_the_plain_term_after_it(monkeypatch):
+    layer, x = dora_layer("linear")
+    layer.set_adapter(["default", "dora"])  # the order does not matter: DoRA first, the plain term after it
+    assert layer.lora_A.requires_grad and layer.lora_magnitude_vector_dora.requires_grad
+    x = x.requires_grad_()
+    out = layer(x)
+    expected = dora_formula(layer, x) + 2.0 * (x @ layer.lora_A.t()) @ layer.lora_B.t()
+    torch.testing.assert_close(out, expected)
+    assert_same_gradients(out, expected, [x, *layer.adapter_parameters("dora"), *layer.adapter_parameters("default")])
+    layer.merge()
+    assert layer.merged_adapters == ["dora", "default"]
+    torch.testing.assert_close(layer(x), expected)
+    layer.unmerge()
+    layer.set_adapter("default")
+    assert not layer.lora_magnitude_vector_dora.requires_grad
+
+
+def test_dora_merges_first_onto_the_unmerged_weight():
+    """A plain adapter merged before the DoRA adapter is taken out and put back after it."""
+    layer, x = dora_layer("linear")
+    layer.set_adapter(["dora", "default"])
+    original, expected = layer.weight.detach().clone(), layer(x)
+    with pytest.raises(ValueError, match="merge the running DoRA adapter 'dora' too, or first"):
+        layer.merge(["default"])
+    layer.set_adapter("default")
+    layer.merge()
+    layer.merge(["dora"])
+    assert layer.merged_adapters == ["dora", "default"]
+    torch.testing.assert_close(layer(x), expected)
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, original)
+
+
+def test_one_dora_adapter_active_or_merged_at_a_time():
+    layer, x = dora_layer("linear")
+    layer.add_adapter("dora2", 2, 2, use_dora=True)
+    with pytest.raises(ValueError, match=r"one DoRA adapter can be active at a time, got \['dora', 'dora2'\]"):
+        layer.set_adapter(["dora", "dora2"])
+    assert layer.active_adapters == ["dora"]
+    with pytest.raises(ValueError, match=r"one DoRA adapter can be merged at a time, got \['dora', 'dora2'\]"):
+        layer.merge(["dora", "dora2"])
+    layer.merge()
+    with pytest.raises(ValueError, match="unmerge before adding a DoRA adapter"):
+        layer.add_adapter("dora3", 2, 2, use_dora=True)
+
+
+def test_merged_dora_state_dict_brings_its_scale(tmp_path):
+    source, x = dora_layer("linear")
+    expected = source(x)
+    source.merge()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "merged.safetensors")
+    target, _ = dora_layer("linear")
+    with torch.no_grad():
+        target.lora_magnitude_vector_dora.mul_(2.0)  # different values, so the load must bring them
+    target.load_state_dict(load_file(tmp_path / "merged.safetensors"))
+    assert target.merged_adapters == ["dora"]
+    torch.testing.assert_close(target(x), expected)
+    target.unmerge()  # needs the merge's g, which came with the state_dict
+    torch.testing.assert_close(target(x), expected)
+    target.merge()
+    target.load_state_dict(dora_layer("linear")[0].state_dict())  # an unmerged state_dict: unmerged, g dropped
+    assert not target.merged and "lora_dora_scale_dora" not in target.state_dict()
+    torch.testing.assert_close(target(x), expected)
+
+
+def test_dora_magnitude_alone_into_a_merged_layer_is_refused():
+    layer, _ = dora_layer("linear")
+    layer.merge()
+    with pytest.raises(ValueError, match=r"adapters \['dora'\] merged into its weight.*\(DoRA: magnitude\)"):
+        layer.load_state_dict({"lora_magnitude_vector_dora": layer.lora_magnitude_vector_dora * 2}, strict=False)
+    source, _ = dora_layer("linear")
+    source.merge()
+    state = {k: v for k, v in source.state_dict().items() if k != "lora_dora_scale_dora"}
+    target, _ = dora_layer("linear")
+    with pytest.raises(ValueError, match=r"adapter 'dora' merged into it .*lacks \['lora_dora_scale_dora'\]"):
+        target.load_state_dict(state)
+
+
+def test_dora_is_refused_where_it_is_not_implemented():
+    with pytest.raises(ValueError, match="LoRAEmbedding: DoRA is implemented for Linear and Conv1D layers only"):
+        LoRAEmbedding(10, 4, r=2, use_dora=True)
+    with pytest.raises(ValueError, match="LoRAConv2d: DoRA is implemented for Linear and Conv1D layers only"):
+        LoRAConv2d(3, 4, 3, r=2, use_dora=True)
+    with pytest.raises(ValueError, match="DoRA and PiSSA adapters cannot share a layer"):
+        LoRALinear(6, 6, r=2, use_dora=True, init_lora_weights="pissa")
+    with pytest.raises(ValueError, match="DoRA and PiSSA adapters cannot share a layer"):
+        LoRALinear(6, 6, r=2, use_dora=True).add_adapter("pissa", 2, 2, init_lora_weights="pissa")
+    with pytest.raises(TypeError, match="use_dora must be True or False, got 1"):
+        LoRALinear(6, 6, r=2, use_dora=1)
+
+
+def test_dora_layer_saves_and_copies_after_a_forward(tmp_path):
+    layer, x = dora_layer("linear")
+    expected = layer(x)  # fills the weight-norm cache, which holds a weakref
+    torch.save(layer, tmp_path / "layer.pt")
+    torch.testing.assert_close(torch.load(tmp_path / "layer.pt", weights_only=False)(x), expected)
+    copied = copy.deepcopy(layer)
+    with torch.no_grad():
+        copied.weight.mul_(2.0)
+    torch.testing.assert_close(copied(x), dora_formula(copied, x))
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_dora_beside_a_plain_adapter_compiles_fullgraph(compiles_like_eager):
+    layer, x = dora_layer("linear", dtype=torch.float32)
+    layer.set_adapter(["dora", "default"])
+    params = [layer.lora_A, layer.lora_B_dora, layer.lora_magnitude_vector_dora]
+    compiles_like_eager(lambda x: layer(x).square().sum(), x, params)

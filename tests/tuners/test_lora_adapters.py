@@ -299,3 +299,170 @@ def test_merged_model_state_dict_into_unmerged_model_is_not_applied_twice(tiny_h
     assert all(layer.merged for layer in lora_layers(target).values())
     lowrank.unmerge_lora(target)
     torch.testing.assert_close(hidden(target, ids), expected, **CLOSE)
+
+
+# ------------------------------------------------------------------ DoRA
+
+
+def peft_with_dora(base, family):
+    """A PEFT model with "default" a DoRA adapter (r=4, alpha=8) and "other" a plain one (r=2, alpha=4, rsLoRA),
+    every LoRA tensor randomized and each magnitude moved off the weight norm it starts at."""
+    default_targets, other_targets = TARGETS[family]
+    conv1d = {"fan_in_fan_out": family == "gpt2"}
+    model = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=default_targets, use_dora=True, **conv1d)
+    )
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=4, target_modules=other_targets, use_rslora=True,
+                                               **conv1d))  # fmt: skip
+    randomize_dora(model)
+    return model.eval()
+
+
+def randomize_dora(model, seed=1):
+    randomize(model, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.1 * torch.randn(param.shape, generator=generator))
+
+
+# The base models' own dropout off, so that a training-mode step is deterministic.
+NO_DROPOUT = {
+    "bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+    "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "llama": {},
+}
+
+
+def dora_gradients(model, ids):
+    """{module name: (dA, dB, dm)} of the DoRA adapter "default" after one training-mode step (dropout 0), for
+    a loss linear in the hidden states (BERT's are layer-normed: the mean square would be nearly constant)."""
+    model.train()
+    model.zero_grad()
+    out = hidden(model, ids)
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(0))).sum().backward()
+    model.eval()
+    grads = {}
+    for name, module in model.named_modules():
+        if isinstance(module, lowrank.nn.LoRALayer) and "default" in module.lora_adapters:
+            grads[name] = tuple(p.grad for p in module.adapter_parameters("default"))
+        elif "default" in getattr(module, "lora_magnitude_vector", {}):
+            grads[name.removeprefix("base_model.model.")] = (
+                module.lora_A["default"].weight.grad, module.lora_B["default"].weight.grad,
+                module.lora_magnitude_vector["default"].weight.grad,
+            )  # fmt: skip
+    return grads
+
+
+# PEFT runs its active adapters in list order, feeding each DoRA adapter the output so far; ours adds the plain
+# adapters after the DoRA one, which is PEFT's order with the DoRA adapter first.
+DORA_ACTIVE_SETS = ["default", "other", ["default", "other"]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_peft_dora_adapter_loads_with_equal_outputs_gradients_and_merge(tiny_hf_model, family, tmp_path):
+    base = tiny_hf_model(family, **NO_DROPOUT[family])
+    peft_model = peft_with_dora(base, family)
+    peft_model.save_pretrained(tmp_path)
+    ours = load_lora(copy.deepcopy(base), tmp_path, backend=BACKEND)
+    load_lora(ours, tmp_path, adapter_name="other")
+    assert ours.lora_configs["default"].use_dora and not ours.lora_configs["other"].use_dora
+    ids = torch.randint(0, 40, (2, 6))
+    assert_same_outputs(peft_model, ours, ids, DORA_ACTIVE_SETS)
+    with peft_model.disable_adapter(), disable_adapters(ours):
+        torch.testing.assert_close(hidden(ours, ids), hidden(base, ids), **CLOSE)
+
+    peft_model.base_model.set_adapter("default")
+    set_adapter(ours, "default")
+    expected, ours_grads = dora_gradients(peft_model, ids), dora_gradients(ours, ids)
+    assert sorted(ours_grads) == sorted(expected) and len(ours_grads) >= 2
+    for name, grads in ours_grads.items():
+        for grad, grad_expected in zip(grads, expected[name], strict=True):
+            largest = grad_expected.abs().max()  # (tiny BERT's query gradients are about 1e-4)
+            assert largest > 1e-6
+            torch.testing.assert_close(grad / largest, grad_expected / largest, **CLOSE, msg=name)
+
+    set_adapter(ours, ["default", "other"])
+    peft_model.base_model.set_adapter(["default", "other"])
+    expected = hidden(peft_model, ids)
+    torch.testing.assert_close(hidden(merge_and_unload_lora(copy.deepcopy(ours)), ids), expected, **CLOSE)
+    merge_lora(ours)  # DoRA first, onto the unmerged weight: W' = g ⊙ (W + s·B·A) + the plain delta
+    torch.testing.assert_close(hidden(ours, ids), expected, **CLOSE)
+    lowrank.unmerge_lora(ours)
+    torch.testing.assert_close(hidden(ours, ids), expected, **CLOSE)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_our_dora_adapter_loads_in_peft_with_equal_outputs(tiny_hf_model, family, tmp_path):
+    base = tiny_hf_model(family)
+    default_targets, other_targets = TARGETS[family]
+    ours = inject_lora(copy.deepcopy(base), default_targets, r=4, alpha=8, use_dora=True, backend=BACKEND)
+    inject_lora(ours, other_targets, r=2, alpha=4, adapter_name="other", use_rslora=True, backend=BACKEND)
+    randomize_dora(ours)
+    save_lora(ours, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    assert json.loads((tmp_path / "other" / "adapter_config.json").read_text())["use_dora"] is False
+    name = next(iter(lora_layers(ours)))
+    assert f"base_model.model.{name}.lora_magnitude_vector" in load_file(tmp_path / "adapter_model.safetensors")
+
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    peft_model.load_adapter(tmp_path, adapter_name="other", subfolder="other")
+    assert_same_outputs(peft_model, ours, torch.randint(0, 40, (2, 6)), DORA_ACTIVE_SETS)
+
+
+def test_dora_trains_a_b_and_the_magnitude(tiny_hf_model, trains_only_what_it_should):
+    model = inject_lora(tiny_hf_model("gpt2"), ["c_attn"], r=4, use_dora=True, backend=BACKEND)
+    inject_lora(model, ["c_fc"], r=2, adapter_name="plain", backend=BACKEND)
+    set_adapter(model, ["default", "plain"])
+    mark_only_lora_trainable(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {n.split(".", 2)[-1] for n, p in model.named_parameters() if p.requires_grad} == {
+        "attn.c_attn.lora_A", "attn.c_attn.lora_B", "attn.c_attn.lora_magnitude_vector", "mlp.c_fc.lora_A_plain",
+        "mlp.c_fc.lora_B_plain",
+    }  # fmt: skip
+    ids = torch.randint(0, 40, (2, 6))
+    trains_only_what_it_should(model, lambda: hidden(model, ids).square().mean(), trainable)
+    set_adapter(model, "plain")
+    assert not model.h[0].attn.c_attn.lora_magnitude_vector.requires_grad
+
+
+def test_dora_refusals_leave_the_model_unchanged(tiny_hf_model):
+    model = inject_lora(tiny_hf_model("llama"), ["q_proj"], r=4, use_dora=True, backend=BACKEND)
+    inject_lora(model, ["q_proj", "v_proj"], r=2, adapter_name="second", use_dora=True, backend=BACKEND)
+    with pytest.raises(ValueError, match=r"set_adapter: 'layers.0.self_attn.q_proj': .*one DoRA adapter can be active"):
+        set_adapter(model, ["default", "second"])
+    assert all(layer.active_adapters == ["default"] for layer in lora_layers(model).values())
+    with pytest.raises(ValueError, match=r"DoRA adapters \['default'\] have trained magnitudes"):
+        add_weighted_adapter(model, ["default"], [1.0], "mix", combination_type="cat")
+    with pytest.raises(ValueError, match="'embed_tokens'.*DoRA is implemented for Linear and Conv1D layers only"):
+        inject_lora(model, ["embed_tokens"], r=2, adapter_name="emb", use_dora=True)
+    with pytest.raises(ValueError, match="adapter 'second' was injected with use_dora=True"):
+        inject_lora(model, ["k_proj"], r=2, adapter_name="second", backend=BACKEND)
+    assert "emb" not in lowrank.tuners.lora.model.adapter_names(model)
+
+
+def test_dora_config_must_match_the_tensors(tiny_hf_model, tmp_path):
+    base = tiny_hf_model("bert")
+    plain = inject_lora(copy.deepcopy(base), ["query"], r=4, backend=BACKEND)
+    save_lora(plain, tmp_path / "plain")
+    with pytest.raises(ValueError, match="use_dora=True, but adapter 'default' of .* is not a DoRA adapter"):
+        config = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+        (tmp_path / "plain" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+        load_lora(plain, tmp_path / "plain")
+    with pytest.raises(ValueError, match="missing key 'base_model.model.encoder.layer.0.attention.self.query"
+                                         ".lora_magnitude_vector'"):  # fmt: skip
+        load_lora(copy.deepcopy(base), tmp_path / "plain")
+    (tmp_path / "plain" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": "yes"}))
+    with pytest.raises(ValueError, match="use_dora must be true or false, got 'yes'"):
+        load_lora(copy.deepcopy(base), tmp_path / "plain")
+
+    dora = inject_lora(copy.deepcopy(base), ["query"], r=4, use_dora=True, backend=BACKEND)
+    save_lora(dora, tmp_path / "dora")
+    config = json.loads((tmp_path / "dora" / "adapter_config.json").read_text())
+    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False}))
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="lora_magnitude_vector' is a DoRA magnitude, but the config has use_dora"):
+        load_lora(model, tmp_path / "dora")
+    assert not lora_layers(model)

@@ -189,7 +189,6 @@ REFUSED = [
     peft_config_value(kasa_config=peft.KasaConfig()),
     peft_config_value(velora_config=peft.VeloraConfig()),
     peft_config_value(monteclora_config=peft.MontecloraConfig()),
-    ("use_dora", True),
     ("bias", "all"),
     ("lora_bias", True),
     ("modules_to_save", ["classifier"]),

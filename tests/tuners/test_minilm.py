@@ -173,3 +173,29 @@ def test_named_adapters_match_peft(base_and_batch, tmp_path):
             torch.testing.assert_close(hidden_states(model, batch), hidden_states(peft_model, batch), **FP32_NOISE)
         with disable_adapters(model):
             torch.testing.assert_close(hidden_states(model, batch), hidden_states(base, batch), **FP32_NOISE)
+
+
+def test_dora_adapter_matches_peft_both_ways_and_merges(base_and_batch, tmp_path):
+    peft = pytest.importorskip("peft")
+    base, batch = base_and_batch
+    peft_model = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True)
+    )
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.02)
+            elif "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.05 * torch.randn_like(param))
+    peft_model.eval().save_pretrained(tmp_path / "peft")
+    model = load_lora(copy.deepcopy(base), tmp_path / "peft", backend=BACKEND)
+    save_lora(model, tmp_path / "ours")
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    with torch.no_grad():
+        expected = hidden_states(peft_model, batch)
+        assert not torch.allclose(expected, hidden_states(base, batch), atol=1e-3)  # the adapter does something
+        torch.testing.assert_close(hidden_states(model, batch), expected, **FP32_NOISE)
+        torch.testing.assert_close(hidden_states(reloaded, batch), expected, **FP32_NOISE)
+        merge_lora(model)
+        torch.testing.assert_close(hidden_states(model, batch), expected, **FP32_NOISE)

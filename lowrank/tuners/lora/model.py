@@ -22,7 +22,8 @@ Named adapters, with PEFT's semantics (see lowrank.nn.lora for how a layer holds
                                                          first adapter is active, later ones are added
                                                          inactive and frozen
     set_adapter(model, "x" or ["x", "y"])                 the active adapters (trainable; the others frozen);
-                                                         merged layers are unmerged first
+                                                         merged layers are unmerged first; at most one DoRA
+                                                         adapter per layer
     with disable_adapters(model): ...                     the base model (merged layers unmerged, and merged
                                                          again on exit); PiSSA's residual weights get their
                                                          initial part back, so this is the original model
@@ -36,7 +37,8 @@ weight·scaling·A over B (exact), "svd" takes the top-r SVD of Σ weight·scali
 the rank), "linear" mixes A's and B's with ±√|weight·scaling| (an approximation). It is added
 inactive and frozen. Unlike PEFT it refuses an existing name instead of returning silently, and
 the new adapter never uses rsLoRA (PEFT copies use_rslora from the first source while setting
-alpha = r, which scales the result by √r).
+alpha = r, which scales the result by √r), and PiSSA and DoRA sources are refused (PEFT drops a DoRA
+source's trained magnitude).
 
 model.lora_configs (adapter name -> LoRAConfig) records what inject_lora did; save_lora writes it.
 """
@@ -93,6 +95,7 @@ class LoRAConfig:
     target_modules: list[str] = field(default_factory=list)  # full names of the layers given the adapter
     use_rslora: bool = False
     init_lora_weights: Union[bool, str] = True
+    use_dora: bool = False
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
@@ -210,11 +213,7 @@ def check_lora_targets(model: nn.Module, names: list[str], adapter_name, r, alph
             lora_class = lora_class_for(name, module)
             if isinstance(module, nn.Conv2d) and module.groups != 1:
                 raise ValueError(f"LoRAConv2d: only groups=1 convolutions are supported, got groups={module.groups}")
-            if is_pissa(options.get("init_lora_weights", True)):
-                if not lora_class.supports_pissa:
-                    raise ValueError(f"{lora_class.__name__}: PiSSA init is implemented for Linear and Conv1D only")
-                if r > min(module.weight.shape):
-                    raise ValueError(f"PiSSA needs r <= min(weight shape) = {min(module.weight.shape)}, got r={r}")
+            lora_class.check_adapter_options(module.weight, [], adapter_name, r, alpha, dropout, **options)
         except ValueError as exc:
             message = str(exc)
             if message.startswith("inject_lora"):
@@ -258,18 +257,19 @@ def add_lora_adapter(
         if name in existing:
             layer.add_adapter(adapter_name, r, alpha, dropout, **options)
         layer.active_adapters, layer.adapters_disabled = list(active), disabled
-        for param in layer.lora_parameters(adapter_name):
+        for param in layer.adapter_parameters(adapter_name):
             param.requires_grad_(adapter_name in active)
     install_lora_layers(model, new_layers)
 
 
 def inject_lora(
     model: nn.Module, target_modules, r=8, alpha=16, dropout=0.0, backend=None, *, adapter_name=DEFAULT_ADAPTER,
-    use_rslora=False, init_lora_weights=True,
+    use_rslora=False, init_lora_weights=True, use_dora=False,
 ) -> nn.Module:  # fmt: skip
     """Add LoRA adapter `adapter_name` to the targeted layers of `model` in place and return `model`.
 
-    use_rslora: scaling alpha/√r instead of alpha/r. init_lora_weights: True (PEFT's default),
+    use_rslora: scaling alpha/√r instead of alpha/r. use_dora: DoRA (Linear and Conv1D only), through the
+    fused dora_linear op; its magnitude starts at ‖W‖ of each output row. init_lora_weights: True (PEFT's default),
     "pissa" or "pissa_niter_K" (Linear / Conv1D: A and B from the top-r SVD of the weight, the
     residual left in it). A module that is not yet a LoRA layer becomes one (its backend is set then).
 
@@ -283,19 +283,20 @@ def inject_lora(
         pissa_iterations(init_lora_weights)
     configs = getattr(model, "lora_configs", {})
     record = configs.get(adapter_name)
-    if record is not None and record.use_rslora != use_rslora:
-        raise ValueError(
-            f"inject_lora: adapter {adapter_name!r} was injected with use_rslora={record.use_rslora}; one adapter "
-            "has one scaling rule (PEFT's config has one use_rslora), use another adapter_name"
-        )
+    for option, value in (("use_rslora", use_rslora), ("use_dora", use_dora)):
+        if record is not None and getattr(record, option) != value:
+            raise ValueError(
+                f"inject_lora: adapter {adapter_name!r} was injected with {option}={getattr(record, option)}; "
+                f"PEFT's config has one {option} per adapter, use another adapter_name"
+            )
     names = _select_targets(model, target_modules)
     if not names:
         raise _no_match_error(model, target_modules)
-    options = {"use_rslora": use_rslora, "init_lora_weights": init_lora_weights}
+    options = {"use_rslora": use_rslora, "init_lora_weights": init_lora_weights, "use_dora": use_dora}
     add_lora_adapter(model, names, adapter_name, r, alpha, dropout, backend, **options)
     if record is None:
         model.lora_configs = {
-            **configs, adapter_name: LoRAConfig(r, alpha, float(dropout), names, use_rslora, init_lora_weights)
+            **configs, adapter_name: LoRAConfig(r, alpha, float(dropout), names, **options)
         }
     else:
         record.target_modules.extend(names)
@@ -323,6 +324,11 @@ def set_adapter(model: nn.Module, adapter_names) -> nn.Module:
     other adapter is frozen (PEFT's set_adapter). Merged layers are unmerged first, as in PEFT."""
     layers = _require_lora_layers("set_adapter", model)
     names = _require_adapters("set_adapter", model, adapter_names)
+    for name, layer in layers.items():
+        try:
+            layer.check_active_adapters(names)
+        except ValueError as exc:
+            raise ValueError(f"set_adapter: {name!r}: {exc}") from None
     for layer in layers.values():
         layer.unmerge()
         layer.set_adapter(names)
@@ -420,6 +426,14 @@ def add_weighted_adapter(
                     and is_pissa(layer.lora_adapters[a].init_lora_weights)})  # fmt: skip
     if pissa:
         raise ValueError(f"{caller}: PiSSA adapters {pissa} change the base weight; save and load them as plain LoRA")
+    dora = sorted({a for layer in holders.values() for a in adapters if a in layer.lora_adapters
+                   and layer.lora_adapters[a].use_dora})  # fmt: skip
+    if dora:
+        raise ValueError(
+            f"{caller}: DoRA adapters {dora} have trained magnitudes that a combination of A's and B's cannot "
+            "carry (PEFT 0.21 drops them: its combination is a DoRA adapter with the magnitude reset to ‖W‖_row "
+            "when the first source is DoRA, a plain LoRA adapter otherwise)"
+        )
     ranks = [max(layer.lora_adapters[a].r for layer in holders.values() if a in layer.lora_adapters) for a in adapters]
     combination_type = "linear" if len(adapters) == 1 else combination_type
     if combination_type == "linear" and len(set(ranks)) != 1:
@@ -509,7 +523,7 @@ def mark_only_lora_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
     for layer in layers.values():
         for adapter in layer.active_adapters:
             if adapter in layer.lora_adapters:
-                for param in layer.lora_parameters(adapter):
+                for param in layer.adapter_parameters(adapter):
                     param.requires_grad_(True)
     if bias == "all":
         for name, param in model.named_parameters():

@@ -5,8 +5,10 @@ at the root, every other adapter in a sub-folder named after it. Each folder has
 
     adapter_model.safetensors   base_model.model.<module>.lora_A.weight / .lora_B.weight
                                 (Linear, Conv1D, Conv2d) and base_model.model.<module>.lora_embedding_A /
-                                .lora_embedding_B (Embedding), in our layouts, which are PEFT's
-    adapter_config.json         peft_type "LORA", r, lora_alpha, lora_dropout, target_modules, use_rslora, ...
+                                .lora_embedding_B (Embedding), in our layouts, which are PEFT's; a DoRA
+                                adapter adds base_model.model.<module>.lora_magnitude_vector (m)
+    adapter_config.json         peft_type "LORA", r, lora_alpha, lora_dropout, target_modules, use_rslora,
+                                use_dora, ...
 
 so `peft.PeftModel.from_pretrained(base_model, directory)` (and `load_adapter(directory/<name>,
 adapter_name=<name>)`) read what save_lora writes, and load_lora reads what PEFT's
@@ -17,7 +19,7 @@ A' = [A; A0], B' = [B, −B0], r' = 2r, alpha' = 2·alpha (√2·alpha with rsLo
 and s·B'·A' = s·(B·A − B0·A0) are those of the trained adapter.
 
 adapter_config.json is read against an allow-list: every key of PEFT 0.21's LoraConfig is either
-honoured (r, lora_alpha, lora_dropout, rank_pattern, alpha_pattern, use_rslora, init_lora_weights
+honoured (r, lora_alpha, lora_dropout, rank_pattern, alpha_pattern, use_rslora, use_dora, init_lora_weights
 True / False / "gaussian" / "orthogonal" / "eva" (initial values only) or "pissa" (the base is
 converted to its residual first, as PEFT does)), descriptive (which modules and what model: the
 weights say which modules get the adapter), or accepted only at the value that means "not used"
@@ -62,7 +64,8 @@ CONFIG_NAME = "adapter_config.json"
 _PREFIX = "base_model.model."
 _KEY = re.compile(
     r"base_model\.model\.(?P<module>.+)\."
-    r"(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|base_layer\.weight|base_layer\.bias)"
+    r"(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|lora_magnitude_vector"
+    r"|base_layer\.weight|base_layer\.bias)"
 )
 
 # adapter_config.json keys that describe the adapter without changing what it computes.
@@ -74,11 +77,12 @@ _DESCRIPTIVE = {
     "eva_config",  # settings of the data-driven EVA init, which loading does not run
 }  # fmt: skip
 _HONOURED = {
-    "peft_type", "r", "lora_alpha", "lora_dropout", "rank_pattern", "alpha_pattern", "use_rslora", "init_lora_weights"
+    "peft_type", "r", "lora_alpha", "lora_dropout", "rank_pattern", "alpha_pattern", "use_rslora", "init_lora_weights",
+    "use_dora",
 }  # fmt: skip
 # PEFT features lowrank does not implement: key -> PEFT's default, the value that means "not used".
 _UNUSED_ONLY = {
-    "bias": "none", "modules_to_save": None, "use_dora": False, "lora_bias": False, "layer_replication": None,
+    "bias": "none", "modules_to_save": None, "lora_bias": False, "layer_replication": None,
     "trainable_token_indices": None, "target_parameters": None, "megatron_config": None,
     "megatron_core": "megatron.core", "loftq_config": {}, "corda_config": None, "lora_ga_config": None,
     "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False, "qalora_group_size": 16,
@@ -97,6 +101,10 @@ def _keys_for(name: str, layer) -> tuple[str, str]:
     if isinstance(layer, nn.Embedding):
         return f"{_PREFIX}{name}.lora_embedding_A", f"{_PREFIX}{name}.lora_embedding_B"
     return f"{_PREFIX}{name}.lora_A.weight", f"{_PREFIX}{name}.lora_B.weight"
+
+
+def _magnitude_key(name: str) -> str:
+    return f"{_PREFIX}{name}.lora_magnitude_vector"  # PEFT's file key: no adapter name, no ".weight"
 
 
 def _pattern_value(patterns: dict, module_name: str, default):
@@ -128,8 +136,8 @@ def _save_one(model: nn.Module, adapter_name: str, directory: str) -> None:
     record = getattr(model, "lora_configs", {}).get(adapter_name)
     if record is None:  # layers built by hand: take the most common settings as the defaults
         adapters = [layer.lora_adapters[adapter_name] for layer in layers.values()]
-        settings = Counter((a.r, a.alpha, a.dropout, a.use_rslora) for a in adapters).most_common(1)[0][0]
-        record = LoRAConfig(*settings[:3], use_rslora=settings[3])
+        settings = Counter((a.r, a.alpha, a.dropout, a.use_rslora, a.use_dora) for a in adapters).most_common(1)[0][0]
+        record = LoRAConfig(*settings[:3], use_rslora=settings[3], use_dora=settings[4])
     default_r, default_alpha = record.r, record.alpha
     if is_pissa(record.init_lora_weights):
         default_r, default_alpha = 2 * record.r, record.alpha * (math.sqrt(2) if record.use_rslora else 2)
@@ -138,6 +146,8 @@ def _save_one(model: nn.Module, adapter_name: str, directory: str) -> None:
     for name, layer in layers.items():
         key_A, key_B = _keys_for(name, layer)
         tensors[key_A], tensors[key_B] = (t.contiguous() for t in saved[name][:2])
+        if layer.lora_adapters[adapter_name].use_dora:
+            tensors[_magnitude_key(name)] = layer.dora_magnitude(adapter_name).detach().contiguous()
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -154,7 +164,7 @@ def _save_one(model: nn.Module, adapter_name: str, directory: str) -> None:
         "modules_to_save": None,
         "init_lora_weights": True,
         "use_rslora": record.use_rslora,
-        "use_dora": False,
+        "use_dora": record.use_dora,
         "inference_mode": True,
     }
     os.makedirs(directory, exist_ok=True)
@@ -223,8 +233,9 @@ def _read_config(directory: str) -> dict:
             else "it changes the base weight or the layer in a way lowrank does not implement"
         )
         raise ValueError(f"load_lora: {path}: init_lora_weights={init!r} is not supported: {why}")
-    if not isinstance(config.get("use_rslora", False), bool):
-        raise ValueError(f"load_lora: {path}: use_rslora must be true or false, got {config['use_rslora']!r}")
+    for key in ("use_rslora", "use_dora"):
+        if not isinstance(config.get(key, False), bool):
+            raise ValueError(f"load_lora: {path}: {key} must be true or false, got {config[key]!r}")
     return config
 
 
@@ -277,7 +288,7 @@ def load_lora(
     # Missing fields take PEFT's LoraConfig defaults.
     default_r, default_alpha = config.get("r", 8), config.get("lora_alpha", 8)
     dropout = float(config.get("lora_dropout", 0.0))
-    use_rslora = config.get("use_rslora", False)
+    use_rslora, use_dora = config.get("use_rslora", False), config.get("use_dora", False)
     init = "pissa" if config.get("init_lora_weights", True) == "pissa" else True
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     hyperparameters = {
@@ -302,6 +313,12 @@ def load_lora(
         missing = sorted(set(holders) - set(weights))
         if missing:
             raise ValueError(f"load_lora: the adapter has no weights for the model's LoRA layers {missing}")
+        other_kind = [name for name, layer in holders.items() if layer.lora_adapters[adapter_name].use_dora != use_dora]
+        if other_kind:
+            raise ValueError(
+                f"load_lora: {path}: use_dora={use_dora}, but adapter {adapter_name!r} of {other_kind[:3]} "
+                f"{'is not' if use_dora else 'is'} a DoRA adapter"
+            )
         converted = [name for name, layer in holders.items()
                      if is_pissa(layer.lora_adapters[adapter_name].init_lora_weights) != (init == "pissa")]  # fmt: skip
         if converted:
@@ -318,7 +335,7 @@ def load_lora(
             )
 
     # Check everything before changing anything, so a failed load leaves the model as it was.
-    options = {"use_rslora": use_rslora, "init_lora_weights": init}
+    options = {"use_rslora": use_rslora, "init_lora_weights": init, "use_dora": use_dora}
     for name, module in modules.items():
         r, alpha = hyperparameters[name]
         check_lora_hyperparameters(f"load_lora ({name})", r, alpha, dropout)
@@ -332,8 +349,15 @@ def load_lora(
         # _adapter_shapes reads only the base layer's own attributes (in_features, nf, num_embeddings, ...).
         lora_class = type(module) if isinstance(module, LoRALayer) else lora_class_for(name, module)
         owner = f"{lora_class.__name__} {name!r}"
-        for key, shape in zip(_keys_for(name, module), lora_class._adapter_shapes(module, r)):
+        shape_A, shape_B = lora_class._adapter_shapes(module, r)
+        for key, shape in zip(_keys_for(name, module), (shape_A, shape_B)):
             _check_tensor(path, key, weights[name], shape, owner)
+        if use_dora:
+            _check_tensor(path, _magnitude_key(name), weights[name], shape_B[:1], owner)
+        elif _magnitude_key(name) in weights[name]:
+            raise ValueError(
+                f"load_lora: {path}: {_magnitude_key(name)!r} is a DoRA magnitude, but the config has use_dora=false"
+            )
         for param_name in ("weight", "bias"):
             key = f"{_PREFIX}{name}.base_layer.{param_name}"
             if key in weights[name]:
@@ -351,7 +375,8 @@ def load_lora(
                 key = f"{_PREFIX}{name}.base_layer.{param_name}"
                 if key in found:
                     getattr(layer, param_name).copy_(found[key])
-            for param, key in zip(layer.lora_parameters(adapter_name), _keys_for(name, layer)):
+            keys = [*_keys_for(name, layer), *([_magnitude_key(name)] if use_dora else [])]
+            for param, key in zip(layer.adapter_parameters(adapter_name), keys, strict=True):
                 param.copy_(found[key])
             adapter = layer.lora_adapters[adapter_name]
             adapter.alpha, adapter.use_rslora = hyperparameters[name][1], use_rslora
@@ -359,6 +384,6 @@ def load_lora(
                 adapter.dropout = dropout
     model.lora_configs = {
         **getattr(model, "lora_configs", {}),
-        adapter_name: LoRAConfig(default_r, default_alpha, dropout, sorted(modules), use_rslora, init),
+        adapter_name: LoRAConfig(default_r, default_alpha, dropout, sorted(modules), **options),
     }
     return model
