@@ -41,6 +41,12 @@ so in training the adapters that share a dropout rate share a mask (PEFT draws o
 each further dropout rate adds a plain PyTorch term (one more pass over [M, N]). At inference
 there is no dropout and always a single call.
 
+Mixed batches (lowrank.adapter_batch sets `row_adapters`): each row of the input (its leading
+dimension) runs its own adapter, whatever the active ones, as PEFT's `adapter_names`: Linear and
+Conv1D in one fused multi_lora_linear call (the row adapters' A and B stacked, zero-padded to the
+largest rank, so gradients flow to each adapter from its own rows), Embedding and Conv2d one term
+per adapter on its rows. Rows with no adapter of this layer get the base output.
+
 merge() folds the active adapters into the base weight (computed in float32 or wider, rounded
 once to the weight dtype) so inference runs the plain base layer; unmerge() subtracts the same,
 recomputed deltas in reverse order. The delta is a deterministic function of A and B, so
@@ -64,20 +70,20 @@ from __future__ import annotations
 import math
 import re
 import sys
-from dataclasses import dataclass
-from typing import Union
+from dataclasses import dataclass, field
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lowrank import _backends
-from lowrank.ops import dora_linear, lora_linear
+from lowrank.ops import dora_linear, lora_linear, multi_lora_linear
 from lowrank.ops.dora_linear import WeightNormCache, dora_magnitude, dora_merged_weight, dora_unmerged_weight
 
 __all__ = [
     "LoRAAdapter", "LoRALayer", "LoRALinear", "LoRAEmbedding", "LoRAConv1D", "LoRAConv2d", "is_hf_conv1d",
-    "DEFAULT_ADAPTER",
+    "DEFAULT_ADAPTER", "RowAdapters",
 ]
 
 DEFAULT_ADAPTER = "default"
@@ -144,6 +150,22 @@ class LoRAAdapter:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
 
+@dataclass(frozen=True)
+class RowAdapters:
+    """A mixed batch as one LoRA layer sees it: `names`, this layer's adapters that some row uses, and
+    `index` [rows] (int64), each row's position in `names` or -1 (no adapter of this layer)."""
+
+    names: tuple[str, ...]
+    index: torch.Tensor
+    _on_device: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def index_on(self, device: torch.device) -> torch.Tensor:
+        """`index` on `device`, copied there once per batch rather than once per layer call."""
+        if device not in self._on_device:
+            self._on_device[device] = self.index.to(device)
+        return self._on_device[device]
+
+
 def is_hf_conv1d(module: nn.Module) -> bool:
     """True for transformers' GPT-2 style Conv1D (checked without importing transformers:
     an instance can only exist if transformers.pytorch_utils was already imported)."""
@@ -176,7 +198,9 @@ class LoRALayer:
     active_adapters: list[str]
     merged_adapters: list[str]
     adapters_disabled: bool
+    row_adapters: Optional[RowAdapters] = None  # set inside lowrank.adapter_batch
     supports_pissa = supports_dora = False
+    feature_dims = 1  # trailing input dimensions of one row's features (Embedding: 0, Conv2d: 3)
 
     def _init_lora(self, adapter_name, r, alpha, dropout, **options) -> None:
         self.lora_adapters, self.active_adapters, self.merged_adapters = {}, [], []
@@ -304,6 +328,61 @@ class LoRALayer:
         if len(dora) > 1:
             raise ValueError(f"{type(self).__name__}: one DoRA adapter can be active at a time, got {dora}")
 
+    def check_mixed_batch(self, adapter_names: list[str]) -> None:
+        """Raise unless a batch whose rows use these adapters can run: nothing merged (PEFT also refuses), none of
+        them DoRA (PEFT refuses too), no PiSSA adapter on the layer (its initial part would have to be added back
+        on every row that does not run it)."""
+        owner = type(self).__name__
+        if self.merged_adapters:
+            raise ValueError(f"{owner}: adapters {self.merged_adapters} are merged; unmerge before a mixed batch")
+        dora = [name for name in adapter_names if name in self.lora_adapters and self.lora_adapters[name].use_dora]
+        if dora:
+            raise ValueError(f"{owner}: DoRA adapter {dora[0]!r} cannot run in a mixed batch (as in PEFT)")
+        pissa = [name for name, adapter in self.lora_adapters.items() if is_pissa(adapter.init_lora_weights)]
+        if pissa:
+            raise ValueError(f"{owner}: the layer has PiSSA adapter {pissa[0]!r}, which mixed batches do not support")
+
+    def _mixed_batch(self) -> Optional[RowAdapters]:
+        """The row adapters of a running mixed batch (None outside one, and while the adapters are disabled)."""
+        return None if self.adapters_disabled else self.row_adapters
+
+    def _row_index(self, x: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
+        """Each row's adapter position [rows] on x's device, after checking that x has one row per name."""
+        if x.dim() <= self.feature_dims or x.shape[0] != rows.index.numel():
+            raise ValueError(
+                f"{type(self).__name__}: adapter_batch has {rows.index.numel()} adapter names, one per row, but the "
+                f"layer's input has shape {tuple(x.shape)}; rows are its leading dimension"
+            )
+        return rows.index_on(x.device)
+
+    def _row_adapter_stack(self, rows: RowAdapters) -> tuple[torch.Tensor, torch.Tensor]:
+        """The row adapters' A [n, r_max, in] and B [n, out, r_max], zero-padded to the largest rank (the padding
+        gets zero gradient, see lowrank.ops.multi_lora_linear)."""
+        rank = max(self.lora_adapters[name].r for name in rows.names)
+        stacks = ([], [])
+        for name in rows.names:
+            lora_A, lora_B = self.lora_parameters(name)
+            padding = rank - self.lora_adapters[name].r
+            stacks[0].append(F.pad(lora_A, (0, 0, 0, padding)))
+            stacks[1].append(F.pad(lora_B, (0, padding)))
+        return torch.stack(stacks[0]), torch.stack(stacks[1])
+
+    def _add_each_term(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out + every low-rank term, one pass each; in a mixed batch, each row adapter's term on its own rows
+        (Embedding and Conv2d: their _low_rank_term(x, A, B, scaling, dropout) is scaling · B(A(dropout(x))))."""
+        rows = self._mixed_batch()
+        if rows is None:
+            for term in self._lora_terms():
+                out = out + self._low_rank_term(x, *term)
+            return out
+        index = self._row_index(x, rows)
+        for position, name in enumerate(rows.names):
+            adapter, selected = self.lora_adapters[name], (index == position).nonzero().squeeze(1)
+            lora_A, lora_B = self.lora_parameters(name)
+            term = self._low_rank_term(x[selected], lora_A, lora_B, adapter.scaling, self._dropout(adapter))
+            out = out.index_add(0, selected, term.to(out.dtype))
+        return out
+
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter (not while merged). A PiSSA adapter's initial part goes back into the
         weight, which then holds the original weight again (within one rounding)."""
@@ -409,6 +488,9 @@ class LoRALayer:
         """Linear and Conv1D (weight [out, in]): without a running DoRA adapter, the base layer and the low-rank
         terms in fused lora_linear calls; with one, its fused dora_linear call (‖W‖² from the layer's cache)
         and the other adapters' terms added to its output."""
+        rows = self._mixed_batch()
+        if rows is not None:
+            return self._mixed_batch_linear(x, weight, rows)
         dora = [name for name in self._running() if self.lora_adapters[name].use_dora]
         terms = self._lora_terms()
         if not dora:
@@ -419,6 +501,19 @@ class LoRALayer:
             self._dropout(adapter), weight_norm_sq=self._weight_norm_sq(weight), backend=self.backend,
         )  # fmt: skip
         return add_low_rank_terms(out, x, _dropout_groups(terms))
+
+    def _mixed_batch_linear(self, x: torch.Tensor, weight: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
+        """Linear and Conv1D in a mixed batch: one fused multi_lora_linear call, the row index spread over every
+        position of a row (a sequence's tokens)."""
+        index = self._row_index(x, rows)
+        if not rows.names:
+            return F.linear(x, weight, self.bias)
+        adapters = [self.lora_adapters[name] for name in rows.names]
+        index = index.view(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1])
+        return multi_lora_linear(
+            x, weight, self.bias, index, *self._row_adapter_stack(rows), [a.scaling for a in adapters],
+            [self._dropout(a) for a in adapters], backend=self.backend,
+        )  # fmt: skip
 
     def _compute_dtype(self) -> torch.dtype:
         return torch.promote_types(self.weight.dtype, torch.float32)
@@ -686,6 +781,8 @@ class LoRAEmbedding(LoRALayer, nn.Embedding):
     There is no dropout: a lookup has no input features to drop (PEFT ignores lora_dropout here too).
     """
 
+    feature_dims = 0
+
     def __init__(
         self, num_embeddings, embedding_dim, r=8, alpha=16, padding_idx=None, max_norm=None, norm_type=2.0,
         scale_grad_by_freq=False, sparse=False, device=None, dtype=None, *, adapter_name=DEFAULT_ADAPTER,
@@ -728,13 +825,13 @@ class LoRAEmbedding(LoRALayer, nn.Embedding):
     def _delta_layout(self, product: torch.Tensor) -> torch.Tensor:
         return product.t()
 
+    def _low_rank_term(self, x, lora_A, lora_B, scaling, dropout) -> torch.Tensor:
+        # padding_idx / scale_grad_by_freq shape the gradient of A the way they shape the base's.
+        after_A = F.embedding(x, lora_A.t(), self.padding_idx, scale_grad_by_freq=self.scale_grad_by_freq)
+        return scaling * (after_A @ lora_B.t())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        for lora_A, lora_B, scaling, _ in self._lora_terms():
-            # padding_idx / scale_grad_by_freq shape the gradient of A the way they shape the base's.
-            after_A = F.embedding(x, lora_A.t(), self.padding_idx, scale_grad_by_freq=self.scale_grad_by_freq)
-            out = out + scaling * (after_A @ lora_B.t())
-        return out
+        return self._add_each_term(super().forward(x), x)
 
 
 class LoRAConv2d(LoRALayer, nn.Conv2d):
@@ -744,6 +841,8 @@ class LoRAConv2d(LoRALayer, nn.Conv2d):
     Only groups=1: a grouped base weight cannot absorb the dense B·A update, so merging would be
     impossible (PEFT refuses to merge those too).
     """
+
+    feature_dims = 3
 
     def __init__(
         self, in_channels, out_channels, kernel_size, r=8, alpha=16, dropout=0.0, stride=1, padding=0, dilation=1,
@@ -780,10 +879,9 @@ class LoRAConv2d(LoRALayer, nn.Conv2d):
         dtype = self._compute_dtype()
         return (lora_B.to(dtype).flatten(1) @ lora_A.to(dtype).flatten(1)).view(self.weight.shape)
 
+    def _low_rank_term(self, x, lora_A, lora_B, scaling, dropout) -> torch.Tensor:
+        # _conv_forward applies this layer's stride/padding/dilation/padding_mode to the A kernel.
+        return scaling * F.conv2d(self._conv_forward(F.dropout(x, dropout, self.training), lora_A, None), lora_B)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        for lora_A, lora_B, scaling, dropout in self._lora_terms():
-            x_lora = F.dropout(x, dropout, self.training)
-            # _conv_forward applies this layer's stride/padding/dilation/padding_mode to the A kernel.
-            out = out + scaling * F.conv2d(self._conv_forward(x_lora, lora_A, None), lora_B)
-        return out
+        return self._add_each_term(super().forward(x), x)

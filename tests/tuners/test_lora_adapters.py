@@ -1,6 +1,7 @@
-"""Named LoRA adapters, rsLoRA, PiSSA and PEFT's multi-adapter directories, against HF PEFT 0.21 on tiny
-BERT, GPT-2 and Llama models: equal outputs both ways."""
+"""Named LoRA adapters, rsLoRA, PiSSA, DoRA, mixed batches and PEFT's multi-adapter directories, against HF
+PEFT 0.21 on tiny BERT, GPT-2 and Llama models: equal outputs both ways."""
 
+import contextlib
 import copy
 import json
 import os
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 import lowrank
 from lowrank import (
     active_adapters,
+    adapter_batch,
     add_weighted_adapter,
     delete_adapter,
     disable_adapters,
@@ -466,3 +468,99 @@ def test_dora_config_must_match_the_tensors(tiny_hf_model, tmp_path):
     with pytest.raises(ValueError, match="lora_magnitude_vector' is a DoRA magnitude, but the config has use_dora"):
         load_lora(model, tmp_path / "dora")
     assert not lora_layers(model)
+
+
+# ------------------------------------------------------------------ mixed batches (adapter_batch)
+
+# Every kind of row: each adapter, the base model, and an adapter that some layers lack ("other").
+ROW_ADAPTERS = ["other", "__base__", "default", "other", "default"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_batch_equals_peft_mixed_batch_inference(tiny_hf_model, family, backend, tmp_path):
+    base = tiny_hf_model(family)
+    peft_model = peft_with_two_adapters(base, family)
+    peft_model.save_pretrained(tmp_path)
+    ours = load_lora(copy.deepcopy(base), tmp_path, backend=backend)
+    load_lora(ours, tmp_path, adapter_name="other")
+    ids = torch.randint(0, 40, (len(ROW_ADAPTERS), 6), generator=torch.Generator().manual_seed(0))
+    expected = peft_model(input_ids=ids, adapter_names=ROW_ADAPTERS).last_hidden_state
+    with torch.no_grad(), adapter_batch(ours, ROW_ADAPTERS):
+        torch.testing.assert_close(hidden(ours, ids), expected, **CLOSE)
+    torch.testing.assert_close(hidden(ours, ids), hidden(peft_model, ids), **CLOSE)  # the active adapter again
+
+
+def test_each_row_equals_its_adapter_alone_on_every_layer_kind():
+    """Embedding, Linear and Conv2d (the masked-loop path beside the fused one): a mixed batch's row i is what
+    the model gives row i alone with adapter_names[i] active (or with the adapters disabled for "__base__")."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"embed": torch.nn.Embedding(12, 6), "linear": torch.nn.Linear(6, 5),
+                                 "conv": torch.nn.Conv2d(3, 4, 3, padding=1)})  # fmt: skip
+
+    def forward(ids, image):
+        return model["linear"](model["embed"](ids)).sum(1), model["conv"](image).flatten(1)
+
+    inject_lora(model, ["embed", "linear", "conv"], r=3, alpha=6, backend=BACKEND)
+    inject_lora(model, ["linear", "conv"], r=2, alpha=2, adapter_name="other")
+    randomize(model)
+    ids, image = torch.randint(0, 12, (len(ROW_ADAPTERS), 7)), torch.randn(len(ROW_ADAPTERS), 3, 5, 5)
+    with torch.no_grad(), adapter_batch(model, ROW_ADAPTERS):
+        mixed = forward(ids, image)
+    for row, name in enumerate(ROW_ADAPTERS):
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            if name == "__base__":
+                stack.enter_context(disable_adapters(model))
+            else:
+                set_adapter(model, name)
+            alone = forward(ids[row : row + 1], image[row : row + 1])
+        for ours, expected in zip(mixed, alone):
+            torch.testing.assert_close(ours[row : row + 1], expected, **CLOSE, msg=f"row {row} ({name})")
+
+
+def test_adapter_batch_trains_each_adapter_as_alone_on_its_rows(tiny_hf_model, backend):
+    """A mixed training batch gives every adapter the gradients of training it alone on its own rows (a loss that
+    sums over rows; dropout 0): the fused op's segmented dA, dB and the padding of "other" to rank 4."""
+    base = tiny_hf_model("llama")
+    ours = inject_lora(copy.deepcopy(base), TARGETS["llama"][0], r=4, alpha=8, backend=backend)
+    inject_lora(ours, TARGETS["llama"][1], r=2, alpha=4, adapter_name="other", use_rslora=True, backend=backend)
+    randomize(ours)
+    mark_only_lora_trainable(set_adapter(ours, ["default", "other"]))  # both adapters trainable, nothing else
+    ids = torch.randint(0, 40, (len(ROW_ADAPTERS), 6), generator=torch.Generator().manual_seed(0))
+    weights = torch.randn(len(ROW_ADAPTERS), 6, 16, generator=torch.Generator().manual_seed(1))
+    ours.train()
+    with adapter_batch(ours, ROW_ADAPTERS):
+        (hidden(ours, ids) * weights).sum().backward()
+    mixed = {name: p.grad.clone() for name, p in ours.named_parameters() if p.grad is not None}
+    assert len(mixed) == 2 * (2 * 2 + 2 * 2)  # A and B of both adapters on q, v / v, down in 2 layers
+    for adapter in ("default", "other"):
+        rows = [row for row, name in enumerate(ROW_ADAPTERS) if name == adapter]
+        set_adapter(ours, adapter)
+        ours.zero_grad()
+        (hidden(ours, ids[rows]) * weights[rows]).sum().backward()
+        alone = {name: p.grad for name, p in ours.named_parameters() if p.grad is not None}
+        assert alone and all(name.endswith("_other") == (adapter == "other") for name in alone)
+        for name, grad in alone.items():
+            torch.testing.assert_close(mixed[name], grad, **CLOSE, msg=name)
+
+
+def test_adapter_batch_refuses_what_peft_refuses_naming_the_problem(tiny_hf_model):
+    ours = inject_lora(copy.deepcopy(tiny_hf_model("bert")), ["query", "value"], r=4, alpha=8, backend=BACKEND)
+    inject_lora(ours, ["value"], r=2, alpha=4, adapter_name="tuned", use_dora=True)
+    ids = torch.randint(0, 40, (2, 6))
+    with pytest.raises(ValueError, match=r"adapter_batch: the model has no LoRA adapter\(s\) \['typo'\]"):
+        adapter_batch(ours, ["default", "typo"]).__enter__()
+    with pytest.raises(TypeError, match="adapter_names must be a list of str"):
+        adapter_batch(ours, "default").__enter__()
+    with pytest.raises(ValueError, match="encoder.layer.0.attention.self.value.*DoRA adapter 'tuned'"):
+        adapter_batch(ours, ["tuned", "default"]).__enter__()
+    with pytest.raises(ValueError, match=r"LoRALinear: adapter_batch has 3 adapter names, one per row, but the "
+                                         r"layer's input has shape \(2, 6, 16\)"):  # fmt: skip
+        with adapter_batch(ours, ["default"] * 3):
+            hidden(ours, ids)
+    assert all(layer.row_adapters is None for layer in lora_layers(ours).values())  # cleared after the error
+    merge_lora(ours)
+    with pytest.raises(ValueError, match=r"'encoder.layer.0.attention.self.query'.* merged; unmerge"):
+        adapter_batch(ours, ["default", "__base__"]).__enter__()
+    pissa = inject_lora(copy.deepcopy(tiny_hf_model("bert")), ["query"], r=2, alpha=4, init_lora_weights="pissa")
+    with pytest.raises(ValueError, match="PiSSA adapter 'default'"):
+        adapter_batch(pissa, ["default", "default"]).__enter__()

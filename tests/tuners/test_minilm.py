@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lowrank import (
+    adapter_batch,
     disable_adapters,
     inject_lora,
     load_lora,
@@ -158,7 +159,8 @@ def test_torch_compile_fullgraph_with_lora_linear():
 
 
 def test_named_adapters_match_peft(base_and_batch, tmp_path):
-    """Two adapters from one PEFT directory (the second rsLoRA, in a sub-folder): each alone, both, none."""
+    """Two adapters from one PEFT directory (the second rsLoRA, in a sub-folder): each alone, both, none, and
+    one per sentence in a mixed batch."""
     peft = pytest.importorskip("peft")
     base, batch = base_and_batch
     second = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["value", "dense"], use_rslora=True)
@@ -173,6 +175,11 @@ def test_named_adapters_match_peft(base_and_batch, tmp_path):
             torch.testing.assert_close(hidden_states(model, batch), hidden_states(peft_model, batch), **FP32_NOISE)
         with disable_adapters(model):
             torch.testing.assert_close(hidden_states(model, batch), hidden_states(base, batch), **FP32_NOISE)
+        rows = ["sts", "__base__", "default"]
+        mask = batch["attention_mask"].bool()
+        expected = peft_model(**batch, adapter_names=rows).last_hidden_state[mask]
+        with adapter_batch(model, rows):
+            torch.testing.assert_close(hidden_states(model, batch), expected, **FP32_NOISE)
 
 
 def test_dora_adapter_matches_peft_both_ways_and_merges(base_and_batch, tmp_path):

@@ -27,6 +27,8 @@ Named adapters, with PEFT's semantics (see lowrank.nn.lora for how a layer holds
     with disable_adapters(model): ...                     the base model (merged layers unmerged, and merged
                                                          again on exit); PiSSA's residual weights get their
                                                          initial part back, so this is the original model
+    with adapter_batch(model, ["x", "__base__", "y"]):    each batch row through its own adapter (PEFT's
+        model(batch)                                      adapter_names), in inference and in training
     delete_adapter(model, "x")                            not while merged
     add_weighted_adapter(model, ["x", "y"], [w1, w2], "xy", combination_type="svd" | "cat" | "linear")
 
@@ -39,6 +41,14 @@ inactive and frozen. Unlike PEFT it refuses an existing name instead of returnin
 the new adapter never uses rsLoRA (PEFT copies use_rslora from the first source while setting
 alpha = r, which scales the result by √r), and PiSSA and DoRA sources are refused (PEFT drops a DoRA
 source's trained magnitude).
+
+adapter_batch follows PEFT's mixed-batch inference (adapter_names=[...]): one adapter name per row
+of the batch, the leading dimension of every LoRA layer's input; "__base__" for the base model;
+the active adapters do not matter; a layer without a row's adapter gives that row its base output.
+It refuses what PEFT refuses (names the model lacks, merged layers, DoRA adapters) and PiSSA
+layers, and, unlike PEFT, also trains: each adapter gets the gradients of its own rows (they
+train when they require grad: set_adapter(model, names) makes several trainable). Linear and
+Conv1D layers run one fused lowrank.ops.multi_lora_linear call for the whole batch.
 
 model.lora_configs (adapter name -> LoRAConfig) records what inject_lora did; save_lora writes it.
 """
@@ -63,6 +73,7 @@ from lowrank.nn.lora import (
     LoRAEmbedding,
     LoRALayer,
     LoRALinear,
+    RowAdapters,
     check_adapter_name,
     check_lora_hyperparameters,
     is_hf_conv1d,
@@ -72,10 +83,12 @@ from lowrank.nn.lora import (
 
 __all__ = [
     "LoRAConfig", "inject_lora", "merge_lora", "unmerge_lora", "merge_and_unload_lora", "mark_only_lora_trainable",
-    "lora_layers", "set_adapter", "active_adapters", "disable_adapters", "delete_adapter", "add_weighted_adapter",
+    "lora_layers", "set_adapter", "active_adapters", "disable_adapters", "adapter_batch", "delete_adapter",
+    "add_weighted_adapter", "BASE_ROWS",
 ]
 
 ALL_LINEAR = "all-linear"
+BASE_ROWS = "__base__"  # adapter_batch's name for rows without an adapter (PEFT's)
 COMBINATION_TYPES = ("linear", "cat", "svd")
 _SUPPORTED = "nn.Linear, nn.Embedding, transformers Conv1D, nn.Conv2d"
 _CANDIDATES_SHOWN = 10
@@ -350,6 +363,42 @@ def disable_adapters(model: nn.Module):
         for name, layer in layers.items():
             merged, layer.adapters_disabled = before[name]
             layer.merge(merged)
+
+
+def _row_names(adapter_names) -> list[str]:
+    if isinstance(adapter_names, (list, tuple)) and all(isinstance(name, str) for name in adapter_names):
+        return list(adapter_names)
+    raise TypeError(
+        f"adapter_batch: adapter_names must be a list of str, one adapter name (or {BASE_ROWS!r}) per batch row, "
+        f"got {adapter_names!r}"
+    )
+
+
+@contextlib.contextmanager
+def adapter_batch(model: nn.Module, adapter_names):
+    """Run each row of the batch through its own adapter inside the `with` block: adapter_names[i] (or
+    "__base__") for row i, the leading dimension of every LoRA layer's input (PEFT's adapter_names)."""
+    layers = _require_lora_layers("adapter_batch", model)
+    rows = _row_names(adapter_names)
+    used = _require_adapters("adapter_batch", model, list(dict.fromkeys(name for name in rows if name != BASE_ROWS)))
+    for name, layer in layers.items():
+        try:
+            layer.check_mixed_batch(used)
+        except ValueError as exc:
+            raise ValueError(f"adapter_batch: {name!r}: {exc}") from None
+    positions = {name: position for position, name in enumerate(used)}
+    row_positions = torch.tensor([positions.get(name, -1) for name in rows], dtype=torch.long)
+    before = {name: layer.row_adapters for name, layer in layers.items()}
+    for layer in layers.values():
+        here = tuple(name for name in used if name in layer.lora_adapters)
+        # the model's adapter positions -> this layer's (-1 where it lacks the adapter); the last entry serves -1
+        to_layer = torch.tensor([here.index(name) if name in here else -1 for name in used] + [-1], dtype=torch.long)
+        layer.row_adapters = RowAdapters(here, to_layer[row_positions])
+    try:
+        yield model
+    finally:
+        for name, layer in layers.items():
+            layer.row_adapters = before[name]
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
