@@ -46,6 +46,19 @@ def _load_extension():
 EXTENSION, _EXTENSION_PROBLEM = _load_extension()
 
 
+def has_native_op(name: str) -> bool:
+    """Whether the extension defines lowrank::<name>. An extension built from older sources lacks the
+    newer ops: it is then set aside for every op (its other ops may be out of date too), and the cpu
+    and cuda backends report why, instead of `import lowrank` failing."""
+    global EXTENSION, _EXTENSION_PROBLEM
+    if EXTENSION is not None and not hasattr(torch.ops.lowrank, name):
+        EXTENSION, _EXTENSION_PROBLEM = None, (
+            f"C++ extension lowrank._C was built from older sources (it lacks lowrank::{name}); rebuild it with "
+            "'pip install --no-build-isolation .'"
+        )
+    return EXTENSION is not None
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -84,7 +84,7 @@ def fake_gradients(like: Tensor, shapes: tuple, needed: tuple[bool, ...]) -> tup
 def register_fakes(op, fake: Callable, native_name: Optional[str] = None) -> None:
     """Register `fake` (shapes only, for opcheck and torch.compile) for the custom op `op`, whose last
     argument is `backend`, and for the C++ op lowrank::<native_name>, which takes the same arguments
-    without it (nothing to register there when the extension is absent)."""
+    without it (nothing to register there when the extension is absent or lacks it)."""
     op.register_fake(lambda *args: fake(*args[:-1]))
-    if native_name is not None and _backends.EXTENSION is not None:
+    if native_name is not None and _backends.has_native_op(native_name):
         torch.library.register_fake(f"lowrank::{native_name}", fake)

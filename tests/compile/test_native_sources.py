@@ -47,3 +47,24 @@ def test_build_info_matches_running_torch():
     if info["with_cuda"]:
         assert torch.version.cuda is not None
         assert info["cuda_version"].split(".")[0] == torch.version.cuda.split(".")[0]
+
+
+def test_an_extension_built_from_older_sources_is_set_aside_naming_the_missing_op(monkeypatch):
+    """An editable install pulled past a new op keeps its old lowrank._C: lowrank still imports, and the cpu and
+    cuda backends say which op is missing and to rebuild, instead of running half the ops natively."""
+    import lowrank
+    from lowrank import _backends
+
+    if _backends.EXTENSION is None:
+        pytest.skip(f"lowrank._C is not usable: {_backends.backends()['cpu'].reason}")
+    monkeypatch.setattr(_backends, "EXTENSION", _backends.EXTENSION)  # restored after the test
+    monkeypatch.setattr(_backends, "_EXTENSION_PROBLEM", "")
+    assert _backends.has_native_op("lora_linear_forward_native")
+    assert not _backends.has_native_op("op_of_newer_sources")
+    for name in ("cpu", "cuda"):
+        status = lowrank.backends()[name]
+        assert not status.available
+        assert "lacks lowrank::op_of_newer_sources" in status.reason and "rebuild" in status.reason
+    x = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="backend 'cpu' is not available: .*lacks lowrank::op_of_newer_sources"):
+        lowrank.ops.grad_reverse(x, 1.0, backend="cpu")
