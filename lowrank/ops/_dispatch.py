@@ -19,15 +19,24 @@ from lowrank import _backends, autotune
 
 
 class OpBackends:
-    """One op's implementations by backend name.
+    """One op's implementations by backend name, each found through the op's stem:
 
-    torch, native: {method: function} (native ones call the C++ ops, see native_op);
-    triton_module: the module of lowrank.kernels that implements the same methods."""
+        torch    the pure-PyTorch methods given here
+        native   (cpu and cuda) the C++ op lowrank::<stem>_<method>_native for each of them; an in-place
+                 method, whose name ends in "_", calls lowrank::<stem>_<method>_native_ (PyTorch's spelling)
+        triton   the functions of the same names in lowrank.kernels.<stem>
 
-    def __init__(self, torch: dict[str, Callable], native: dict[str, Callable], triton_module: str):
+    inference_from_forward: torch and native also get `inference`, the training forward without dropout
+    (inference_through); the Triton module defines its own."""
+
+    def __init__(self, stem: str, torch: dict[str, Callable], inference_from_forward: bool = False):
+        native = {method: native_op(native_name(stem, method)) for method in torch}
+        if inference_from_forward:
+            torch = {**torch, "inference": inference_through(torch["forward"])}
+            native["inference"] = inference_through(native["forward"])
         self.torch = SimpleNamespace(**torch)
         self.native = SimpleNamespace(**native)
-        self.triton_module = triton_module
+        self.triton_module = f"lowrank.kernels.{stem}"
 
     def implementation(self, backend: str):
         """The implementation of a concrete backend (not "auto")."""
@@ -45,6 +54,12 @@ class OpBackends:
         return self.implementation(backend)
 
 
+def native_name(stem: str, method: str) -> str:
+    """The C++ op behind an op's method: <stem>_<method>_native, or <stem>_<method>_native_ for in-place ones."""
+    in_place = method.endswith("_")
+    return f"{stem}_{method.rstrip('_')}_native" + ("_" if in_place else "")
+
+
 def native_op(name: str) -> Callable:
     """A caller of torch.ops.lowrank.<name>, looked up at call time (the extension may be absent)."""
 
@@ -53,6 +68,15 @@ def native_op(name: str) -> Callable:
 
     call.__name__ = name
     return call
+
+
+def random_maker(like: Tensor) -> Callable[..., Tensor]:
+    """make(*shape): standard normal tensors on like's device and in its dtype (auto's timing inputs)."""
+
+    def make(*shape):
+        return torch.randn(*shape, device=like.device, dtype=like.dtype)
+
+    return make
 
 
 def inference_through(forward: Callable) -> Callable:

@@ -36,8 +36,8 @@ from lowrank.ops._dispatch import (
     OpBackends,
     empty_if_skipped,
     fake_gradients,
-    native_op,
     none_if_skipped,
+    random_maker,
     register_fakes,
 )
 
@@ -107,11 +107,7 @@ def _torch_backward(grad_out, h, z, w_down, w_up, activation, scaling, residual,
     return dh, dw_down, db_down, dw_up, db_up
 
 
-_BACKENDS = OpBackends(
-    torch=dict(forward=_torch_forward, backward=_torch_backward),
-    native=dict(forward=native_op("adapter_forward_native"), backward=native_op("adapter_backward_native")),
-    triton_module="lowrank.kernels.adapter",
-)
+_BACKENDS = OpBackends("adapter", dict(forward=_torch_forward, backward=_torch_backward))
 
 
 def _implementation_for(backend: str, h: Tensor, w_down: Tensor, activation: str):
@@ -121,10 +117,7 @@ def _implementation_for(backend: str, h: Tensor, w_down: Tensor, activation: str
 
     def step_for(name: str):
         implementation = _BACKENDS.implementation(name)
-
-        def make(*shape):
-            return torch.randn(*shape, device=h.device, dtype=h.dtype)
-
+        make = random_maker(h)
         h_, grad_out = make(rows, D), make(rows, D)
         w_down_, b_down_, w_up_, b_up_ = make(Bn, D), make(Bn), make(D, Bn), make(D)
 

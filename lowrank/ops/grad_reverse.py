@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from lowrank import _backends, autotune
-from lowrank.ops._dispatch import OpBackends, native_op, register_fakes
+from lowrank.ops._dispatch import OpBackends, register_fakes
 
 # ---------------------------------------------------------------- torch backend
 
@@ -42,13 +42,7 @@ def _torch_backward_(grad: Tensor, lambda_: Tensor) -> None:
     grad.mul_(lambda_.neg())
 
 
-_BACKENDS = OpBackends(
-    torch=dict(backward=_torch_backward, backward_=_torch_backward_),
-    native=dict(
-        backward=native_op("grad_reverse_backward_native"), backward_=native_op("grad_reverse_backward_native_")
-    ),
-    triton_module="lowrank.kernels.grad_reverse",
-)
+_BACKENDS = OpBackends("grad_reverse", dict(backward=_torch_backward, backward_=_torch_backward_))
 
 
 def _implementation(backend: str, grad: Tensor):

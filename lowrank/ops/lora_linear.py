@@ -33,9 +33,8 @@ from lowrank.ops._dispatch import (
     OpBackends,
     empty_if_skipped,
     fake_gradients,
-    inference_through,
-    native_op,
     none_if_skipped,
+    random_maker,
     register_fakes,
 )
 
@@ -88,13 +87,8 @@ def _torch_backward(
     return dx, dW, db, dA, dB
 
 
-_native_forward = native_op("lora_linear_forward_native")
-_BACKENDS = OpBackends(
-    torch=dict(forward=_torch_forward, backward=_torch_backward, inference=inference_through(_torch_forward)),
-    native=dict(forward=_native_forward, backward=native_op("lora_linear_backward_native"),
-                inference=inference_through(_native_forward)),
-    triton_module="lowrank.kernels.lora_linear",
-)
+_BACKENDS = OpBackends("lora_linear", dict(forward=_torch_forward, backward=_torch_backward),
+                       inference_from_forward=True)
 
 
 def _implementation_for(backend: str, x: Tensor, weight: Tensor, lora_A: Tensor, dropout_p: float):
@@ -102,8 +96,7 @@ def _implementation_for(backend: str, x: Tensor, weight: Tensor, lora_A: Tensor,
     (M, K), N, r = x.shape, weight.shape[0], lora_A.shape[0]
     rows = autotune.bucket(M)
 
-    def make(*shape):
-        return torch.randn(*shape, device=x.device, dtype=x.dtype)
+    make = random_maker(x)
 
     def step_for(name: str):
         implementation = _BACKENDS.implementation(name)

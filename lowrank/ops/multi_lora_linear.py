@@ -175,12 +175,7 @@ def _torch_backward(
     return dx, dW, db, dA, dB
 
 
-_BACKENDS = _dispatch.OpBackends(
-    torch=dict(forward=_torch_forward, backward=_torch_backward),
-    native=dict(forward=_dispatch.native_op("multi_lora_linear_forward_native"),
-                backward=_dispatch.native_op("multi_lora_linear_backward_native")),
-    triton_module="lowrank.kernels.multi_lora_linear",
-)
+_BACKENDS = _dispatch.OpBackends("multi_lora_linear", dict(forward=_torch_forward, backward=_torch_backward))
 
 
 def _implementation_for(backend: str, x: Tensor, weight: Tensor, lora_A: Tensor, dropout_p: list[float]):
@@ -190,8 +185,7 @@ def _implementation_for(backend: str, x: Tensor, weight: Tensor, lora_A: Tensor,
     rows = autotune.bucket(M)
     dropout = any(p > 0.0 for p in dropout_p)
 
-    def make(*shape):
-        return torch.randn(*shape, device=x.device, dtype=x.dtype)
+    make = _dispatch.random_maker(x)
 
     def step_for(name: str):
         implementation = _BACKENDS.implementation(name)
