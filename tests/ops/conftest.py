@@ -1,5 +1,6 @@
 """Fixtures of the op tests: an op of lowrank.ops through one backend against its float64 reference
-(`reference_check`), and the strided layouts of a LoRA-style op's tensors (`strided_layout`)."""
+(`reference_check`), and the awkward shapes (`linear_shape`) and strided layouts (`strided_layout`) of a
+LoRA-style op's tensors."""
 
 from dataclasses import dataclass
 from typing import Callable
@@ -65,6 +66,27 @@ class ReferenceCheck:
 def reference_check():
     """ReferenceCheck(op, reference, tolerance, grad_names), for a test module's own fixture."""
     return ReferenceCheck
+
+
+# (lead shape of x, K, N, r): block-size-unfriendly sizes, M=1, M=0, 3-D inputs, r=1, rows above K and N
+# (the CPU backends merge the weight there), more rows than Triton's one-launch inference path (256)
+# and a rank above K and N.
+LINEAR_SHAPES = [
+    ((1,), 5, 7, 3),
+    ((0,), 8, 6, 4),
+    ((37,), 70, 45, 16),
+    ((65,), 33, 129, 1),
+    ((2, 3), 17, 19, 5),
+    ((70,), 33, 45, 5),
+    ((300,), 20, 18, 5),
+    ((4,), 16, 16, 70),
+]
+
+
+@pytest.fixture(params=LINEAR_SHAPES, ids=lambda s: "x".join(map(str, (*s[0], *s[1:]))))
+def linear_shape(request):
+    """Each awkward (lead shape of x, K, N, r) of a LoRA-style op (lora_linear, dora_linear) in turn."""
+    return request.param
 
 
 def _relayout(t, how):

@@ -20,16 +20,6 @@ from lowrank.ops.dora_linear import column_norm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# (lead shape of x, K, N, r): block-size-unfriendly sizes, M=1, M=0, 3-D inputs, r=1, and rows
-# above K and N (the CPU backend merges the weight there).
-SHAPES = [
-    ((1,), 5, 7, 3),
-    ((0,), 8, 6, 4),
-    ((37,), 70, 45, 16),
-    ((65,), 33, 129, 1),
-    ((2, 3), 17, 19, 5),
-    ((70,), 33, 45, 5),
-]
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 3e-5, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 GRAD_NAMES = ("dx", "dW", "db", "dA", "dB", "dm")
 
@@ -57,10 +47,9 @@ def reference(reference_check):
     return reference_check(dora_linear, dora_linear_reference, TOLERANCE, GRAD_NAMES)
 
 
-@pytest.mark.parametrize("lead,K,N,r", SHAPES)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
-def test_float64_matches_reference(backend, lead, K, N, r, dropout_p, reference):
-    reference.check(backend, make_inputs(lead, K, N, r, torch.float64), torch.float64, dropout_p=dropout_p)
+def test_float64_matches_reference(backend, linear_shape, dropout_p, reference):
+    reference.check(backend, make_inputs(*linear_shape, torch.float64), torch.float64, dropout_p=dropout_p)
 
 
 @pytest.mark.parametrize("lead,K,N,r", [((70,), 33, 45, 5), ((20,), 64, 48, 16), ((1,), 5, 7, 3)])
@@ -220,9 +209,8 @@ def test_torch_compile_inductor_cpu():
 # ---------------------------------------------------------------- inference path
 
 
-@pytest.mark.parametrize("lead,K,N,r", SHAPES)
-def test_inference_matches_reference(backend, lead, K, N, r, reference):
-    x, weight, b, A, B, magnitude = (t.detach() for t in make_inputs(lead, K, N, r, torch.float64))
+def test_inference_matches_reference(backend, linear_shape, reference):
+    x, weight, b, A, B, magnitude = (t.detach() for t in make_inputs(*linear_shape, torch.float64))
     with torch.no_grad():
         y = dora_linear(x, weight, b, A, B, magnitude, 0.7, backend=backend)
     reference.assert_close(y, dora_linear_reference(x, weight, b, A, B, magnitude, 0.7), torch.float64)
